@@ -1,0 +1,1 @@
+"""Deployment exporters (ONNX QDQ). Populated by the export work."""

@@ -1,0 +1,24 @@
+"""fxquant: a torch.fx graph-rewriting post-training quantization compiler for vision transformers.
+
+    import fxquant
+    qmodel = fxquant.compile(model, recipe="w8a8", calib=calib_loader)
+    print(fxquant.report(qmodel))
+"""
+
+from . import quant
+from .api import compile, report
+from .errors import ArtifactError, CalibrationError, ConfigError, FxQuantError, PassError, TraceError
+from .graph import trace
+from .pipeline import Pass, PassContext, PassManager, PassResult, register_pass
+from .recipes import Recipe, get_recipe, list_recipes, register_recipe
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "compile", "report", "trace", "quant",
+    "Pass", "PassContext", "PassManager", "PassResult", "register_pass",
+    "Recipe", "get_recipe", "list_recipes", "register_recipe",
+    "FxQuantError", "ConfigError", "TraceError", "CalibrationError", "PassError", "ArtifactError",
+]
+
+from . import passes  # noqa: E402  (registers the built-in passes)

@@ -1,0 +1,124 @@
+"""Calibration data and the loop that streams it through a model.
+
+``calib=`` accepts an iterable of batches (a ``DataLoader``, a list of tensors, a tensor of
+images that is split into batches) or a callable ``forward_loop(model)`` that runs the model
+itself (torch.ao convention). Batches are tensors, ``(inputs, labels)`` tuples or dicts of model
+keyword arguments. Nothing is stored: each batch flows through the observers and is dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from .errors import CalibrationError
+from .graph import run_model
+
+
+class Calibration:
+    """Calibration data in one of the accepted forms (see module docstring)."""
+
+    def __init__(self, data: Iterable | Callable[[nn.Module], Any] | torch.Tensor, *, batch_size: int = 32,
+                 progress: bool = True, desc: str = "calibrate"):
+        if isinstance(data, Calibration):
+            data = data.data
+        if data is None:
+            raise CalibrationError("calibration data is None; pass calib=<DataLoader | list of batches | forward_loop(model)>")
+        self.data = data
+        self.batch_size = batch_size
+        self.progress = progress
+        self.desc = desc
+
+    @property
+    def is_loop(self) -> bool:
+        return callable(self.data) and not isinstance(self.data, (torch.Tensor, nn.Module)) and not hasattr(self.data, "__iter__")
+
+    def batches(self) -> Iterable:
+        if isinstance(self.data, torch.Tensor):
+            if self.data.dim() == 0 or self.data.shape[0] == 0:
+                raise CalibrationError("the calibration tensor is empty; pass at least one image")
+            return list(torch.split(self.data, self.batch_size))
+        if not hasattr(self.data, "__iter__"):
+            raise CalibrationError(
+                f"calib must be an iterable of batches or a callable forward_loop(model); got {type(self.data).__name__}"
+            )
+        return self.data
+
+    def first_batch(self) -> Any | None:
+        """The first batch without consuming a one-shot iterator (None for loops and generators)."""
+        if self.is_loop:
+            return None
+        b = self.batches()
+        if iter(b) is b:  # a generator: peeking would consume it
+            return None
+        for batch in b:
+            return batch
+        return None
+
+    def run(self, model: nn.Module, *, on_batch: Callable[[int, Any], None] | None = None) -> int:
+        """Stream every batch through ``model``; returns the number of batches (loops: calls seen)."""
+        if self.is_loop:
+            calls = [0]
+
+            def count(_m, _i, _o):
+                calls[0] += 1
+
+            handle = model.register_forward_hook(count)
+            try:
+                with torch.no_grad():
+                    self.data(model)
+            finally:
+                handle.remove()
+            if calls[0] == 0:
+                raise CalibrationError("the calibration forward_loop(model) never called the model; it must run calibration batches through it")
+            return calls[0]
+        batches = self.batches()
+        total = len(batches) if hasattr(batches, "__len__") else None
+        n = 0
+        with torch.no_grad():
+            for batch in tqdm(batches, total=total, desc=self.desc, disable=not self.progress, leave=False):
+                if on_batch:
+                    on_batch(n, batch)
+                run_model(model, batch)
+                n += 1
+        if n == 0:
+            raise CalibrationError("the calibration data is empty (no batches); pass at least one batch of images")
+        return n
+
+
+def locate_nonfinite(gm: fx.GraphModule, batch: Any) -> tuple[str, str] | None:
+    """Run ``batch`` node by node and return ``(node name, description)`` of the first node whose
+    output holds NaN or Inf, or None. Quantizers are left as they are."""
+
+    class _Finder(fx.Interpreter):
+        found: tuple[str, str] | None = None
+
+        def run_node(self, n):
+            out = super().run_node(n)
+            if self.found is None:
+                ts = [out] if isinstance(out, torch.Tensor) else [t for t in (out if isinstance(out, (tuple, list)) else []) if isinstance(t, torch.Tensor)]
+                for t in ts:
+                    if t.is_floating_point() and not torch.isfinite(t).all():
+                        what = f"{n.op} {n.target if n.op != 'call_function' else getattr(n.target, '__name__', n.target)}"
+                        self.found = (n.name, what)
+                        raise _Stop
+            return out
+
+    class _Stop(Exception):
+        pass
+
+    finder = _Finder(gm)
+    with torch.no_grad():
+        try:
+            if isinstance(batch, dict):
+                finder.run(*batch.values())
+            elif isinstance(batch, (tuple, list)):
+                finder.run(batch[0])
+            else:
+                finder.run(batch)
+        except _Stop:
+            pass
+    return finder.found

@@ -1,0 +1,184 @@
+"""The ``fxquant`` command line: ``recipes``, ``quantize``, ``eval``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import artifact
+from .api import compile as fx_compile
+from .data import load_data
+from .errors import FxQuantError
+from .evaluate import top1
+from .models import load_model
+from .pipeline import PASS_REGISTRY
+from .recipes import get_recipe, list_recipes
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise FxQuantError(f"--set expects key=value, got {p!r}")
+        k, v = p.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _table(rows: list[tuple], header: tuple) -> str:
+    rows = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
+    w = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    def cell(i, c):
+        numeric = c.replace(".", "", 1).replace("+", "", 1).replace("-", "", 1).isdigit()
+        return c.rjust(w[i]) if numeric else c.ljust(w[i])
+
+    lines = ["  ".join(cell(i, c) for i, c in enumerate(r)).rstrip() for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _quantize(info, recipe, data, seed: int, progress: bool):
+    t0 = time.perf_counter()
+    calib = list(torch.split(data.calib, 32)) if len(data.calib) else None
+    qmodel = fx_compile(info.model, recipe=recipe, calib=calib, example_inputs=info.example_inputs(), seed=seed, progress=progress)
+    return qmodel, time.perf_counter() - t0
+
+
+def cmd_recipes(args) -> int:
+    print(_table([(k, v) for k, v in list_recipes().items()], ("recipe", "description")))
+    print()
+    print(_table([(k, (v.__doc__ or "").strip().splitlines()[0]) for k, v in sorted(PASS_REGISTRY.items())], ("pass", "description")))
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    torch.manual_seed(args.seed)
+    info = load_model(args.model, pretrained=args.pretrained)
+    recipe = get_recipe(args.recipe, **_overrides(args.set))
+    n_cal = args.calib_images if args.calib_images is not None else recipe.calib_images
+    data = load_data(info, args.data, calib_images=n_cal, limit=0 if args.data is None else args.limit, seed=args.seed)
+    qmodel, secs = _quantize(info, recipe, data, args.seed, not args.quiet)
+    out = artifact.save(qmodel, args.out, model_spec=args.model, example_inputs=info.example_inputs(),
+                        extra={"calib_images": n_cal, "calib_seconds": round(secs, 3), "seed": args.seed,
+                               "calib_data": data.source})
+    print(fx_report_text(qmodel))
+    print(f"saved {args.recipe} model of '{args.model}' to {out} (calibration {secs:.1f} s on {n_cal} images)")
+    return 0
+
+
+def fx_report_text(qmodel) -> str:
+    from .api import report
+
+    return str(report(qmodel))
+
+
+def cmd_eval(args) -> int:
+    torch.manual_seed(args.seed)
+    is_artifact = Path(args.model).is_dir() and (Path(args.model) / artifact.META).exists()
+    if is_artifact:
+        meta = artifact.read_meta(args.model)
+        if args.recipe and meta.get("recipe") and args.recipe != meta["recipe"]["name"]:
+            raise FxQuantError(f"{args.model} holds a '{meta['recipe']['name']}' model; drop --recipe to evaluate it")
+        info = load_model(meta["model"]) if meta.get("model") else None
+        if info is None:
+            raise FxQuantError(f"{args.model} does not record its float model spec; evaluate it from Python")
+        recipe_name = meta["recipe"]["name"] if meta.get("recipe") else "custom"
+        n_cal = int(meta.get("calib_images", 0))
+        data = load_data(info, args.data, calib_images=0, limit=args.limit, seed=args.seed, batch_size=args.batch_size)
+        qmodel = artifact.load(args.model, model=info.model)
+        calib_secs = float(meta.get("calib_seconds", 0.0))
+        model_name = meta["model"]
+    else:
+        if not args.recipe:
+            raise FxQuantError("--recipe is required unless --model is a saved artifact folder (see `fxquant recipes`)")
+        info = load_model(args.model, pretrained=args.pretrained)
+        recipe = get_recipe(args.recipe, **_overrides(args.set))
+        recipe_name = args.recipe
+        n_cal = args.calib_images if args.calib_images is not None else recipe.calib_images
+        data = load_data(info, args.data, calib_images=n_cal, limit=args.limit, seed=args.seed, batch_size=args.batch_size)
+        qmodel, calib_secs = _quantize(info, recipe, data, args.seed, not args.quiet)
+        model_name = args.model
+    progress = not args.quiet
+    fp32 = top1(info.model, data.test_batches(), total=data.test_count, progress=progress, desc="fp32")
+    t0 = time.perf_counter()
+    acc = top1(qmodel, data.test_batches(), total=data.test_count, progress=progress, desc=recipe_name)
+    eval_secs = time.perf_counter() - t0
+    result = {"model": model_name, "recipe": recipe_name, "top1": round(acc, 4), "fp32_top1": round(fp32, 4),
+              "test_images": data.test_count, "calib_images": n_cal, "calib_seconds": round(calib_secs, 3),
+              "eval_seconds": round(eval_secs, 3), "seed": args.seed}
+    print(_table([(model_name, recipe_name, f"{fp32:.2f}", f"{acc:.2f}", f"{acc - fp32:+.2f}", data.test_count, n_cal,
+                   f"{calib_secs:.1f}")], ("model", "recipe", "fp32 top1", "top1", "delta", "images", "calib", "calib s")))
+    print(f"data: {data.source}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    t_start = time.perf_counter()
+    info = load_model("embedded")
+    rows = []
+    data = load_data(info, "cifar10", calib_images=32, seed=0)
+    print(f"fxquant demo: the embedded CIFAR-10 ViT ({sum(p.numel() for p in info.model.parameters()):,} parameters), "
+          f"{data.test_count} embedded test images, 32 calibration images")
+    fp32 = top1(info.model, data.test_batches(), total=data.test_count, desc="fp32")
+    rows.append(("fp32", f"{fp32:.2f}", "+0.00", "-"))
+    for name in ("w8a8", "w4a4"):
+        recipe = get_recipe(name)
+        qmodel, secs = _quantize(info, recipe, data, 0, True)
+        acc = top1(qmodel, data.test_batches(), total=data.test_count, desc=name)
+        rows.append((name, f"{acc:.2f}", f"{acc - fp32:+.2f}", f"{secs:.1f}"))
+    print(_table(rows, ("recipe", "top1 %", "vs fp32", "compile s")))
+    print(f"total {time.perf_counter() - t_start:.1f} s. Full test set: fxquant eval --model cifar-vit --recipe w8a8")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fxquant", description="torch.fx post-training quantization for vision transformers")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("recipes", help="list recipes and passes").set_defaults(fn=cmd_recipes)
+
+    def common(sp, need_recipe: bool):
+        sp.add_argument("--model", required=True, help="cifar-vit | cifar-vit-outliers | embedded | timm:<name> | folder")
+        sp.add_argument("--recipe", required=need_recipe, help="recipe name (fxquant recipes)")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe option (repeatable)")
+        sp.add_argument("--data", default=None, help="cifar10 | ImageFolder path (default: the model's own)")
+        sp.add_argument("--calib-images", type=int, default=None, help="calibration images (default: the recipe's)")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--pretrained", action="store_true", help="timm: load pretrained weights (must be cached)")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    q = sub.add_parser("quantize", help="quantize a model and save it (safetensors + JSON)")
+    common(q, True)
+    q.add_argument("--out", required=True)
+    q.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)
+    q.set_defaults(fn=cmd_quantize)
+
+    e = sub.add_parser("eval", help="quantize (or load) a model and report top-1 against FP32")
+    common(e, False)
+    e.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images")
+    e.add_argument("--batch-size", type=int, default=200)
+    e.add_argument("--json", default=None, help="write the result as JSON to this path")
+    e.set_defaults(fn=cmd_eval)
+
+    sub.add_parser("demo", help="W8A8 and W4A4 on the embedded CIFAR-10 ViT (needs nothing else)").set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except FxQuantError as e:
+        print(f"fxquant: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

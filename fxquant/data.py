@@ -1,0 +1,113 @@
+"""Evaluation and calibration data.
+
+* ``cifar10``: ``shared/data/cifar10`` (all 10,000 test images; calibration = the first N of the
+  1,024 pre-shuffled training images in ``calib.npz``) or, when that folder is absent, the
+  package's embedded slice (the first 1,000 test and first 256 calibration images).
+* an ImageNet-style folder (``ImageFolder`` layout): the model's timm eval transform; a seeded
+  random subset of ``calib_images`` images calibrates and the remaining images evaluate (so the
+  two never overlap).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+from .models import ASSETS, ModelInfo, shared_dir
+
+EMBEDDED_TEST = ASSETS / "cifar10_test_first1000.npz"
+EMBEDDED_CALIB = ASSETS / "cifar10_calib_first256.npz"
+
+
+@dataclass
+class EvalData:
+    """Calibration images and an evaluation set, already normalised for the model."""
+
+    name: str
+    calib: torch.Tensor  # [N, C, H, W]
+    test_batches: "callable"  # () -> iterator of (images, labels)
+    test_count: int
+    source: str
+
+
+def _normalise(images_nhwc: np.ndarray, mean, std) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(images_nhwc)).permute(0, 3, 1, 2).float() / 255
+    return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+
+
+def cifar10_paths(embedded: bool = False) -> tuple[Path, Path, str]:
+    shared = None if embedded else shared_dir()
+    if shared is not None and (shared / "data" / "cifar10" / "test.npz").exists():
+        d = shared / "data" / "cifar10"
+        return d / "test.npz", d / "calib.npz", str(d)
+    return EMBEDDED_TEST, EMBEDDED_CALIB, "embedded (first 1,000 test / 256 calibration images)"
+
+
+def load_cifar10(info: ModelInfo, *, calib_images: int, limit: int | None = None, batch_size: int = 200,
+                 embedded: bool = False) -> EvalData:
+    test_p, calib_p, source = cifar10_paths(embedded)
+    test = np.load(test_p)
+    calib = np.load(calib_p)
+    n_cal = len(calib["labels"])
+    if calib_images > n_cal:
+        raise ConfigError(f"--calib-images {calib_images} exceeds the {n_cal} calibration images available in {source}")
+    n = len(test["labels"]) if limit is None else min(limit, len(test["labels"]))
+    x = _normalise(test["images"][:n], info.mean, info.std)
+    y = torch.from_numpy(test["labels"][:n].astype(np.int64))
+    xc = _normalise(calib["images"][:calib_images], info.mean, info.std)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, n, batch_size):
+            yield x[i:i + batch_size], y[i:i + batch_size]
+
+    return EvalData("cifar10", xc, batches, n, source)
+
+
+def load_image_folder(info: ModelInfo, path: str | Path, *, calib_images: int, limit: int | None = None,
+                      batch_size: int = 50, seed: int = 0) -> EvalData:
+    import timm.data
+    from torchvision.datasets import ImageFolder
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"--data {path}: not a folder (use 'cifar10' or an ImageFolder-style folder of class subfolders)")
+    cfg = info.data_config or {"input_size": info.input_size, "mean": info.mean, "std": info.std,
+                               "interpolation": "bicubic", "crop_pct": 0.875}
+    ds = ImageFolder(str(path), transform=timm.data.create_transform(**cfg))
+    if len(ds.classes) != info.num_classes:
+        raise ConfigError(f"--data {path} has {len(ds.classes)} classes but the model predicts {info.num_classes}")
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()
+    if calib_images >= len(ds):
+        raise ConfigError(f"--calib-images {calib_images} leaves no evaluation images in {path} ({len(ds)} images)")
+    cal_idx, test_idx = order[:calib_images], sorted(order[calib_images:])
+    if limit is not None:
+        test_idx = test_idx[:limit]
+    calib = torch.stack([ds[i][0] for i in cal_idx]) if cal_idx else torch.empty(0, *info.input_size)
+    sub = torch.utils.data.Subset(ds, test_idx)
+
+    def batches():
+        yield from torch.utils.data.DataLoader(sub, batch_size=batch_size, shuffle=False, num_workers=0)
+
+    return EvalData(str(path), calib, batches, len(test_idx), str(path.resolve()))
+
+
+def load_data(info: ModelInfo, data: str | None, *, calib_images: int, limit: int | None = None, seed: int = 0,
+              batch_size: int = 200) -> EvalData:
+    """Data for ``info``: ``data`` is ``"cifar10"``, a folder, or None (the model's default)."""
+    if data is None:
+        if info.dataset == "cifar10":
+            data = "cifar10"
+        elif info.dataset == "imagenet" and shared_dir() and (shared_dir() / "data" / "imagenet-sample" / "val").is_dir():
+            data = str(shared_dir() / "data" / "imagenet-sample" / "val")
+        else:
+            raise ConfigError(f"no default data for model '{info.spec}'; pass --data cifar10 or --data <ImageFolder>")
+    if data == "cifar10":
+        if info.num_classes != 10:
+            raise ConfigError(f"model '{info.spec}' predicts {info.num_classes} classes; CIFAR-10 has 10")
+        return load_cifar10(info, calib_images=calib_images, limit=limit, batch_size=batch_size, embedded=info.spec == "embedded")
+    return load_image_folder(info, data, calib_images=calib_images, limit=limit, seed=seed, batch_size=min(batch_size, 50))

@@ -1,0 +1,308 @@
+"""Structural graph matching shared by every pass.
+
+Nodes are classified by *what they compute* (an equivalence table over ``call_module`` types,
+``call_function`` targets at torch and ATen level, and ``call_method`` names), never by module
+names: timm graphs hold ``q_norm``/``norm``/``ls1`` Identity modules and HF graphs hold
+ATen ops, and a pass must see through both.
+
+Kinds:
+  * ``linear``, ``conv``, ``layer_norm``, ``softmax``, ``matmul``, ``add``, ``gelu``;
+  * ``passthrough``: the value is unchanged (Identity, eval Dropout, DropPath, contiguous, clone,
+    dtype-preserving ``to``);
+  * ``reshuffle``: elements move but values are unchanged and no element is invented (view,
+    reshape, permute, transpose, flatten, squeeze, select/slice/getitem, unbind, chunk, roll...);
+  * ``pad``: adds constant elements (e.g. Swin pads windows after ``norm1``).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+aten = torch.ops.aten
+
+_MODULE_KINDS: list[tuple[type, str]] = [
+    (nn.Linear, "linear"),
+    (nn.Conv2d, "conv"),
+    (nn.LayerNorm, "layer_norm"),
+    (nn.Softmax, "softmax"),
+    (nn.GELU, "gelu"),
+    (nn.Identity, "passthrough"),
+    (nn.Dropout, "passthrough"),
+    (nn.Flatten, "reshuffle"),
+]
+
+try:  # timm's DropPath is the identity in eval mode
+    from timm.layers import DropPath as _TimmDropPath
+
+    _MODULE_KINDS.append((_TimmDropPath, "passthrough"))
+except Exception:  # pragma: no cover - timm is a dependency, but keep matching usable without it
+    pass
+
+
+def _ops(*names: str) -> list:
+    out = []
+    for n in names:
+        packet, _, overload = n.partition(".")
+        op = getattr(aten, packet, None)
+        if op is not None:
+            out.append(getattr(op, overload or "default", None))
+    return [o for o in out if o is not None]
+
+
+_FUNCTION_KINDS: dict = {}
+for _fn, _kind in [
+    (F.linear, "linear"), (F.conv2d, "conv"), (F.layer_norm, "layer_norm"),
+    (F.softmax, "softmax"), (torch.softmax, "softmax"),
+    (torch.matmul, "matmul"), (operator.matmul, "matmul"), (torch.bmm, "matmul"),
+    (operator.add, "add"), (torch.add, "add"), (F.gelu, "gelu"),
+    (F.dropout, "passthrough"), (torch.clone, "passthrough"),
+    (torch.reshape, "reshuffle"), (torch.permute, "reshuffle"), (torch.transpose, "reshuffle"),
+    (torch.flatten, "reshuffle"), (torch.squeeze, "reshuffle"), (torch.unsqueeze, "reshuffle"),
+    (torch.roll, "reshuffle"), (torch.unbind, "reshuffle"), (torch.chunk, "reshuffle"),
+    (torch.split, "reshuffle"), (torch.select, "reshuffle"), (torch.narrow, "reshuffle"),
+    (F.pad, "pad"),
+]:
+    _FUNCTION_KINDS[_fn] = _kind
+for _kind, _names in {
+    "linear": ["linear"], "conv": ["conv2d", "convolution"], "layer_norm": ["layer_norm"],
+    "softmax": ["softmax.int", "_softmax"], "matmul": ["matmul", "bmm"], "add": ["add.Tensor"],
+    "gelu": ["gelu"], "passthrough": ["dropout", "clone", "contiguous", "alias", "detach"],
+    "reshuffle": ["view", "reshape", "_unsafe_view", "permute", "transpose.int", "t", "flatten.using_ints",
+                  "unflatten.int", "squeeze.dim", "unsqueeze", "select.int", "slice.Tensor", "unbind.int",
+                  "split.Tensor", "chunk", "roll", "expand", "narrow"],
+    "pad": ["constant_pad_nd", "pad"],
+}.items():
+    for _op in _ops(*_names):
+        _FUNCTION_KINDS[_op] = _kind
+
+_METHOD_KINDS = {
+    "softmax": "softmax", "matmul": "matmul", "add": "add",
+    "contiguous": "passthrough", "clone": "passthrough",
+    **{m: "reshuffle" for m in ("view", "reshape", "permute", "transpose", "flatten", "unflatten", "squeeze",
+                                "unsqueeze", "unbind", "chunk", "split", "roll", "expand", "narrow", "select",
+                                "view_as", "reshape_as", "mT", "t")},
+}
+
+
+def modules_of(gm: fx.GraphModule) -> dict[str, nn.Module]:
+    return dict(gm.named_modules())
+
+
+def op_kind(node: fx.Node, modules: dict[str, nn.Module] | None = None) -> str | None:
+    """The kind of computation a node performs (see module docstring), or None."""
+    if node.op == "call_module":
+        mod = (modules or {}).get(node.target)
+        if mod is None:
+            return None
+        if isinstance(mod, nn.Dropout) and mod.training:
+            return None
+        for typ, kind in _MODULE_KINDS:
+            if isinstance(mod, typ):
+                return kind
+        return None
+    if node.op == "call_function":
+        target = node.target
+        if target is operator.getitem:
+            src = node.args[0]
+            # getitem on a tensor (slicing / token selection) or on unbind/chunk/split results
+            return "reshuffle" if isinstance(src, fx.Node) and _is_tensor_node(src) else None
+        kind = _FUNCTION_KINDS.get(target)
+        if kind == "passthrough" and target in _ops("dropout") + [F.dropout]:
+            train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", node.kwargs.get("training", False))
+            return "passthrough" if train is False else None
+        if kind is None and target in _ops("to.dtype", "_to_copy"):
+            return "passthrough"
+        return kind
+    if node.op == "call_method":
+        if node.target == "to":
+            return "passthrough"
+        return _METHOD_KINDS.get(node.target)
+    return None
+
+
+def _is_tensor_node(node: fx.Node) -> bool:
+    """False for nodes that produce shapes/sizes (``x.shape``, ``size()``) rather than tensors."""
+    if node.op == "call_function" and node.target is getattr:
+        return False
+    if node.op == "call_method" and node.target in ("size", "dim"):
+        return False
+    val = node.meta.get("val", node.meta.get("tensor_meta"))
+    if val is not None and not isinstance(val, (torch.Tensor, list, tuple)) and not hasattr(val, "shape"):
+        return False
+    return True
+
+
+def tensor_input(node: fx.Node) -> fx.Node | None:
+    """The data input of a single-input op (its first Node argument)."""
+    for a in node.args:
+        if isinstance(a, fx.Node):
+            return a
+    return None
+
+
+def producer(node: fx.Node, modules: dict, *, through: Iterable[str] = ("passthrough",)) -> fx.Node:
+    """Walk up from ``node`` while it is one of the ``through`` kinds; return the first other node."""
+    through = set(through)
+    while op_kind(node, modules) in through:
+        nxt = tensor_input(node)
+        if nxt is None:
+            break
+        node = nxt
+    return node
+
+
+@dataclass(frozen=True)
+class Use:
+    """A consumer reached from a producer: ``node`` reads the value at ``arg`` (positional index)
+    after it went through ``path`` (the skipped through-nodes, in order)."""
+
+    node: fx.Node
+    arg: int
+    path: tuple[fx.Node, ...]
+
+
+def consumers(node: fx.Node, modules: dict, *, through: Iterable[str] = ("passthrough",)) -> list[Use]:
+    """Every first non-``through`` consumer of ``node``'s value, walking down through ``through`` ops."""
+    through = set(through)
+    out: list[Use] = []
+    queue = deque([(node, ())])
+    seen = set()
+    while queue:
+        cur, path = queue.popleft()
+        for user in cur.users:
+            if (user, cur) in seen:
+                continue
+            seen.add((user, cur))
+            kind = op_kind(user, modules)
+            if kind in through and tensor_input(user) is cur:
+                queue.append((user, path + (user,)))
+            else:
+                idx = next((i for i, a in enumerate(user.args) if a is cur), -1)
+                out.append(Use(user, idx, path))
+    return out
+
+
+def node_fqn(node: fx.Node) -> str:
+    """Qualified name of the module a node belongs to ('' for top-level code)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        fqn = list(stack.values())[-1]
+        fqn = fqn[0] if isinstance(fqn, tuple) else str(fqn)
+        return fqn.replace("L__self__.", "").replace("L__self__", "")
+    return ""
+
+
+def module_stack(node: fx.Node) -> list[tuple[str, str]]:
+    """``[(fqn, type name), ...]`` from outermost to innermost module that produced the node."""
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for v in stack.values():
+        fqn, typ = v if isinstance(v, tuple) else (str(v), "")
+        typ = typ if isinstance(typ, str) else f"{typ.__module__}.{typ.__qualname__}"
+        out.append((fqn, typ))
+    return out
+
+
+def nodes_of_kind(gm: fx.GraphModule, kind: str, modules: dict | None = None) -> list[fx.Node]:
+    modules = modules if modules is not None else modules_of(gm)
+    return [n for n in gm.graph.nodes if op_kind(n, modules) == kind]
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionMatch:
+    """``qk = matmul(q, kᵀ)`` → (scale/mask) → ``softmax`` → [dropout] → ``av = matmul(A, v)``."""
+
+    qk: fx.Node
+    softmax: fx.Node
+    av: fx.Node
+
+    @property
+    def name(self) -> str:
+        return node_fqn(self.softmax) or self.softmax.name
+
+
+def _nearest_matmul_above(node: fx.Node, modules: dict, max_depth: int = 6) -> fx.Node | None:
+    queue = deque([(node, 0)])
+    seen = {node}
+    while queue:
+        cur, depth = queue.popleft()
+        if depth > 0 and op_kind(cur, modules) == "matmul":
+            return cur
+        if depth >= max_depth:
+            continue
+        for a in cur.all_input_nodes:
+            if a not in seen and a.op not in ("placeholder", "get_attr"):
+                seen.add(a)
+                queue.append((a, depth + 1))
+    return None
+
+
+def find_attention(gm: fx.GraphModule, modules: dict | None = None) -> list[AttentionMatch]:
+    """Every softmax whose output is the first operand of a matmul (A·v) and whose input derives
+    from a matmul (q·kᵀ), with scale, mask or bias ops in between."""
+    modules = modules if modules is not None else modules_of(gm)
+    out = []
+    for sm in nodes_of_kind(gm, "softmax", modules):
+        avs = [u for u in consumers(sm, modules) if op_kind(u.node, modules) == "matmul" and u.arg == 0]
+        if len(avs) != 1:
+            continue
+        qk = _nearest_matmul_above(sm, modules)
+        if qk is None:
+            continue
+        out.append(AttentionMatch(qk=qk, softmax=sm, av=avs[0].node))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Stem and head
+# ---------------------------------------------------------------------------------------------
+
+
+def stem_layers(gm: fx.GraphModule, modules: dict | None = None) -> list[fx.Node]:
+    """Linear/Conv nodes whose input is a graph input (through passthrough/reshuffle ops): the
+    patch embedding."""
+    modules = modules if modules is not None else modules_of(gm)
+    out = []
+    for n in gm.graph.nodes:
+        if op_kind(n, modules) in ("linear", "conv"):
+            src = producer(n.args[0], modules, through=("passthrough", "reshuffle"))
+            if src.op == "placeholder":
+                out.append(n)
+    return out
+
+
+def head_layers(gm: fx.GraphModule, modules: dict | None = None) -> list[fx.Node]:
+    """Linear nodes from which the graph output is reached without another Linear, Conv or
+    matmul: the classifier head(s) (two for distilled DeiT)."""
+    modules = modules if modules is not None else modules_of(gm)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    heads, seen = [], set()
+    queue = deque(output.all_input_nodes)
+    while queue:
+        cur = queue.popleft()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        kind = op_kind(cur, modules)
+        if kind == "linear":
+            heads.append(cur)
+            continue
+        if kind in ("conv", "matmul"):
+            continue
+        queue.extend(cur.all_input_nodes)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(heads, key=order.__getitem__)

@@ -1,0 +1,30 @@
+"""Quantizer core: granularity objects, specs and the quantize/dequantize primitives (the only
+place rounding rules live), streaming observers, range estimators and fake-quant modules."""
+
+from .granularity import Granularity, PerAxis, PerGroup, PerTensor
+from .modules import FakeQuantize, QuantConv2d, QuantLinear, quantizers
+from .observers import Observer
+from .primitives import (
+    OMSE,
+    Estimator,
+    MinMax,
+    PctMSE,
+    Percentile,
+    QuantSpec,
+    choose_qparams,
+    estimator_from_name,
+    dequantize,
+    expand_params,
+    fake_quantize,
+    grid_values,
+    log_zero_code,
+    quantize,
+    round_ste,
+)
+
+__all__ = [
+    "Granularity", "PerTensor", "PerAxis", "PerGroup",
+    "QuantSpec", "Estimator", "MinMax", "Percentile", "PctMSE", "OMSE",
+    "choose_qparams", "estimator_from_name", "quantize", "dequantize", "fake_quantize", "expand_params", "grid_values",
+    "log_zero_code", "round_ste", "Observer", "FakeQuantize", "QuantLinear", "QuantConv2d", "quantizers",
+]

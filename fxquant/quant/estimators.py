@@ -1,0 +1,91 @@
+"""Range search over a (possibly binned) distribution, one row per quantization-parameter block.
+
+A ``Distribution`` describes the values seen by a quantizer as bins: ``left``/``width``/``count``
+of shape ``[P, K]`` (P parameter blocks, K bins). Exact data (a weight tensor) is the special case
+width = 0, count = 1, left = the sorted values, and then quantiles and MSE are exact (the
+quantile equals ``torch.quantile(..., interpolation="linear")``). Streamed activations arrive as
+histograms (observers.py); a value inside a bin is placed uniformly within it for quantiles and at
+the bin centre for the MSE, so both are accurate to one bin width.
+
+All candidate ranges are scored with ``primitives.fake_quantize``: the search never re-implements
+a rounding rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .primitives import OMSE, MinMax, Percentile, PctMSE, QuantSpec, choose_qparams, fake_quantize
+
+
+@dataclass
+class Distribution:
+    left: torch.Tensor  # [P, K] float64
+    width: torch.Tensor  # [P, K] or [P, 1] float64
+    count: torch.Tensor  # [P, K] float64 (integers)
+    vmin: torch.Tensor  # [P] exact minimum
+    vmax: torch.Tensor  # [P] exact maximum
+
+    @staticmethod
+    def exact(rows: torch.Tensor) -> "Distribution":
+        """Exact distribution of each row of a ``[P, M]`` tensor."""
+        v = rows.detach().double().sort(dim=1).values
+        return Distribution(v, torch.zeros(v.shape[0], 1, dtype=torch.float64), torch.ones_like(v), v[:, 0], v[:, -1])
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.count.sum(dim=1)
+
+    def _value_at_rank(self, rank: torch.Tensor) -> torch.Tensor:
+        cum = self.count.cumsum(dim=1)
+        k = torch.searchsorted(cum, rank.unsqueeze(1), right=True).clamp(max=cum.shape[1] - 1)
+        c = self.count.gather(1, k)
+        before = cum.gather(1, k) - c
+        width = self.width.expand_as(self.left).gather(1, k)
+        val = self.left.gather(1, k) + (rank.unsqueeze(1) - before + 0.5) / c.clamp(min=1) * width
+        return val.squeeze(1)
+
+    def quantile(self, p: float) -> torch.Tensor:
+        """Linear-interpolated quantile per row (rank ``p·(n-1)``), clamped to the exact extrema."""
+        n = self.total
+        rank = p * (n - 1)
+        r0 = rank.floor()
+        r1 = torch.minimum(r0 + 1, n - 1)
+        v0 = self._value_at_rank(r0)
+        v1 = self._value_at_rank(r1)
+        return (v0 + (rank - r0) * (v1 - v0)).clamp(self.vmin, self.vmax)
+
+    def mse(self, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+        """Mean squared quantization error per row for per-row parameters ``[P]``."""
+        centers = (self.left + 0.5 * self.width).float()
+        xq = fake_quantize(centers, scale.view(-1, 1), zero_point.view(-1, 1), spec)
+        err = (centers.double() - xq.double()) ** 2
+        return (err * self.count).sum(dim=1) / self.total.clamp(min=1)
+
+
+def _candidates(dist: Distribution, spec: QuantSpec) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    est = spec.estimator
+    if isinstance(est, MinMax):
+        return [(dist.vmin, dist.vmax)]
+    if isinstance(est, Percentile):
+        return [(dist.quantile(1.0 - est.p), dist.quantile(est.p))]
+    if isinstance(est, PctMSE):
+        return [(dist.quantile(1.0 - p), dist.quantile(p)) for p in est.percentiles]
+    if isinstance(est, OMSE):
+        return [(dist.vmin * a, dist.vmax * a) for a in torch.arange(1, est.grid + 1, dtype=torch.float64) / est.grid]
+    raise TypeError(f"unknown estimator {est!r}")
+
+
+def estimate_qparams(dist: Distribution, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per row ``[P]`` chosen by ``spec.estimator``."""
+    cands = _candidates(dist, spec)
+    params = [choose_qparams(lo, hi, spec) for lo, hi in cands]
+    if len(params) == 1:
+        return params[0]
+    errs = torch.stack([dist.mse(s, z, spec) for s, z in params])  # [C, P]
+    best = errs.argmin(dim=0)  # first minimum wins ties (strict <)
+    scale = torch.stack([s for s, _ in params]).gather(0, best.unsqueeze(0)).squeeze(0)
+    zp = torch.stack([z for _, z in params]).gather(0, best.unsqueeze(0)).squeeze(0)
+    return scale, zp

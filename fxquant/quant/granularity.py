@@ -1,0 +1,108 @@
+"""Granularity vocabulary: which elements of a tensor share one set of quantization parameters.
+
+A granularity maps a tensor shape to a *parameter shape*: a shape with the same number of
+dimensions where dimension ``d`` holds either 1 (one parameter shared along ``d``), ``shape[d]``
+(one parameter per index) or ``shape[d] // group_size`` (one parameter per contiguous group).
+Quantization parameters are always stored in that shape, so ``expand_params`` can broadcast them
+against the tensor with no further bookkeeping.
+
+Activations and weights differ in one way only: for an activation every dimension that does not
+carry parameters is a *sample* dimension (batch, tokens) and may change size between calls, so its
+parameter extent is 1. For a weight the output-channel axis 0 always keeps its own parameters
+under ``PerGroup`` (the torchao convention: groups run along the input dimension of each row).
+
+======================  ========================  ==========================
+granularity             activation [B, N, C]      weight [O, I]
+======================  ========================  ==========================
+``PerTensor()``         [1, 1, 1]                 [1, 1]
+``PerAxis(-1)``         [1, 1, C]                 [1, I]
+``PerAxis(0)``          [B, 1, 1] (rarely useful)  [O, 1]
+``PerGroup(g)``         [1, 1, C // g]            [O, I // g]
+======================  ========================  ==========================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Granularity:
+    """Base class; use one of the subclasses."""
+
+    def param_shape(self, shape: tuple[int, ...], *, weight: bool) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        return {"type": type(self).__name__, **{k: v for k, v in self.__dict__.items()}}
+
+    @staticmethod
+    def from_dict(d: dict) -> "Granularity":
+        kinds = {c.__name__: c for c in (PerTensor, PerAxis, PerGroup)}
+        d = dict(d)
+        kind = d.pop("type")
+        if kind not in kinds:
+            raise ConfigError(f"unknown granularity {kind!r}; known: {sorted(kinds)}")
+        return kinds[kind](**d)
+
+
+def _norm_axis(axis: int, ndim: int) -> int:
+    if not -ndim <= axis < ndim:
+        raise ConfigError(f"granularity axis {axis} is out of range for a {ndim}-D tensor")
+    return axis % ndim
+
+
+@dataclass(frozen=True)
+class PerTensor(Granularity):
+    """One scale and zero point for the whole tensor."""
+
+    def param_shape(self, shape, *, weight):
+        return tuple(1 for _ in shape)
+
+
+@dataclass(frozen=True)
+class PerAxis(Granularity):
+    """One scale and zero point per index along ``axis`` (weights: 0 = output channel;
+    activations: -1 = channel of a ``[..., C]`` tensor, statistics over all other dimensions)."""
+
+    axis: int = -1
+
+    def param_shape(self, shape, *, weight):
+        a = _norm_axis(self.axis, len(shape))
+        return tuple(s if d == a else 1 for d, s in enumerate(shape))
+
+
+@dataclass(frozen=True)
+class PerGroup(Granularity):
+    """One scale and zero point per contiguous group of ``group_size`` elements along ``axis``.
+
+    For weights the output axis 0 also keeps its own parameters (groups run along each row's
+    input dimension), as in torchao. ``PerGroup(1)`` on an activation equals ``PerAxis(axis)``
+    and ``PerGroup(C)`` equals ``PerTensor()``.
+    """
+
+    group_size: int = 128
+    axis: int = -1
+
+    def __post_init__(self):
+        if self.group_size < 1:
+            raise ConfigError(f"PerGroup.group_size must be >= 1, got {self.group_size}")
+
+    def param_shape(self, shape, *, weight):
+        a = _norm_axis(self.axis, len(shape))
+        if shape[a] % self.group_size:
+            raise ConfigError(
+                f"PerGroup(group_size={self.group_size}) does not divide dimension {a} of size "
+                f"{shape[a]} (tensor shape {tuple(shape)}); pick a group size that divides it"
+            )
+        out = []
+        for d, s in enumerate(shape):
+            if d == a:
+                out.append(s // self.group_size)
+            elif weight and d == 0:
+                out.append(s)
+            else:
+                out.append(1)
+        return tuple(out)

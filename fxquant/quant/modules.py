@@ -1,0 +1,142 @@
+"""``nn.Module`` wrappers around the quantizer math: the fake-quantizer node and quantized-weight
+Linear/Conv2d (torch.ao QAT convention: the float module plus a ``weight_fake_quant`` child)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CalibrationError
+from .observers import NonFiniteError, Observer, exact_distribution_qparams
+from .primitives import QuantSpec, fake_quantize
+
+
+class NonFiniteInput(CalibrationError):
+    """Raised by a quantizer that observes NaN/Inf; the calibration pass turns it into an error
+    naming the first graph node that produced a non-finite value."""
+
+    def __init__(self, label: str):
+        super().__init__(f"quantizer '{label}' observed NaN or Inf")
+        self.label = label
+
+
+class FakeQuantize(nn.Module):
+    """Observes and/or fake-quantizes the tensor passing through it.
+
+    States (set explicitly by passes, never on first call):
+      * ``observer_enabled``: stream statistics into ``observer``;
+      * ``fake_quant_enabled``: return ``dequantize(quantize(x))`` with the stored parameters.
+    With both off the module is the identity. Scale and zero point are buffers in the
+    granularity's parameter layout, so they travel in the state dict (safetensors).
+    """
+
+    def __init__(self, spec: QuantSpec, *, weight: bool = False, label: str = ""):
+        super().__init__()
+        self.spec = spec
+        self.weight = weight
+        self.label = label
+        self.register_buffer("scale", torch.empty(0))
+        self.register_buffer("zero_point", torch.empty(0))
+        self.observer_enabled = False
+        self.fake_quant_enabled = False
+        self.observer: Observer | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        return self.scale.numel() > 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer_enabled:
+            if self.observer is None:
+                self.observer = Observer(self.spec, weight=self.weight)
+            try:
+                self.observer.update(x)
+            except NonFiniteError:
+                raise NonFiniteInput(self.label) from None
+        if self.fake_quant_enabled:
+            if not self.calibrated:
+                raise CalibrationError(
+                    f"quantizer '{self.label}' is enabled but has no scale; run calibration "
+                    f"(fxquant.compile(..., calib=...)) before evaluating the model"
+                )
+            ste = torch.is_grad_enabled() and x.requires_grad
+            return fake_quantize(x, self.scale, self.zero_point, self.spec, ste=ste)
+        return x
+
+    # -- parameters ---------------------------------------------------------------------
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        self.scale = scale.detach().float().clone()
+        self.zero_point = zero_point.detach().float().clone()
+
+    def compute_qparams(self, *, keep_observer: bool = False) -> None:
+        """Parameters from the streamed statistics (activation quantizers)."""
+        if self.observer is None or self.observer.empty:
+            raise CalibrationError(
+                f"quantizer '{self.label}' saw no data during calibration: the calibration data never reached it "
+                f"(check that calib batches go through this part of the model)"
+            )
+        self.set_qparams(*self.observer.compute_qparams())
+        if not keep_observer:
+            self.observer = None
+
+    def calibrate_from(self, tensor: torch.Tensor) -> None:
+        """Parameters from a whole tensor with exact statistics (weight quantizers)."""
+        self.set_qparams(*exact_distribution_qparams(tensor, self.spec, weight=self.weight))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # Parameters take the saved shape (the layout is only known after calibration).
+        for name in ("scale", "zero_point"):
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        state = "+".join(s for s, on in (("observe", self.observer_enabled), ("quant", self.fake_quant_enabled)) if on) or "off"
+        return f"{self.spec.short()}, {state}, params={tuple(self.scale.shape)}"
+
+
+def _adopt(cls, float_mod: nn.Module) -> nn.Module:
+    """An instance of ``cls`` (a subclass of ``type(float_mod)``) sharing ``float_mod``'s parameters."""
+    new = cls.__new__(cls)
+    new.__dict__ = dict(float_mod.__dict__)
+    new._parameters = dict(float_mod._parameters)
+    new._buffers = dict(float_mod._buffers)
+    new._modules = dict(float_mod._modules)
+    return new
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` whose weight passes through ``weight_fake_quant``."""
+
+    weight_fake_quant: FakeQuantize
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, spec: QuantSpec, label: str = "") -> "QuantLinear":
+        new = _adopt(cls, linear)
+        new.weight_fake_quant = FakeQuantize(spec, weight=True, label=f"{label}.weight")
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_fake_quant(self.weight), self.bias)
+
+
+class QuantConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose weight passes through ``weight_fake_quant``."""
+
+    weight_fake_quant: FakeQuantize
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, spec: QuantSpec, label: str = "") -> "QuantConv2d":
+        new = _adopt(cls, conv)
+        new.weight_fake_quant = FakeQuantize(spec, weight=True, label=f"{label}.weight")
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight_fake_quant(self.weight), self.bias)
+
+
+def quantizers(module: nn.Module):
+    """All ``FakeQuantize`` submodules as ``(qualified name, module)``."""
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, FakeQuantize)]

@@ -1,0 +1,183 @@
+"""Streaming, mergeable observers.
+
+An observer's memory is fixed once it has seen its first batch: running extrema per parameter
+block plus, when the estimator needs the distribution (percentile, PctMSE, OMSE), a histogram of
+``bins`` bins per block. It never keeps activations.
+
+The histogram uses *power-of-two aligned* bins: bin ``j`` of a row covers
+``[(o + j)·2^e, (o + j + 1)·2^e)`` for an integer origin ``o`` and exponent ``e``. When new values
+fall outside, ``e`` grows and every pair (or 2^d-tuple) of old bins merges *exactly* into one new
+bin, so rebinning never interpolates, the result does not depend on batch order beyond the final
+extrema, and two observers merge exactly (``merge``), e.g. across ``torch.distributed`` ranks.
+Resolution is always within 2× of ``(max - min) / bins``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .estimators import Distribution, estimate_qparams
+from .primitives import MinMax, QuantSpec, to_rows
+
+# Histogram budget: bins per row = clamp(_HIST_BUDGET / rows, 256, 16384), a power of two.
+_HIST_BUDGET = 2**20
+_CHUNK = 2**22  # elements binned per step, bounds temporary memory
+
+
+def _bins_for(rows: int) -> int:
+    b = max(256, min(16384, _HIST_BUDGET // max(rows, 1)))
+    return 1 << (b.bit_length() - 1)
+
+
+class NonFiniteError(ValueError):
+    """An observer saw NaN or Inf (the calibration pass localizes the first graph node)."""
+
+
+class Observer:
+    """Streams statistics of the tensors passed to ``update`` for one quantizer.
+
+    Args:
+        spec: the quantizer spec (granularity and estimator decide what is kept).
+        weight: whether the observed tensor is a weight (granularity's weight layout).
+    """
+
+    def __init__(self, spec: QuantSpec, *, weight: bool = False):
+        self.spec = spec
+        self.weight = weight
+        self.param_shape: tuple[int, ...] | None = None
+        self.vmin: torch.Tensor | None = None
+        self.vmax: torch.Tensor | None = None
+        self.needs_hist = not isinstance(spec.estimator, MinMax)
+        self.bins = 0
+        self.counts: torch.Tensor | None = None  # [P, B] int64
+        self.exp: torch.Tensor | None = None  # [P] int64, bin width = 2^exp
+        self.origin: torch.Tensor | None = None  # [P] int64
+        self.num_updates = 0
+
+    # -- streaming ------------------------------------------------------------------------
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        if not torch.isfinite(x).all():
+            raise NonFiniteError("non-finite value observed")
+        pshape = tuple(self.spec.granularity.param_shape(tuple(x.shape), weight=self.weight))
+        if self.param_shape is None:
+            self.param_shape = pshape
+        elif pshape != self.param_shape:
+            raise ValueError(
+                f"observer got a tensor of shape {tuple(x.shape)} whose parameter layout {pshape} differs "
+                f"from the earlier {self.param_shape}; per-axis/per-group quantizers need a fixed channel size"
+            )
+        rows = to_rows(x.float(), pshape)
+        mn, mx = rows.amin(dim=1), rows.amax(dim=1)
+        self.vmin = mn if self.vmin is None else torch.minimum(self.vmin, mn)
+        self.vmax = mx if self.vmax is None else torch.maximum(self.vmax, mx)
+        if self.needs_hist:
+            self._hist_update(rows)
+        self.num_updates += 1
+
+    def merge(self, other: "Observer") -> "Observer":
+        """Fold another observer of the same quantizer into this one (exact)."""
+        if other.param_shape is None:
+            return self
+        if self.param_shape is None:
+            self.__dict__.update({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in other.__dict__.items()})
+            return self
+        if other.param_shape != self.param_shape or other.needs_hist != self.needs_hist:
+            raise ValueError("cannot merge observers of different parameter layouts or estimators")
+        self.vmin = torch.minimum(self.vmin, other.vmin)
+        self.vmax = torch.maximum(self.vmax, other.vmax)
+        if self.needs_hist:
+            exp, origin = self._fit(self.vmin.double(), self.vmax.double(), torch.maximum(self.exp, other.exp))
+            mine = self._rebin(self.counts, self.exp, self.origin, exp, origin)
+            theirs = self._rebin(other.counts, other.exp, other.origin, exp, origin)
+            self.counts, self.exp, self.origin = mine + theirs, exp, origin
+        self.num_updates += other.num_updates
+        return self
+
+    # -- results --------------------------------------------------------------------------
+    @property
+    def empty(self) -> bool:
+        return self.param_shape is None
+
+    def distribution(self) -> Distribution:
+        if self.empty:
+            raise ValueError("observer has seen no data")
+        if not self.needs_hist:
+            return Distribution(self.vmin.double()[:, None], torch.zeros(self.vmin.numel(), 1, dtype=torch.float64),
+                                torch.ones(self.vmin.numel(), 1, dtype=torch.float64), self.vmin.double(), self.vmax.double())
+        width = torch.exp2(self.exp.double())[:, None]
+        left = (self.origin[:, None] + torch.arange(self.bins)).double() * width
+        return Distribution(left, width, self.counts.double(), self.vmin.double(), self.vmax.double())
+
+    def compute_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point in the granularity's parameter layout."""
+        scale, zp = estimate_qparams(self.distribution(), self.spec)
+        return scale.float().reshape(self.param_shape), zp.float().reshape(self.param_shape)
+
+    def state_bytes(self) -> int:
+        ts = [self.vmin, self.vmax, self.counts, self.exp, self.origin]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    # -- histogram internals --------------------------------------------------------------
+    def _fit(self, lo: torch.Tensor, hi: torch.Tensor, min_exp: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Smallest exponent (>= min_exp) whose aligned bins cover [lo, hi] in ``bins`` bins."""
+        span = (hi - lo).clamp(min=0)
+        mag = torch.maximum(lo.abs(), hi.abs())
+        span = torch.maximum(span, torch.maximum(mag * 2.0**-20, torch.full_like(mag, 2.0**-100)))
+        exp = torch.ceil(torch.log2(span / (self.bins - 1))).long()
+        if min_exp is not None:
+            exp = torch.maximum(exp, min_exp)
+        for _ in range(4):  # guard against log2 rounding at exact powers of two
+            w = torch.exp2(exp.double())
+            need = torch.floor(hi / w) - torch.floor(lo / w) + 1
+            bad = need > self.bins
+            if not bad.any():
+                break
+            exp = exp + bad.long()
+        origin = torch.floor(lo / torch.exp2(exp.double())).long()
+        return exp, origin
+
+    @staticmethod
+    def _rebin(counts, exp, origin, new_exp, new_origin) -> torch.Tensor:
+        p, b = counts.shape
+        shift = (new_exp - exp).clamp(min=0)
+        idx = torch.div(origin[:, None] + torch.arange(b), (2**shift)[:, None], rounding_mode="floor") - new_origin[:, None]
+        nz = counts > 0
+        if nz.any() and ((idx[nz] < 0) | (idx[nz] >= b)).any():  # pragma: no cover - invariant
+            raise RuntimeError("histogram rebin out of range")
+        idx = idx.clamp(0, b - 1) + torch.arange(p)[:, None] * b
+        out = torch.zeros(p * b, dtype=counts.dtype)
+        return out.index_add_(0, idx.flatten(), counts.flatten()).view(p, b)
+
+    def _hist_update(self, rows: torch.Tensor) -> None:
+        p = rows.shape[0]
+        if self.counts is None:
+            self.bins = _bins_for(p)
+            self.exp, self.origin = self._fit(self.vmin.double(), self.vmax.double(), None)
+            self.counts = torch.zeros(p, self.bins, dtype=torch.int64)
+        else:
+            exp, origin = self._fit(self.vmin.double(), self.vmax.double(), self.exp)
+            if not (torch.equal(exp, self.exp) and torch.equal(origin, self.origin)):
+                self.counts = self._rebin(self.counts, self.exp, self.origin, exp, origin)
+                self.exp, self.origin = exp, origin
+        inv_w = torch.exp2(-self.exp.double())[:, None]
+        base = (torch.arange(p) * self.bins)[:, None] - self.origin[:, None]
+        m = rows.shape[1]
+        step = max(1, _CHUNK // max(p, 1))
+        flat = torch.zeros(p * self.bins, dtype=torch.int64)
+        for start in range(0, m, step):
+            chunk = rows[:, start:start + step]
+            idx = torch.floor(chunk.double() * inv_w).long() + base
+            flat += torch.bincount(idx.flatten(), minlength=p * self.bins)
+        self.counts += flat.view(p, self.bins)
+
+
+def exact_distribution_qparams(x: torch.Tensor, spec: QuantSpec, *, weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantization parameters from a whole tensor with exact quantiles (weights)."""
+    pshape = tuple(spec.granularity.param_shape(tuple(x.shape), weight=weight))
+    rows = to_rows(x.detach().float(), pshape)
+    scale, zp = estimate_qparams(Distribution.exact(rows), spec)
+    return scale.float().reshape(pshape), zp.float().reshape(pshape)
+
+
+__all__ = ["Observer", "NonFiniteError", "exact_distribution_qparams"]

@@ -1,0 +1,160 @@
+"""Named recipes: a frozen, validated, JSON round-trippable config that builds a list of passes.
+
+``get_recipe("w4a4", calib_images=64)`` returns the ``w4a4`` recipe with one field changed;
+``list_recipes()`` names them all. Later methods register their recipes with ``register_recipe``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Callable, ClassVar
+
+from .errors import ConfigError
+from .pipeline import Pass
+from .quant import PerAxis, PerTensor, QuantSpec, estimator_from_name
+
+_RECIPES: dict[str, tuple[type["Recipe"], dict, str]] = {}
+_RECIPE_CLASSES: dict[str, type["Recipe"]] = {}
+
+
+def register_recipe(name: str, cls: type["Recipe"], description: str, **defaults: Any) -> None:
+    """Register ``name`` as ``cls(name=name, **defaults)``."""
+    if name in _RECIPES:
+        raise ConfigError(f"recipe {name!r} is already registered")
+    _RECIPES[name] = (cls, defaults, description)
+    _RECIPE_CLASSES[cls.__name__] = cls
+
+
+def list_recipes() -> dict[str, str]:
+    """``{name: description}`` of every registered recipe."""
+    return {k: v[2] for k, v in _RECIPES.items()}
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    """Convert a CLI string (``--set key=value``) to the field's type."""
+    if not isinstance(value, str):
+        return tuple(value) if isinstance(value, list) else value
+    typ = str(f.type)
+    if typ == "bool":
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"option {f.name!r} takes true/false, got {value!r}")
+    if typ == "int":
+        return int(value)
+    if typ == "float":
+        return float(value)
+    if typ.startswith("tuple"):
+        return tuple(v for v in value.split(",") if v)
+    return value
+
+
+def get_recipe(name: str, **overrides: Any) -> "Recipe":
+    """The recipe registered as ``name``, with fields overridden (values may be strings)."""
+    if name not in _RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; known recipes: {sorted(_RECIPES)}")
+    cls, defaults, _ = _RECIPES[name]
+    known = {f.name: f for f in fields(cls)}
+    kwargs = dict(defaults)
+    for k, v in overrides.items():
+        if k not in known or k == "name":
+            raise ConfigError(f"recipe {name!r} has no option {k!r}; options: {sorted(set(known) - {'name'})}")
+        try:
+            kwargs[k] = _coerce(known[k], v)
+        except ValueError as e:
+            raise ConfigError(f"recipe {name!r}: bad value {v!r} for {k!r}: {e}") from None
+    return cls(name=name, **kwargs)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Base recipe: a name, the number of calibration images, and ``build_passes``."""
+
+    kind: ClassVar[str] = "recipe"
+    name: str = "custom"
+    calib_images: int = 32
+
+    def __post_init__(self):
+        if self.calib_images < 0:
+            raise ConfigError(f"recipe {self.name!r}: calib_images must be >= 0, got {self.calib_images}")
+
+    def build_passes(self) -> list[Pass]:
+        return []
+
+    def to_dict(self) -> dict:
+        d = {"class": type(self).__name__}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            d[f.name] = list(v) if isinstance(v, tuple) else v
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> "Recipe":
+        d = dict(d)
+        cls_name = d.pop("class")
+        if cls_name not in _RECIPE_CLASSES:
+            raise ConfigError(f"unknown recipe class {cls_name!r}; known: {sorted(_RECIPE_CLASSES)}")
+        cls = _RECIPE_CLASSES[cls_name]
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclass(frozen=True)
+class FloatRecipe(Recipe):
+    """No quantization: the captured float graph."""
+
+    calib_images: int = 0
+
+
+@dataclass(frozen=True)
+class UniformRecipe(Recipe):
+    """Uniform affine quantization of weights (per output channel) and activations (per tensor).
+
+    Range estimators by name: ``minmax``, ``percentile[:p]``, ``pctmse`` (RepQ-ViT's search),
+    ``omse[:grid]``.
+    """
+
+    w_bits: int = 8
+    a_bits: int = 8
+    w_symmetric: bool = False
+    a_symmetric: bool = False
+    w_estimator: str = "pctmse"
+    a_estimator: str = "pctmse"
+    head_stem_8bit: bool = False
+    quantize_attention: bool = True
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.weight_spec(), self.act_spec()  # validate early, with the spec's error messages
+
+    def weight_spec(self) -> QuantSpec:
+        return QuantSpec(bits=self.w_bits, symmetric=self.w_symmetric, granularity=PerAxis(0),
+                         estimator=estimator_from_name(self.w_estimator))
+
+    def act_spec(self) -> QuantSpec:
+        return QuantSpec(bits=self.a_bits, symmetric=self.a_symmetric, granularity=PerTensor(),
+                         estimator=estimator_from_name(self.a_estimator))
+
+    def build_passes(self) -> list[Pass]:
+        from .passes import AnnotateUniform, Calibrate, InsertQuantizers
+
+        return [
+            AnnotateUniform(weight=self.weight_spec(), act=self.act_spec(), head_stem_8bit=self.head_stem_8bit,
+                            quantize_attention=self.quantize_attention, skip=self.skip),
+            InsertQuantizers(),
+            Calibrate(),
+        ]
+
+
+register_recipe("fp32", FloatRecipe, "no quantization (the captured float graph)")
+register_recipe("w8a8", UniformRecipe, "uniform W8A8: symmetric per-channel weights, asymmetric per-tensor activations (PctMSE)",
+                w_bits=8, a_bits=8, w_symmetric=True)
+register_recipe("w6a6", UniformRecipe, "uniform W6A6: asymmetric per-channel weights and per-tensor activations (PctMSE)",
+                w_bits=6, a_bits=6)
+register_recipe("w4a4", UniformRecipe, "uniform W4A4: asymmetric per-channel weights and per-tensor activations (PctMSE)",
+                w_bits=4, a_bits=4)
+
+
+RecipeFactory = Callable[..., Recipe]

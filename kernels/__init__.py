@@ -1,0 +1,1 @@
+"""Integer kernels (Triton) with their PyTorch references. Populated by the lowering work."""

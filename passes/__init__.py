@@ -1,0 +1,8 @@
+"""Graph passes. Each is a frozen dataclass with a name, ``requires``/``provides`` facts and
+``run(gm, ctx)``; ``fxquant.compile`` runs them through ``fxquant.pipeline.PassManager``."""
+
+from .annotate import AnnotateUniform
+from .calibrate import Calibrate
+from .insert import InsertQuantizers
+
+__all__ = ["AnnotateUniform", "InsertQuantizers", "Calibrate"]

@@ -1,0 +1,90 @@
+"""``AnnotateUniform``: decide which tensors get which uniform quantizer (writes specs, no surgery).
+
+Weights of every Linear/Conv (per output channel by default) and activations at the input of
+every Linear, of the patch-embedding conv, and both operands of both attention matmuls
+(q, kᵀ, softmax output A, v). Layers are selected by kind and FQN glob (``skip=("head",)``);
+the stem and classifier head can be kept at 8 bits (``head_stem_8bit``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from fxquant import match
+from fxquant.annotations import ROLE, set_input_spec, set_weight_spec
+from fxquant.errors import ConfigError
+from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
+from fxquant.quant import PctMSE, PerAxis, PerTensor, QuantSpec
+
+LAYER_KINDS = ("linear", "conv")
+
+
+def _skipped(fqn: str, globs: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(fqn, g) or fnmatch.fnmatchcase(fqn, g + ".*") for g in globs)
+
+
+@register_pass
+@dataclass(frozen=True)
+class AnnotateUniform(Pass):
+    """Annotate uniform weight/activation quantizers.
+
+    Args:
+        weight: weight quantizer spec (per output channel by default).
+        act: activation quantizer spec (per tensor by default).
+        head_stem_8bit: patch embedding and classifier head(s) at 8 bits (weights and inputs).
+        quantize_attention: quantize q, kᵀ, softmax output and v at the attention matmuls.
+        layer_kinds: which layer kinds to quantize (``"linear"``, ``"conv"``).
+        skip: FQN globs of modules to leave in floating point (``"head"``, ``"blocks.0.*"``).
+    """
+
+    name = "annotate_uniform"
+    provides = ("annotated",)
+
+    weight: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8, granularity=PerAxis(0), estimator=PctMSE()))
+    act: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8, granularity=PerTensor(), estimator=PctMSE()))
+    head_stem_8bit: bool = False
+    quantize_attention: bool = True
+    layer_kinds: tuple[str, ...] = LAYER_KINDS
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        bad = [k for k in self.layer_kinds if k not in LAYER_KINDS]
+        if bad:
+            raise ConfigError(f"annotate_uniform: unknown layer kinds {bad}; known: {list(LAYER_KINDS)}")
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        modules = match.modules_of(gm)
+        stems = set(match.stem_layers(gm, modules))
+        heads = set(match.head_layers(gm, modules))
+        n_layers = n_attn = n_skipped = 0
+        for node in gm.graph.nodes:
+            kind = match.op_kind(node, modules)
+            if kind not in LAYER_KINDS or node.op != "call_module":
+                continue
+            if kind not in self.layer_kinds or _skipped(match.node_fqn(node), self.skip):
+                n_skipped += 1
+                continue
+            w, a = self.weight, self.act
+            role = "stem" if node in stems else "head" if node in heads else kind
+            if self.head_stem_8bit and role in ("stem", "head"):
+                w, a = w.with_(bits=8), a.with_(bits=8)
+            set_weight_spec(node, w)
+            set_input_spec(node, 0, a)
+            node.meta[ROLE] = role
+            n_layers += 1
+        if self.quantize_attention:
+            for att in match.find_attention(gm, modules):
+                if _skipped(match.node_fqn(att.softmax), self.skip):
+                    n_skipped += 1
+                    continue
+                for mm, role in ((att.qk, "attn.qk"), (att.av, "attn.av")):
+                    set_input_spec(mm, 0, self.act)
+                    set_input_spec(mm, 1, self.act)
+                    mm.meta[ROLE] = role
+                n_attn += 1
+        summary = f"{n_layers} layers, {n_attn} attention blocks annotated; {n_skipped} skipped; " \
+                  f"w={self.weight.short()} a={self.act.short()}" + (" (stem/head 8-bit)" if self.head_stem_8bit else "")
+        return PassResult(gm, modified=False, summary=summary, record={"layers": n_layers, "attention": n_attn})
