@@ -121,7 +121,7 @@ def load(path: str | Path, model: nn.Module | None = None, *, example_inputs: tu
     expected = gm.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    shape_bad = [k for k in set(expected) & set(state)
+    shape_bad = [k for k in sorted(set(expected) & set(state))
                  if not isinstance(gm.get_submodule(k.rpartition(".")[0]) if "." in k else gm, FakeQuantize)
                  and tuple(expected[k].shape) != tuple(state[k].shape)]
     if missing or unexpected or shape_bad:

@@ -135,7 +135,10 @@ def _export_hf(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
             f"Fix: check that the example inputs match the model's forward signature; for data-dependent control "
             f"flow see torch.export's documentation (torch.cond, or specialising the input)."
         ) from e
-    return ep.module()
+    exported = ep.module()
+    # A plain GraphModule over the same graph: ExportedProgram.module() forbids .eval()/.train(),
+    # which passes and evaluation need; the graph (with its pytree in/out codegen) is unchanged.
+    return fx.GraphModule(exported, exported.graph, type(model).__name__)
 
 
 def _owner(gm: nn.Module, target: str) -> tuple[nn.Module, str, str]:

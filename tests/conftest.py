@@ -1,0 +1,53 @@
+"""Shared fixtures: the reference CIFAR ViT (shared folder or embedded copy), real CIFAR images,
+and small random-init models."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def cifar_info():
+    from fxquant.models import load_model
+
+    return load_model("cifar-vit")
+
+
+@pytest.fixture(scope="session")
+def cifar_data(cifar_info):
+    """32 calibration images and the first 500 test images (real CIFAR-10)."""
+    from fxquant.data import load_data
+
+    data = load_data(cifar_info, "cifar10", calib_images=32, limit=500)
+    x = torch.cat([b[0] for b in data.test_batches()])
+    y = torch.cat([b[1] for b in data.test_batches()])
+    return data.calib, x, y
+
+
+@pytest.fixture(scope="session")
+def cifar_w8a8(cifar_info, cifar_data):
+    import fxquant
+
+    calib, _, _ = cifar_data
+    return fxquant.compile(cifar_info.model, recipe="w8a8", calib=[calib], progress=False)
+
+
+def tiny_vit(**kw):
+    """A tiny timm VisionTransformer (random init) for fast structural tests."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+    args.update(kw)
+    return VisionTransformer(**args).eval()
+
+
+@pytest.fixture
+def tiny_vit_model():
+    return tiny_vit()

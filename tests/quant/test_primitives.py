@@ -1,0 +1,192 @@
+"""Properties of the quantizer primitives (hypothesis) and their exact rules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fxquant.errors import ConfigError
+from fxquant.quant import (
+    PerAxis, PerGroup, PerTensor, QuantSpec, choose_qparams, dequantize, expand_params, fake_quantize,
+    grid_values, log_zero_code, quantize, round_ste,
+)
+
+bits_st = st.integers(2, 8)
+scheme_st = st.sampled_from(["uniform", "log2", "log_sqrt2"])
+floats = st.floats(-50, 50, allow_nan=False, width=32)
+
+
+def _spec(bits, scheme, symmetric):
+    return QuantSpec(bits=bits, scheme=scheme, symmetric=symmetric and scheme == "uniform")
+
+
+@st.composite
+def quantizer_case(draw):
+    bits = draw(bits_st)
+    scheme = draw(scheme_st)
+    symmetric = draw(st.booleans())
+    spec = _spec(bits, scheme, symmetric)
+    lo = draw(st.floats(-20, 0, allow_nan=False, width=32))
+    hi = draw(st.floats(0.0625, 20, allow_nan=False, width=32))
+    scale, zp = choose_qparams(torch.tensor(lo), torch.tensor(hi), spec)
+    x = torch.tensor(draw(st.lists(floats, min_size=1, max_size=64)), dtype=torch.float32)
+    if scheme != "uniform":
+        x = x.abs()
+    return spec, scale, zp, x
+
+
+@settings(max_examples=200, deadline=None)
+@given(quantizer_case())
+def test_codes_in_range_and_outputs_on_grid(case):
+    spec, scale, zp, x = case
+    q = quantize(x, scale, zp, spec)
+    assert torch.equal(q, q.round())
+    if spec.is_log:
+        assert ((q >= 0) & (q <= log_zero_code(spec.bits))).all()
+    else:
+        assert ((q >= spec.qmin) & (q <= spec.qmax)).all()
+    grid = grid_values(scale.item(), zp.item(), spec)
+    xq = fake_quantize(x, scale, zp, spec)
+    dist = (xq[:, None] - grid[None, :]).abs().min(dim=1).values
+    assert (dist <= 1e-6 * grid.abs().max()).all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(quantizer_case())
+def test_fake_quantize_is_idempotent(case):
+    spec, scale, zp, x = case
+    once = fake_quantize(x, scale, zp, spec)
+    assert torch.equal(fake_quantize(once, scale, zp, spec), once)
+
+
+@settings(max_examples=100, deadline=None)
+@given(bits_st, scheme_st, st.booleans(), st.floats(0.0625, 10, allow_nan=False, width=32))
+def test_representable_values_round_trip_exactly(bits, scheme, symmetric, hi):
+    spec = _spec(bits, scheme, symmetric)
+    scale, zp = choose_qparams(torch.tensor(-hi / 3), torch.tensor(hi), spec)
+    codes = torch.arange(spec.qmin, spec.qmax + 1, dtype=torch.float32)
+    vals = dequantize(codes, scale, zp, spec)
+    if spec.is_log:  # 8-bit log2 reaches 2^-255, below float32's range: those codes underflow to 0
+        keep = vals >= torch.finfo(torch.float32).tiny
+        codes, vals = codes[keep], vals[keep]
+    assert torch.equal(quantize(vals, scale, zp, spec), codes)
+
+
+@settings(max_examples=200, deadline=None)
+@given(quantizer_case())
+def test_monotone(case):
+    spec, scale, zp, x = case
+    xs = x.sort().values
+    assert (fake_quantize(xs, scale, zp, spec).diff() >= 0).all()
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_uniform_level_counts(bits):
+    asym = QuantSpec(bits=bits)
+    sym = QuantSpec(bits=bits, symmetric=True)
+    s, z = choose_qparams(torch.tensor(-1.0), torch.tensor(3.0), asym)
+    assert grid_values(s.item(), z.item(), asym).numel() == 2**bits
+    s, z = choose_qparams(torch.tensor(-1.0), torch.tensor(3.0), sym)
+    assert z.item() == 0 and math.isclose(s.item(), 3.0 / (2 ** (bits - 1) - 1), rel_tol=1e-6)
+
+
+def test_asymmetric_formula_matches_methods_doc():
+    spec = QuantSpec(bits=4, zero_in_range=False)
+    lo, hi = torch.tensor(-0.7), torch.tensor(2.3)
+    s, z = choose_qparams(lo, hi, spec)
+    assert torch.equal(s, (hi - lo) / 15)  # s = (hi - lo) / (2^b - 1)
+    assert torch.equal(z, torch.round(-lo / s))  # z = round(-lo / s)
+    x = torch.tensor([-0.7, 0.0, 1.0, 2.3, 9.0])
+    q = torch.clamp(torch.round(x / s) + z, 0, 15)
+    assert torch.equal(quantize(x, s, z, spec), q)
+
+
+def test_zero_width_range_does_not_divide_by_zero():
+    spec = QuantSpec(bits=8, zero_in_range=False)
+    s, z = choose_qparams(torch.tensor(0.0), torch.tensor(0.0), spec)
+    assert s.item() > 0 and torch.isfinite(z)
+    assert torch.equal(fake_quantize(torch.zeros(4), s, z, spec), torch.zeros(4))
+
+
+def test_zero_is_exactly_representable_with_zero_in_range():
+    spec = QuantSpec(bits=4)
+    s, z = choose_qparams(torch.tensor(0.3), torch.tensor(2.0), spec)
+    assert fake_quantize(torch.tensor([0.0]), s, z, spec).item() == 0.0
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6])
+def test_log_sqrt2_levels(bits):
+    spec = QuantSpec(bits=bits, scheme="log_sqrt2")
+    delta = 0.75
+    vals = grid_values(delta, 0.0, spec)
+    assert vals.numel() == 2**bits + 1  # 2^b codes + the special zero (4-bit: 17)
+    expected = sorted([0.0] + [delta * 2 ** (-c / 2) for c in range(2**bits)])
+    assert torch.allclose(vals, torch.tensor(expected), rtol=1e-6, atol=0)
+    x = torch.tensor([0.0, delta, 5 * delta, delta * 2 ** (-(2**bits)), -1.0])
+    y = fake_quantize(x, torch.tensor(delta), torch.tensor(0.0), spec)
+    assert y[0] == 0 and y[1] == delta and y[2] == delta  # 0 -> 0, above Δ clips to Δ
+    assert y[3] == 0 and y[4] == 0  # below the smallest level and negatives -> 0
+
+
+def test_log2_levels():
+    spec = QuantSpec(bits=3, scheme="log2")
+    vals = grid_values(1.0, 0.0, spec)
+    assert torch.equal(vals, torch.tensor([0.0] + [2.0**-c for c in range(7, -1, -1)]))
+
+
+@pytest.mark.parametrize("bits", [1, 9, 0, 16])
+def test_bits_outside_2_to_8_rejected(bits):
+    with pytest.raises(ConfigError, match=r"bits=.*2\.\.8"):
+        QuantSpec(bits=bits)
+
+
+def test_symmetric_log_rejected():
+    with pytest.raises(ConfigError, match="symmetric"):
+        QuantSpec(scheme="log_sqrt2", symmetric=True)
+
+
+def test_granularity_param_shapes():
+    assert PerTensor().param_shape((4, 5, 6), weight=False) == (1, 1, 1)
+    assert PerAxis(-1).param_shape((4, 5, 6), weight=False) == (1, 1, 6)
+    assert PerAxis(0).param_shape((8, 6), weight=True) == (8, 1)
+    assert PerGroup(2).param_shape((4, 5, 6), weight=False) == (1, 1, 3)
+    assert PerGroup(3).param_shape((8, 6), weight=True) == (8, 2)
+    with pytest.raises(ConfigError, match="does not divide"):
+        PerGroup(4).param_shape((8, 6), weight=True)
+
+
+def test_per_group_equals_per_tensor_per_group_slice():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8)
+    spec = QuantSpec(bits=4, granularity=PerGroup(4))
+    scale = torch.tensor([0.1, 0.3]).view(1, 1, 2)
+    zp = torch.tensor([7.0, 8.0]).view(1, 1, 2)
+    y = fake_quantize(x, scale, zp, spec)
+    for g in range(2):
+        part = x[..., 4 * g:4 * g + 4]
+        ref = fake_quantize(part, scale[..., g:g + 1], zp[..., g:g + 1], QuantSpec(bits=4))
+        assert torch.equal(y[..., 4 * g:4 * g + 4], ref)
+    assert expand_params(scale, x.shape).shape == (1, 1, 8)
+
+
+def test_straight_through_gradient():
+    x = torch.tensor([0.12, 0.5, 5.0], requires_grad=True)
+    spec = QuantSpec(bits=4)
+    s, z = choose_qparams(torch.tensor(0.0), torch.tensor(1.0), spec)
+    fake_quantize(x, s, z, spec, ste=True).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([1.0, 1.0, 0.0]))  # clipped input gets no gradient
+    r = torch.tensor([0.4, 1.6], requires_grad=True)
+    round_ste(r).sum().backward()
+    assert torch.equal(r.grad, torch.ones(2))
+
+
+def test_spec_json_round_trip():
+    from fxquant.quant import OMSE, PctMSE
+
+    for spec in [QuantSpec(bits=4, granularity=PerGroup(32), estimator=PctMSE()),
+                 QuantSpec(bits=6, scheme="log_sqrt2", estimator=OMSE(50)), QuantSpec(symmetric=True, granularity=PerAxis(0))]:
+        assert QuantSpec.from_dict(spec.to_dict()) == spec

@@ -1,0 +1,47 @@
+"""W8A8 SQNR (dB) of every supported model family against FP32 (random init, random inputs).
+
+    python tools/family_sqnr.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import torch  # noqa: E402
+
+import fxquant  # noqa: E402
+from fxquant.data import load_data  # noqa: E402
+from fxquant.evaluate import compare_outputs  # noqa: E402
+from fxquant.models import load_model  # noqa: E402
+from test_families import FAMILIES, family_w8a8_sqnr  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows = []
+    for name in FAMILIES:
+        t0 = time.perf_counter()
+        sqnr, _ = family_w8a8_sqnr(name)
+        rows.append({"family": name, "init": "random", "sqnr_db": round(sqnr, 2), "seconds": round(time.perf_counter() - t0, 1)})
+        print(f"{name:34s} {sqnr:6.2f} dB  ({rows[-1]['seconds']} s)", flush=True)
+    info = load_model("cifar-vit")
+    data = load_data(info, "cifar10", calib_images=32, limit=500)
+    x = torch.cat([b[0] for b in data.test_batches()])
+    q = fxquant.compile(info.model, recipe="w8a8", calib=[data.calib], progress=False)
+    sqnr = compare_outputs(info.model, q, (x,))["sqnr_db"]
+    rows.append({"family": "cifar-vit", "init": "trained", "sqnr_db": round(sqnr, 2)})
+    print(f"{'cifar-vit (trained, 500 real images)':34s} {sqnr:6.2f} dB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
