@@ -202,6 +202,14 @@ def _modularize(gm: fx.GraphModule) -> int:
     return changed
 
 
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
+    """Record ``tensor_meta`` (shape, dtype) on every node by running ``example_inputs``."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*example_inputs)
+
+
 def logits_of(out: Any) -> torch.Tensor:
     """The logits tensor of a model output (tensor, HF ModelOutput, dict or tuple)."""
     if isinstance(out, torch.Tensor):

@@ -11,7 +11,8 @@ Kinds:
     dtype-preserving ``to``);
   * ``reshuffle``: elements move but values are unchanged and no element is invented (view,
     reshape, permute, transpose, flatten, squeeze, select/slice/getitem, unbind, chunk, roll...);
-  * ``pad``: adds constant elements (e.g. Swin pads windows after ``norm1``).
+  * ``pad``: adds constant elements (e.g. Swin pads windows after ``norm1``);
+  * ``quantize``: an fxquant fake quantizer (value approximately preserved).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ _MODULE_KINDS: list[tuple[type, str]] = [
     (nn.Dropout, "passthrough"),
     (nn.Flatten, "reshuffle"),
 ]
+
+from .quant.modules import FakeQuantize as _FakeQuantize  # noqa: E402
+
+_MODULE_KINDS.insert(0, (_FakeQuantize, "quantize"))
 
 try:  # timm's DropPath is the identity in eval mode
     from timm.layers import DropPath as _TimmDropPath
@@ -257,7 +262,8 @@ def find_attention(gm: fx.GraphModule, modules: dict | None = None) -> list[Atte
     modules = modules if modules is not None else modules_of(gm)
     out = []
     for sm in nodes_of_kind(gm, "softmax", modules):
-        avs = [u for u in consumers(sm, modules) if op_kind(u.node, modules) == "matmul" and u.arg == 0]
+        avs = [u for u in consumers(sm, modules, through=("passthrough", "quantize"))
+               if op_kind(u.node, modules) == "matmul" and u.arg == 0]
         if len(avs) != 1:
             continue
         qk = _nearest_matmul_above(sm, modules)
@@ -279,7 +285,7 @@ def stem_layers(gm: fx.GraphModule, modules: dict | None = None) -> list[fx.Node
     out = []
     for n in gm.graph.nodes:
         if op_kind(n, modules) in ("linear", "conv"):
-            src = producer(n.args[0], modules, through=("passthrough", "reshuffle"))
+            src = producer(n.args[0], modules, through=("passthrough", "reshuffle", "quantize"))
             if src.op == "placeholder":
                 out.append(n)
     return out
@@ -306,3 +312,108 @@ def head_layers(gm: fx.GraphModule, modules: dict | None = None) -> list[fx.Node
         queue.extend(cur.all_input_nodes)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     return sorted(heads, key=order.__getitem__)
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerNorm -> Linear sites (RepQ-ViT scale reparameterization)
+# ---------------------------------------------------------------------------------------------
+
+
+def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """Static shape recorded on a node (``val`` from torch.export or ``tensor_meta`` from
+    ShapeProp); symbolic sizes become -1."""
+    val = node.meta.get("val")
+    if val is not None and hasattr(val, "shape"):
+        return tuple(int(s) if isinstance(s, int) or str(s).isdigit() else -1 for s in val.shape)
+    tm = node.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "shape"):
+        return tuple(int(s) for s in tm.shape)
+    return None
+
+
+def layer_norm_channels(node: fx.Node, modules: dict) -> int | None:
+    if node.op == "call_module":
+        shape = getattr(modules[node.target], "normalized_shape", None)
+    else:
+        shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+    if shape is None or len(tuple(shape)) != 1:
+        return None
+    return int(tuple(shape)[0])
+
+
+def _is_shape_query(node: fx.Node) -> bool:
+    """``x.shape`` / ``x.size()`` / ``sym_size``: reads metadata, not values."""
+    if node.op == "call_function" and node.target is getattr:
+        return True
+    if node.op == "call_method" and node.target in ("size", "dim"):
+        return True
+    return node.op == "call_function" and "sym_size" in str(node.target)
+
+
+@dataclass(frozen=True)
+class LayerNormSite:
+    """A LayerNorm and the Linear layers that read its output through channel-preserving ops.
+
+    ``legal`` is False when folding would change the model: ``reason`` says why."""
+
+    ln: fx.Node
+    linears: tuple[fx.Node, ...]
+    path: tuple[fx.Node, ...]
+    legal: bool
+    reason: str = ""
+
+    @property
+    def name(self) -> str:
+        return node_fqn(self.ln) or self.ln.name
+
+
+def layer_norm_sites(gm: fx.GraphModule, modules: dict | None = None) -> list[LayerNormSite]:
+    """Every LayerNorm with its consumers, and whether per-channel scales can be folded into it.
+
+    Legal when every (non shape-query) consumer of the LN output, reached through passthrough and
+    reshuffle ops that keep the channel as the last dimension (token selection, reshape, window
+    partition, zero-size padding), is a Linear reading it as its input. Fake quantizers on the
+    way are walked through (``path`` then holds them).
+    """
+    modules = modules if modules is not None else modules_of(gm)
+    sites = []
+    for ln in nodes_of_kind(gm, "layer_norm", modules):
+        channels = layer_norm_channels(ln, modules)
+        linears: list[fx.Node] = []
+        path: list[fx.Node] = []
+        reason = "" if channels else "normalizes over more than one dimension"
+        stack = [ln]
+        seen = set()
+        while stack and not reason:
+            cur = stack.pop()
+            for user in cur.users:
+                if user in seen or _is_shape_query(user):
+                    continue
+                seen.add(user)
+                kind = op_kind(user, modules)
+                is_extra = kind == "quantize"
+                shape = tensor_shape(user)
+                if kind == "linear" and user.args[0] is cur:
+                    if getattr(modules.get(user.target), "in_features", None) != channels:
+                        reason = f"'{user.name}' does not read the {channels} LayerNorm channels"
+                    linears.append(user)
+                elif kind in ("passthrough", "reshuffle", "pad") or is_extra:
+                    if tensor_input(user) is not cur:
+                        reason = f"'{user.name}' ({kind}) combines the LayerNorm output with other tensors"
+                    elif shape is None and kind != "passthrough" and not is_extra:
+                        reason = f"no shape recorded on '{user.name}' (run shape propagation with example inputs)"
+                    elif shape is not None and shape[-1] != channels:
+                        reason = f"'{user.name}' ({kind}) moves the channel dimension"
+                    elif kind == "pad" and tensor_shape(cur) is not None and tensor_shape(cur) != shape:
+                        reason = f"'{user.name}' pads zero tokens for this input size; folding would change outputs"
+                    else:
+                        path.append(user)
+                        stack.append(user)
+                else:
+                    what = f"{user.op} {getattr(user.target, '__name__', user.target)}"
+                    reason = f"its output also feeds '{user.name}' ({what}), not only Linear layers"
+        if not linears and not reason:
+            reason = "its output reaches no Linear layer"
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        sites.append(LayerNormSite(ln, tuple(sorted(linears, key=order.__getitem__)), tuple(path), not reason, reason))
+    return sites

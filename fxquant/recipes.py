@@ -124,9 +124,12 @@ class UniformRecipe(Recipe):
     head_stem_8bit: bool = False
     quantize_attention: bool = True
     skip: tuple[str, ...] = ()
+    calib_order: str = "parallel"
 
     def __post_init__(self):
         super().__post_init__()
+        if self.calib_order not in ("parallel", "sequential"):
+            raise ConfigError(f"recipe {self.name!r}: calib_order must be 'parallel' or 'sequential', got {self.calib_order!r}")
         self.weight_spec(), self.act_spec()  # validate early, with the spec's error messages
 
     def weight_spec(self) -> QuantSpec:
@@ -144,8 +147,32 @@ class UniformRecipe(Recipe):
             AnnotateUniform(weight=self.weight_spec(), act=self.act_spec(), head_stem_8bit=self.head_stem_8bit,
                             quantize_attention=self.quantize_attention, skip=self.skip),
             InsertQuantizers(),
-            Calibrate(),
+            Calibrate(order=self.calib_order),
         ]
+
+
+@dataclass(frozen=True)
+class RepQRecipe(UniformRecipe):
+    """RepQ-ViT (METHODS.md §1): per-row PctMSE asymmetric weights; per-channel post-LayerNorm
+    activation scales folded into the LayerNorm and next Linear; log√2 softmax output; 8-bit
+    patch-embedding input; everything else layer-wise PctMSE at ``a_bits``. Calibration is
+    sequential, as in RepQ-ViT's reference (each quantizer sees already-quantized inputs)."""
+
+    calib_order: str = "sequential"
+    round_target_zero_point: bool = True
+    head_site: bool = True
+    log_softmax: bool = True
+    stem_input_bits: int = 8
+
+    def build_passes(self) -> list[Pass]:
+        from .passes import AnnotateRepQ, ReparameterizeLayerNorm
+
+        uniform = super().build_passes()
+        annotate, rest = uniform[0], uniform[1:]
+        return [annotate,
+                AnnotateRepQ(log_softmax=self.log_softmax, stem_input_bits=self.stem_input_bits, head_site=self.head_site),
+                *rest,
+                ReparameterizeLayerNorm(round_target_zero_point=self.round_target_zero_point)]
 
 
 register_recipe("fp32", FloatRecipe, "no quantization (the captured float graph)")
@@ -156,5 +183,7 @@ register_recipe("w6a6", UniformRecipe, "uniform W6A6: asymmetric per-channel wei
 register_recipe("w4a4", UniformRecipe, "uniform W4A4: asymmetric per-channel weights and per-tensor activations (PctMSE)",
                 w_bits=4, a_bits=4)
 
-
-RecipeFactory = Callable[..., Recipe]
+register_recipe("repq-w4a4", RepQRecipe, "RepQ-ViT W4A4: LayerNorm scale reparameterization + log√2 softmax + 8-bit stem input",
+                w_bits=4, a_bits=4)
+register_recipe("repq-w6a6", RepQRecipe, "RepQ-ViT W6A6: LayerNorm scale reparameterization + log√2 softmax + 8-bit stem input",
+                w_bits=6, a_bits=6)

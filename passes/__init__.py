@@ -4,5 +4,6 @@
 from .annotate import AnnotateUniform
 from .calibrate import Calibrate
 from .insert import InsertQuantizers
+from .repq import AnnotateRepQ, ReparameterizeLayerNorm
 
-__all__ = ["AnnotateUniform", "InsertQuantizers", "Calibrate"]
+__all__ = ["AnnotateUniform", "InsertQuantizers", "Calibrate", "AnnotateRepQ", "ReparameterizeLayerNorm"]
