@@ -17,6 +17,7 @@ from .recipes import Recipe, get_recipe
 REPORT_META = "fxquant.report"
 PIPELINE_META = "fxquant.pipeline"
 RECIPE_META = "fxquant.recipe"
+INPUTS_META = "fxquant.example_inputs"  # [(shape, dtype)] of the capture inputs, for artifacts
 
 
 def _resolve_passes(passes: Sequence[Pass | str] | None, recipe: Recipe | str | None, overrides: dict) -> tuple[list[Pass], Recipe | None]:
@@ -95,6 +96,8 @@ def compile(
     gm.meta[REPORT_META] = rep
     gm.meta[PIPELINE_META] = [{"pass": p.name, "config": p.config()} for p in pass_list]
     gm.meta[RECIPE_META] = recipe_obj.to_dict() if recipe_obj is not None else None
+    gm.meta[INPUTS_META] = [(list(t.shape), str(t.dtype).replace("torch.", "")) for t in (example_inputs or ())
+                            if isinstance(t, torch.Tensor)]
     gm.eval()
     return gm
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import fx, nn
 
-from .api import PIPELINE_META, RECIPE_META, REPORT_META
+from .api import INPUTS_META, PIPELINE_META, RECIPE_META, REPORT_META
 from .errors import ArtifactError
 from .graph import CAPTURE_META, trace
 from .pipeline import PassContext, PassManager, pass_from_config
@@ -69,7 +69,8 @@ def save(gm: fx.GraphModule, out_dir: str | Path, *, model_spec: str | None = No
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": model_spec,
-        "example_input_shapes": [list(t.shape) for t in (example_inputs or ())],
+        "example_inputs": ([(list(t.shape), str(t.dtype).replace("torch.", "")) for t in example_inputs]
+                           if example_inputs else gm.meta.get(INPUTS_META, [])),
         "recipe": gm.meta.get(RECIPE_META),
         "pipeline": gm.meta[PIPELINE_META],
         "records": [r.record for r in report.passes] if report else [],
@@ -111,8 +112,9 @@ def load(path: str | Path, model: nn.Module | None = None, *, example_inputs: tu
         if not meta.get("model"):
             raise ArtifactError(f"'{path}' does not record its float model; pass it: fxquant.artifact.load(path, model=...)")
         model = load_model(meta["model"]).model
-    if example_inputs is None and meta.get("example_input_shapes"):
-        example_inputs = tuple(torch.zeros(s) for s in meta["example_input_shapes"])
+    if example_inputs is None and meta.get("example_inputs"):
+        # values do not matter (shape propagation only); ones keep masks and token ids valid
+        example_inputs = tuple(torch.ones(shape, dtype=getattr(torch, dtype)) for shape, dtype in meta["example_inputs"])
     passes = [pass_from_config(p["pass"], p["config"]) for p in meta["pipeline"]]
     gm = trace(model, example_inputs, check=False)
     ctx = PassContext(example_inputs=tuple(example_inputs or ()), replay=True, records=meta.get("records", []), progress=False)

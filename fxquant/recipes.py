@@ -187,3 +187,5 @@ register_recipe("repq-w4a4", RepQRecipe, "RepQ-ViT W4A4: LayerNorm scale reparam
                 w_bits=4, a_bits=4)
 register_recipe("repq-w6a6", RepQRecipe, "RepQ-ViT W6A6: LayerNorm scale reparameterization + log√2 softmax + 8-bit stem input",
                 w_bits=6, a_bits=6)
+register_recipe("repq-w8a8", RepQRecipe, "RepQ-ViT passes at W8A8 (reparameterization where legal + log√2 softmax)",
+                w_bits=8, a_bits=8)

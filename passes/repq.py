@@ -117,6 +117,9 @@ class AnnotateRepQ(Pass):
                     set_input_spec(stem, 0, spec.with_(bits=self.stem_input_bits))
                     stem.meta[ROLE] = "stem"
                     n_stem += 1
+        if ctx.replay and ctx.record() and folded != ctx.record().get("sites"):
+            raise PassError(f"annotate_repq: replay found LayerNorm sites {folded} but the artifact folded "
+                            f"{ctx.record().get('sites')}; load it with the model and input size it was made with")
         summary = f"{len(folded)} LayerNorm sites per-channel, {len(skipped)} left alone; {n_log} log√2 softmax; " \
                   f"{n_stem} stem input at {self.stem_input_bits} bits"
         return PassResult(gm, modified=False, summary=summary, record={"sites": folded, "skipped": skipped})

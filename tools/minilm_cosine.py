@@ -1,0 +1,38 @@
+"""MiniLM (all-MiniLM-L6-v2, real pretrained weights): cosine similarity of quantized vs FP32
+mean-pooled sentence embeddings, and which LayerNorms the RepQ passes folded or left alone.
+
+    python tools/minilm_cosine.py [--recipe repq-w8a8] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from test_minilm import EVAL_SENTENCES, minilm_w8a8_cosine  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--recipe", default="repq-w8a8")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    cos, rep = minilm_w8a8_cosine(args.recipe)
+    rec = rep["annotate_repq"].record if any(p.name == "annotate_repq" for p in rep.passes) else {"sites": [], "skipped": {}}
+    print(rep)
+    print(f"\n{len(EVAL_SENTENCES)} sentences, recipe {args.recipe}: cosine mean {cos.mean():.5f}, min {cos.min():.5f}")
+    print(f"folded LayerNorms: {rec['sites'] or 'none'}")
+    for name, why in rec["skipped"].items():
+        print(f"  left alone: {name}: {why}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"recipe": args.recipe, "sentences": len(EVAL_SENTENCES),
+                                               "cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(),
+                                               "folded": rec["sites"], "skipped": rec["skipped"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
