@@ -58,8 +58,27 @@ class Calibration:
             return batch
         return None
 
-    def run(self, model: nn.Module, *, on_batch: Callable[[int, Any], None] | None = None) -> int:
-        """Stream every batch through ``model``; returns the number of batches (loops: calls seen)."""
+    def limited(self, max_images: int | None) -> Iterable:
+        """The batches, cut so that at most ``max_images`` images are yielded (None: all)."""
+        batches = self.batches()
+        if max_images is None:
+            yield from batches
+            return
+        left = max_images
+        for batch in batches:
+            if left <= 0:
+                return
+            n = _batch_size(batch)
+            if n is not None and n > left:
+                batch = _slice_batch(batch, left)
+                n = left
+            yield batch
+            left -= n if n is not None else 1
+
+    def run(self, model: nn.Module, *, on_batch: Callable[[int, Any], None] | None = None,
+            max_images: int | None = None) -> int:
+        """Stream the batches (at most ``max_images`` images) through ``model``; returns the number
+        of batches (loops: model calls seen; a loop runs whole, ``max_images`` cannot cut it)."""
         if self.is_loop:
             calls = [0]
 
@@ -76,7 +95,8 @@ class Calibration:
                 raise CalibrationError("the calibration forward_loop(model) never called the model; it must run calibration batches through it")
             return calls[0]
         batches = self.batches()
-        total = len(batches) if hasattr(batches, "__len__") else None
+        total = len(batches) if hasattr(batches, "__len__") and max_images is None else None
+        batches = self.limited(max_images)
         n = 0
         with torch.no_grad():
             for batch in tqdm(batches, total=total, desc=self.desc, disable=not self.progress, leave=False):
@@ -87,6 +107,41 @@ class Calibration:
         if n == 0:
             raise CalibrationError("the calibration data is empty (no batches); pass at least one batch of images")
         return n
+
+
+def _batch_size(batch: Any) -> int | None:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else None
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0].shape[0]
+    if isinstance(batch, dict):
+        for v in batch.values():
+            if isinstance(v, torch.Tensor) and v.dim():
+                return v.shape[0]
+    return None
+
+
+def _slice_batch(batch: Any, n: int) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[:n]
+    if isinstance(batch, (tuple, list)):
+        size = _batch_size(batch)
+        return type(batch)(b[:n] if isinstance(b, torch.Tensor) and b.dim() and b.shape[0] == size else b for b in batch)
+    if isinstance(batch, dict):
+        size = _batch_size(batch)
+        return {k: v[:n] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == size else v for k, v in batch.items()}
+    return batch
+
+
+def batch_args(batch: Any) -> tuple[tuple, dict]:
+    """Positional and keyword model arguments of a batch (see ``graph.run_model``)."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, dict):
+        return (), dict(batch)
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return (batch[0],), {}
+    raise TypeError(f"a batch must be a tensor, a (inputs, labels) tuple or a dict of model kwargs; got {type(batch).__name__}")
 
 
 def locate_nonfinite(gm: fx.GraphModule, batch: Any) -> tuple[str, str] | None:

@@ -49,6 +49,11 @@ def _quantize(info, recipe, data, seed: int, progress: bool):
     return qmodel, time.perf_counter() - t0
 
 
+def _recipe_label(name: str, overrides: dict) -> str:
+    """``bitlog2-w4a4[scheme=half16]``: the recipe name with its --set overrides."""
+    return name + (f"[{','.join(f'{k}={v}' for k, v in sorted(overrides.items()))}]" if overrides else "")
+
+
 def cmd_recipes(args) -> int:
     print(_table([(k, v) for k, v in list_recipes().items()], ("recipe", "description")))
     print()
@@ -59,13 +64,14 @@ def cmd_recipes(args) -> int:
 def cmd_quantize(args) -> int:
     torch.manual_seed(args.seed)
     info = load_model(args.model, pretrained=args.pretrained)
-    recipe = get_recipe(args.recipe, **_overrides(args.set))
+    overrides = _overrides(args.set)
+    recipe = get_recipe(args.recipe, **overrides)
     n_cal = args.calib_images if args.calib_images is not None else recipe.calib_images
     data = load_data(info, args.data, calib_images=n_cal, limit=0 if args.data is None else args.limit, seed=args.seed)
     qmodel, secs = _quantize(info, recipe, data, args.seed, not args.quiet)
     out = artifact.save(qmodel, args.out, model_spec=args.model, example_inputs=info.example_inputs(),
                         extra={"calib_images": n_cal, "calib_seconds": round(secs, 3), "seed": args.seed,
-                               "calib_data": data.source})
+                               "calib_data": data.source, "recipe_label": _recipe_label(args.recipe, overrides)})
     print(fx_report_text(qmodel))
     print(f"saved {args.recipe} model of '{args.model}' to {out} (calibration {secs:.1f} s on {n_cal} images)")
     return 0
@@ -87,7 +93,7 @@ def cmd_eval(args) -> int:
         info = load_model(meta["model"]) if meta.get("model") else None
         if info is None:
             raise FxQuantError(f"{args.model} does not record its float model spec; evaluate it from Python")
-        recipe_name = meta["recipe"]["name"] if meta.get("recipe") else "custom"
+        recipe_name = meta.get("recipe_label") or (meta["recipe"]["name"] if meta.get("recipe") else "custom")
         n_cal = int(meta.get("calib_images", 0))
         data = load_data(info, args.data, calib_images=0, limit=args.limit, seed=args.seed, batch_size=args.batch_size)
         qmodel = artifact.load(args.model, model=info.model)
@@ -97,8 +103,9 @@ def cmd_eval(args) -> int:
         if not args.recipe:
             raise FxQuantError("--recipe is required unless --model is a saved artifact folder (see `fxquant recipes`)")
         info = load_model(args.model, pretrained=args.pretrained)
-        recipe = get_recipe(args.recipe, **_overrides(args.set))
-        recipe_name = args.recipe
+        overrides = _overrides(args.set)
+        recipe = get_recipe(args.recipe, **overrides)
+        recipe_name = _recipe_label(args.recipe, overrides)
         n_cal = args.calib_images if args.calib_images is not None else recipe.calib_images
         data = load_data(info, args.data, calib_images=n_cal, limit=args.limit, seed=args.seed, batch_size=args.batch_size)
         qmodel, calib_secs = _quantize(info, recipe, data, args.seed, not args.quiet)

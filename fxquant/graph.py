@@ -210,6 +210,34 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
         ShapeProp(gm).propagate(*example_inputs)
 
 
+def extract_subgraph(gm: fx.GraphModule, inputs: Sequence[fx.Node], outputs: Sequence[fx.Node]) -> fx.GraphModule:
+    """A GraphModule computing ``outputs`` from ``inputs`` (a backward slice of ``gm``).
+
+    Graph placeholders that the slice needs and that are not in ``inputs`` are appended as further
+    inputs, in graph order. Submodules are shared with ``gm`` (not copied), so switching a quantizer
+    on or off affects both."""
+    inputs = list(inputs)
+    needed: set[fx.Node] = set()
+    stack = list(outputs)
+    while stack:
+        n = stack.pop()
+        if n in needed:
+            continue
+        needed.add(n)
+        if n not in inputs:
+            stack.extend(n.all_input_nodes)
+    extra = [n for n in gm.graph.nodes if n.op == "placeholder" and n in needed and n not in inputs]
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, n in enumerate(inputs + extra):
+        env[n] = g.placeholder(f"in{i}_{n.name}")
+    for n in gm.graph.nodes:
+        if n in needed and n not in env:
+            env[n] = g.node_copy(n, lambda a: env[a])
+    g.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[o] for o in outputs))
+    return fx.GraphModule(gm, g, "Subgraph")
+
+
 def logits_of(out: Any) -> torch.Tensor:
     """The logits tensor of a model output (tensor, HF ModelOutput, dict or tuple)."""
     if isinstance(out, torch.Tensor):

@@ -417,3 +417,77 @@ def layer_norm_sites(gm: fx.GraphModule, modules: dict | None = None) -> list[La
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         sites.append(LayerNormSite(ln, tuple(sorted(linears, key=order.__getitem__)), tuple(path), not reason, reason))
     return sites
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformer blocks (QwT compensation regions)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Block:
+    """A transformer block as a graph region: the nodes of one module instance, the residual
+    stream entering it (``input``), other tensors it reads from outside (``extra_inputs``, e.g. a
+    shared attention mask) and the single node whose value leaves it (``output``)."""
+
+    fqn: str
+    nodes: tuple[fx.Node, ...]
+    input: fx.Node
+    extra_inputs: tuple[fx.Node, ...]
+    output: fx.Node
+
+
+def _stack_fqns(node: fx.Node) -> list[str]:
+    return [fqn for fqn, _ in module_stack(node)] + ([str(node.target)] if node.op == "call_module" else [])
+
+
+def _region(gm: fx.GraphModule, fqn: str) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr") and fqn in _stack_fqns(n)]
+
+
+def block_region(gm: fx.GraphModule, fqn: str, modules: dict | None = None) -> Block | None:
+    """The region of module ``fqn`` as a ``Block``, or None when it is not a single-output region
+    with a residual-stream input of the output's shape."""
+    nodes = _region(gm, fqn)
+    if not nodes:
+        return None
+    inside = set(nodes)
+    outs = [n for n in nodes if any(u not in inside and not _is_shape_query(u) for u in n.users)]
+    if len(outs) != 1:
+        return None
+    ins = []
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in inside and a.op != "get_attr" and not _is_shape_query(a) and a not in ins:
+                ins.append(a)
+    out_shape = tensor_shape(outs[0])
+    stream = [a for a in ins if tensor_shape(a) is not None and tensor_shape(a) == out_shape]
+    if len(stream) != 1:
+        return None
+    return Block(fqn, tuple(nodes), stream[0], tuple(a for a in ins if a is not stream[0]), outs[0])
+
+
+def find_blocks(gm: fx.GraphModule, modules: dict | None = None) -> list[Block]:
+    """Transformer blocks found from structure and module hierarchy, in graph order: for each
+    attention (softmax → A·v), the innermost enclosing module whose region holds exactly one
+    attention, an MLP activation (GELU) and at least four Linear layers, and has one output.
+    Finds timm ViT/DeiT ``blocks.i``, Swin ``layers.i.blocks.j`` and HF ``ViTLayer`` without
+    naming any of them. Needs shapes on nodes (``graph.propagate_shapes``)."""
+    modules = modules if modules is not None else modules_of(gm)
+    softmaxes = {a.softmax for a in find_attention(gm, modules)}
+    blocks, seen = [], set()
+    for sm in [n for n in gm.graph.nodes if n in softmaxes]:
+        for fqn in reversed([f for f, _ in module_stack(sm)]):
+            if not fqn or fqn in seen:
+                continue
+            region = _region(gm, fqn)
+            kinds = [op_kind(n, modules) for n in region]
+            if sum(n in softmaxes for n in region) != 1:
+                break  # enclosing modules only get more attention layers
+            if kinds.count("linear") >= 4 and "gelu" in kinds:
+                blk = block_region(gm, fqn, modules)
+                if blk is not None:
+                    blocks.append(blk)
+                    seen.add(fqn)
+                break
+    return blocks

@@ -125,6 +125,7 @@ class UniformRecipe(Recipe):
     quantize_attention: bool = True
     skip: tuple[str, ...] = ()
     calib_order: str = "parallel"
+    quant_calib_images: int = 0  # images for quantizer calibration; 0 = all calib_images
 
     def __post_init__(self):
         super().__post_init__()
@@ -147,7 +148,7 @@ class UniformRecipe(Recipe):
             AnnotateUniform(weight=self.weight_spec(), act=self.act_spec(), head_stem_8bit=self.head_stem_8bit,
                             quantize_attention=self.quantize_attention, skip=self.skip),
             InsertQuantizers(),
-            Calibrate(order=self.calib_order),
+            Calibrate(order=self.calib_order, max_images=self.quant_calib_images or None),
         ]
 
 
@@ -175,6 +176,48 @@ class RepQRecipe(UniformRecipe):
                 ReparameterizeLayerNorm(round_target_zero_point=self.round_target_zero_point)]
 
 
+@dataclass(frozen=True)
+class BitLog2Recipe(RepQRecipe):
+    """BitLog2: RepQ-ViT with the attention-map quantizer replaced by an integer log2 quantizer.
+    ``scheme``: half17 (default, the paper's best), half16, single17, single16, sqrt2_17, sqrt2_16."""
+
+    scheme: str = "half17"
+
+    def __post_init__(self):
+        super().__post_init__()
+        from .passes.bitlog2 import SCHEMES
+
+        if self.scheme not in SCHEMES:
+            raise ConfigError(f"recipe {self.name!r}: unknown scheme {self.scheme!r}; known: {list(SCHEMES)}")
+
+    def build_passes(self) -> list[Pass]:
+        from .passes import BitLog2Attention
+
+        passes = super().build_passes()
+        return passes[:2] + [BitLog2Attention(scheme=self.scheme)] + passes[2:]
+
+
+@dataclass(frozen=True)
+class QwTRecipe(BitLog2Recipe):
+    """RepQ-ViT (``scheme="sqrt2_17"``, RepQ's own log√2) or BitLog2 (another scheme), then QwT's
+    closed-form compensation after every block. The quantizers calibrate on the first
+    ``quant_calib_images`` (32) images, the regression on all ``calib_images`` (512)."""
+
+    calib_images: int = 512
+    quant_calib_images: int = 32
+    scheme: str = "sqrt2_17"
+    qwt_start_block: int = 0
+    qwt_comp_dtype: str = "float16"
+    qwt_comp_weight_bits: int = 0  # 0: floating-point compensation weights
+
+    def build_passes(self) -> list[Pass]:
+        from .passes import QwTCompensate
+
+        base = RepQRecipe.build_passes(self) if self.scheme == "sqrt2_17" else BitLog2Recipe.build_passes(self)
+        return base + [QwTCompensate(max_images=self.calib_images, start_block=self.qwt_start_block,
+                                     comp_dtype=self.qwt_comp_dtype, comp_weight_bits=self.qwt_comp_weight_bits or None)]
+
+
 register_recipe("fp32", FloatRecipe, "no quantization (the captured float graph)")
 register_recipe("w8a8", UniformRecipe, "uniform W8A8: symmetric per-channel weights, asymmetric per-tensor activations (PctMSE)",
                 w_bits=8, a_bits=8, w_symmetric=True)
@@ -189,3 +232,11 @@ register_recipe("repq-w6a6", RepQRecipe, "RepQ-ViT W6A6: LayerNorm scale reparam
                 w_bits=6, a_bits=6)
 register_recipe("repq-w8a8", RepQRecipe, "RepQ-ViT passes at W8A8 (reparameterization where legal + log√2 softmax)",
                 w_bits=8, a_bits=8)
+register_recipe("bitlog2-w4a4", BitLog2Recipe, "BitLog2 W4A4: RepQ-ViT + integer log2 attention maps (--set scheme=half17|half16|"
+                "single17|single16|sqrt2_17|sqrt2_16)", w_bits=4, a_bits=4)
+register_recipe("repq-qwt-w4a4", QwTRecipe, "RepQ-ViT W4A4 + QwT block compensation (32 + 512 calibration images)",
+                w_bits=4, a_bits=4)
+register_recipe("repq-qwt-w6a6", QwTRecipe, "RepQ-ViT W6A6 + QwT block compensation (32 + 512 calibration images)",
+                w_bits=6, a_bits=6)
+register_recipe("bitlog2-qwt-w4a4", QwTRecipe, "BitLog2 (half17) W4A4 + QwT block compensation (32 + 512 calibration images)",
+                w_bits=4, a_bits=4, scheme="half17")

@@ -2,8 +2,10 @@
 ``run(gm, ctx)``; ``fxquant.compile`` runs them through ``fxquant.pipeline.PassManager``."""
 
 from .annotate import AnnotateUniform
+from .bitlog2 import BitLog2Attention
 from .calibrate import Calibrate
 from .insert import InsertQuantizers
+from .qwt import QwTCompensate
 from .repq import AnnotateRepQ, ReparameterizeLayerNorm
 
-__all__ = ["AnnotateUniform", "InsertQuantizers", "Calibrate", "AnnotateRepQ", "ReparameterizeLayerNorm"]
+__all__ = ["AnnotateUniform", "InsertQuantizers", "Calibrate", "AnnotateRepQ", "ReparameterizeLayerNorm", "BitLog2Attention", "QwTCompensate"]

@@ -47,14 +47,14 @@ def calibrate_weights(gm: fx.GraphModule, only: set[str] | None = None) -> int:
     return n
 
 
-def observe(gm: fx.GraphModule, quantizers: list[FakeQuantize], calib: Calibration) -> int:
+def observe(gm: fx.GraphModule, quantizers: list[FakeQuantize], calib: Calibration, max_images: int | None = None) -> int:
     """Stream ``calib`` with ``quantizers`` observing; other quantizers keep their state."""
     saved = {id(q): q.fake_quant_enabled for q in quantizers}
     for q in quantizers:
         q.observer_enabled, q.fake_quant_enabled, q.observer = True, False, None
     current: dict = {}
     try:
-        return calib.run(gm, on_batch=lambda i, b: current.update(i=i, batch=b))
+        return calib.run(gm, on_batch=lambda i, b: current.update(i=i, batch=b), max_images=max_images)
     except NonFiniteInput as e:
         where = locate_nonfinite(gm, current["batch"]) if "batch" in current else None
         at = f"node '{where[0]}' ({where[1]})" if where else f"quantizer '{e.label}'"
@@ -94,6 +94,8 @@ class Calibrate(Pass):
         order: ``"parallel"`` or ``"sequential"`` (see module docstring).
         only_uncalibrated: leave quantizers that already have parameters alone (so a later
             ``Calibrate`` in a pipeline only handles newly inserted quantizers).
+        max_images: use at most this many calibration images (None: all), e.g. RepQ's 32 when the
+            same data also feeds QwT's 512.
     """
 
     name = "calibrate"
@@ -101,6 +103,7 @@ class Calibrate(Pass):
     provides = ("calibrated",)
     order: str = "parallel"
     only_uncalibrated: bool = True
+    max_images: int | None = None
 
     def __post_init__(self):
         if self.order not in ("parallel", "sequential"):
@@ -123,7 +126,7 @@ class Calibrate(Pass):
                 q.fake_quant_enabled = False
             for i, stage in enumerate(tqdm(stages, desc="calibration stages", disable=not ctx.progress or len(stages) == 1,
                                            leave=False)):
-                batches = observe(gm, stage, calib)
+                batches = observe(gm, stage, calib, self.max_images)
                 for q in stage:
                     q.compute_qparams()
                     q.fake_quant_enabled = True

@@ -88,7 +88,10 @@ class InsertQuantizers(Pass):
             gm.add_submodule(target, FakeQuantize(spec, label=qname))
             with gm.graph.inserting_before(first):
                 qnode = gm.graph.call_module(target, (src,))
-            qnode.meta.update({k: v for k, v in src.meta.items() if k in ("nn_module_stack", "val", "tensor_meta")})
+            # shape of the producer, module of the consumer (the quantizer belongs to the layer it feeds)
+            qnode.meta.update({k: v for k, v in src.meta.items() if k in ("val", "tensor_meta")})
+            if "nn_module_stack" in first.meta:
+                qnode.meta["nn_module_stack"] = dict(first.meta["nn_module_stack"])
             qnode.meta[QUANTIZER] = {"uses": [(u.name, a) for u, a in uses], "spec": spec, "role": first.meta.get(ROLE)}
             for user, arg in uses:
                 args = list(user.args)

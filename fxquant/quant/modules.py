@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CalibrationError
-from .observers import NonFiniteError, Observer, exact_distribution_qparams
+from .observers import NonFiniteError, Observer, exact_distribution_qparams, make_observer
 from .primitives import QuantSpec, fake_quantize
 
 
@@ -49,7 +49,7 @@ class FakeQuantize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer_enabled:
             if self.observer is None:
-                self.observer = Observer(self.spec, weight=self.weight)
+                self.observer = make_observer(self.spec, weight=self.weight)
             try:
                 self.observer.update(x)
             except NonFiniteError:

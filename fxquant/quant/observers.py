@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .estimators import Distribution, estimate_qparams
-from .primitives import MinMax, QuantSpec, to_rows
+from .primitives import MinMax, QuantSpec, bitlog2_codes_from_int, bitlog2_delta, bitlog2_input, bitlog2_levels, to_rows
 
 # Histogram budget: bins per row = clamp(_HIST_BUDGET / rows, 256, 16384), a power of two.
 _HIST_BUDGET = 2**20
@@ -172,6 +172,63 @@ class Observer:
         self.counts += flat.view(p, self.bins)
 
 
+class BitLog2Observer:
+    """Streams the sufficient statistics of BitLog2's closed-form δ: ``ΣxD``, ``ΣD²``, ``Σx²``
+    and ``max D`` (``D`` depends on ``x`` only, not on δ). Constant memory, exact merge."""
+
+    def __init__(self, spec: QuantSpec, *, weight: bool = False):
+        if weight:
+            raise ValueError("BitLog2 quantizes attention probabilities, not weights")
+        self.spec = spec
+        self.sum_xd = self.sum_dd = self.sum_xx = 0.0
+        self.max_level = 0
+        self.count = 0
+        self.num_updates = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        if not torch.isfinite(x).all():
+            raise NonFiniteError("non-finite value observed")
+        v = self.spec.bitlog2_variant
+        d = bitlog2_levels(bitlog2_codes_from_int(bitlog2_input(x, v), v), v).double()
+        xd = x.double()
+        self.sum_xd += float((xd * d).sum())
+        self.sum_dd += float((d * d).sum())
+        self.sum_xx += float((xd * xd).sum())
+        self.max_level = max(self.max_level, int(d.max()) if d.numel() else 0)
+        self.count += x.numel()
+        self.num_updates += 1
+
+    def merge(self, other: "BitLog2Observer") -> "BitLog2Observer":
+        self.sum_xd += other.sum_xd
+        self.sum_dd += other.sum_dd
+        self.sum_xx += other.sum_xx
+        self.max_level = max(self.max_level, other.max_level)
+        self.count += other.count
+        self.num_updates += other.num_updates
+        return self
+
+    @property
+    def empty(self) -> bool:
+        return self.count == 0
+
+    def delta(self) -> int:
+        return bitlog2_delta(self.sum_xd, self.sum_dd, self.sum_xx, self.max_level, self.spec.bitlog2_variant)
+
+    def compute_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor(float(self.delta())), torch.tensor(0.0)
+
+    def state_bytes(self) -> int:
+        return 6 * 8
+
+
+def make_observer(spec: QuantSpec, *, weight: bool = False):
+    """The observer a quantizer spec needs."""
+    if spec.scheme == "bitlog2":
+        return BitLog2Observer(spec, weight=weight)
+    return Observer(spec, weight=weight)
+
+
 def exact_distribution_qparams(x: torch.Tensor, spec: QuantSpec, *, weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantization parameters from a whole tensor with exact quantiles (weights)."""
     pshape = tuple(spec.granularity.param_shape(tuple(x.shape), weight=weight))
@@ -180,4 +237,4 @@ def exact_distribution_qparams(x: torch.Tensor, spec: QuantSpec, *, weight: bool
     return scale.float().reshape(pshape), zp.float().reshape(pshape)
 
 
-__all__ = ["Observer", "NonFiniteError", "exact_distribution_qparams"]
+__all__ = ["Observer", "BitLog2Observer", "make_observer", "NonFiniteError", "exact_distribution_qparams"]

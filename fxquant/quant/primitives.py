@@ -14,6 +14,13 @@ Conventions (METHODS.md §0):
   1/2 for log√2): ``c = round(-log2(x / Δ) / t)``; codes ``c ≥ 2^b`` and ``x ≤ 0`` map to the
   special zero code ``2^b``; otherwise ``c = clamp(c, 0, 2^b - 1)`` and ``x̂ = Δ·2^(-c·t)``.
   So a ``b``-bit log quantizer has ``2^b + 1`` output values (RepQ-ViT's 4-bit log√2 has 17).
+  With ``fit_bits=True`` it has exactly ``2^b`` (BitLog2's Sqrt2_16): codes clamp to
+  ``0..2^b - 2`` and zero takes code ``2^b - 1``.
+* BitLog2 (integer log2 of an attention probability ``x ∈ [0, 1]``, METHODS.md §2), variant
+  ``(M, half)``: ``n = clamp(floor(x·M), 0, M - 1)``; ``n = 0`` is the zero code; else ``k`` = the
+  MSB index of ``n`` and (half variants) ``h`` = the bit below it. Integer level ``D = 2^k
+  (+ h·2^(k-1))``, value ``x̂ = D / δ`` with an integer ``δ`` (stored as the scale). Codes are level
+  indices: 0 = zero, single: ``c = k + 1``, half: ``c = 1`` for ``k = 0`` else ``2k + h``.
 """
 
 from __future__ import annotations
@@ -28,8 +35,11 @@ from ..errors import ConfigError
 from .granularity import Granularity, PerAxis, PerGroup, PerTensor
 
 Scheme = Literal["uniform", "log2", "log_sqrt2"]
-SCHEMES: tuple[str, ...] = ("uniform", "log2", "log_sqrt2")
+SCHEMES: tuple[str, ...] = ("uniform", "log2", "log_sqrt2", "bitlog2")
 _LOG_STEP = {"log2": 1.0, "log_sqrt2": 0.5}
+# BitLog2 variants: name -> (M, half). "16" variants have 16 levels (truly 4-bit), "17" have 17.
+BITLOG2_VARIANTS: dict[str, tuple[int, bool]] = {
+    "single16": (32768, False), "single17": (65536, False), "half16": (256, True), "half17": (384, True)}
 MIN_BITS, MAX_BITS = 2, 8
 
 
@@ -120,6 +130,9 @@ class QuantSpec:
             valid code (deployable). RepQ-ViT's per-channel post-LayerNorm quantizers use False.
         integer_zero_point: uniform asymmetric only; False keeps a fractional zero point (only
             produced by bit-faithful RepQ-ViT reparameterization; not deployable).
+        fit_bits: log2/log√2 only; exactly ``2^b`` levels with zero inside the code range.
+        bitlog2_variant: ``scheme="bitlog2"`` only: single16, single17, half16 or half17 (4 bits).
+            Its scale δ comes from the closed-form MSE solution, whatever the estimator.
     """
 
     bits: int = 8
@@ -129,6 +142,8 @@ class QuantSpec:
     estimator: Estimator = field(default_factory=MinMax)
     zero_in_range: bool = True
     integer_zero_point: bool = True
+    fit_bits: bool = False
+    bitlog2_variant: str = ""
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
@@ -140,6 +155,15 @@ class QuantSpec:
             raise ConfigError(f"unknown quantizer scheme {self.scheme!r}; known: {list(SCHEMES)}")
         if self.scheme != "uniform" and self.symmetric:
             raise ConfigError(f"scheme {self.scheme!r} quantizes non-negative values; symmetric=True applies to 'uniform' only")
+        if self.fit_bits and self.scheme not in _LOG_STEP:
+            raise ConfigError("fit_bits applies to the 'log2' and 'log_sqrt2' schemes only")
+        if self.scheme == "bitlog2":
+            if self.bitlog2_variant not in BITLOG2_VARIANTS:
+                raise ConfigError(f"bitlog2_variant must be one of {sorted(BITLOG2_VARIANTS)}, got {self.bitlog2_variant!r}")
+            if self.bits != 4:
+                raise ConfigError(f"BitLog2 variants are 4-bit quantizers; got bits={self.bits}")
+        elif self.bitlog2_variant:
+            raise ConfigError("bitlog2_variant applies to scheme='bitlog2' only")
         if not isinstance(self.granularity, Granularity):
             raise ConfigError(f"granularity must be PerTensor(), PerAxis(axis) or PerGroup(size), got {self.granularity!r}")
         if not isinstance(self.estimator, Estimator):
@@ -153,9 +177,19 @@ class QuantSpec:
 
     @property
     def qmax(self) -> int:
+        """Largest code (uniform) or largest non-zero log code."""
+        if self.scheme == "bitlog2":
+            return _bitlog2_max_code(self.bitlog2_variant)
         if self.scheme != "uniform":
-            return 2**self.bits - 1
+            return 2**self.bits - 2 if self.fit_bits else 2**self.bits - 1
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def zero_code(self) -> int:
+        """Log schemes: the code that decodes to 0."""
+        if self.scheme == "bitlog2":
+            return 0
+        return 2**self.bits - 1 if self.fit_bits else 2**self.bits
 
     @property
     def is_log(self) -> bool:
@@ -174,6 +208,8 @@ class QuantSpec:
             "estimator": self.estimator.to_dict(),
             "zero_in_range": self.zero_in_range,
             "integer_zero_point": self.integer_zero_point,
+            "fit_bits": self.fit_bits,
+            "bitlog2_variant": self.bitlog2_variant,
         }
 
     @staticmethod
@@ -187,6 +223,7 @@ class QuantSpec:
         g = self.granularity
         gs = "tensor" if isinstance(g, PerTensor) else f"axis{g.axis}" if isinstance(g, PerAxis) else f"group{g.group_size}"
         kind = {"uniform": "sym" if self.symmetric else "asym"}.get(self.scheme, self.scheme)
+        kind = self.bitlog2_variant or (kind + ("_fit" if self.fit_bits else ""))
         return f"{kind}{self.bits}/{gs}/{type(self.estimator).__name__}"
 
 
@@ -251,6 +288,8 @@ def choose_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple
     lo = lo.float()
     hi = hi.float()
     tiny = torch.finfo(torch.float32).tiny
+    if spec.scheme == "bitlog2":
+        raise ValueError("BitLog2's δ is not chosen from a range; use bitlog2_delta() (closed form)")
     if spec.is_log:
         return hi.clamp(min=tiny), torch.zeros_like(hi)
     if spec.symmetric:
@@ -272,19 +311,87 @@ def choose_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple
 
 
 def log_zero_code(bits: int) -> int:
-    """The special code of a log quantizer that decodes to 0."""
+    """The special code of a (2^b + 1)-level log quantizer that decodes to 0."""
     return 2**bits
+
+
+def _bitlog2_max_code(variant: str) -> int:
+    m, half = BITLOG2_VARIANTS[variant]
+    k = (m - 1).bit_length() - 1
+    return 2 * k + int((m - 1) >= 3 * 2 ** (k - 1)) if half else k + 1
+
+
+def msb_index(n: torch.Tensor) -> torch.Tensor:
+    """Index of the most significant set bit of non-negative int32 ``n < 2^16`` (-1 for 0),
+    with shifts and compares only (a 4-step binary search)."""
+    n = n.to(torch.int32)
+    k = torch.zeros_like(n)
+    for step in (8, 4, 2, 1):
+        up = (torch.bitwise_right_shift(n, k + step) > 0).to(torch.int32)
+        k = k + step * up
+    return torch.where(n > 0, k, torch.full_like(k, -1))
+
+
+def bitlog2_input(x: torch.Tensor, variant: str) -> torch.Tensor:
+    """``n = clamp(floor(x·M), 0, M - 1)`` as int32 (floor = truncation toward 0 for x ≥ 0)."""
+    m, _ = BITLOG2_VARIANTS[variant]
+    return torch.clamp(torch.floor(x.float() * m), 0, m - 1).to(torch.int32)
+
+
+def bitlog2_codes_from_int(n: torch.Tensor, variant: str) -> torch.Tensor:
+    """Level-index codes (int32, 0 = zero) of integer inputs ``n``, shifts and compares only."""
+    _, half = BITLOG2_VARIANTS[variant]
+    k = msb_index(n)
+    if not half:
+        return torch.where(n > 0, k + 1, torch.zeros_like(k))
+    below = torch.bitwise_and(torch.bitwise_right_shift(n, (k - 1).clamp(min=0)), 1)
+    c = torch.where(k >= 1, 2 * k + below, torch.ones_like(k))
+    return torch.where(n > 0, c, torch.zeros_like(c))
+
+
+def bitlog2_levels(codes: torch.Tensor, variant: str) -> torch.Tensor:
+    """Integer level ``D`` (int32) of BitLog2 codes, shifts only."""
+    _, half = BITLOG2_VARIANTS[variant]
+    c = codes.to(torch.int32)
+    one = torch.ones_like(c)
+    if not half:
+        return torch.where(c > 0, torch.bitwise_left_shift(one, (c - 1).clamp(min=0)), torch.zeros_like(c))
+    k = torch.bitwise_right_shift(c, 1)
+    h = torch.bitwise_and(c, 1)
+    d = torch.bitwise_left_shift(one, k) + h * torch.bitwise_left_shift(one, (k - 1).clamp(min=0))
+    return torch.where(c >= 2, d, torch.where(c == 1, one, torch.zeros_like(c)))
+
+
+def bitlog2_delta(sum_xd: float, sum_dd: float, sum_xx: float, max_level: int, variant: str) -> int:
+    """MSE-optimal integer δ for ``x̂ = D/δ`` from streamed sums (METHODS.md §2).
+
+    ``mean((x - D/δ)²)`` is a convex quadratic in ``t = 1/δ`` with minimum ``t* = ΣxD / ΣD²``;
+    over integers δ the optimum is one of the two bracketing ``1/t*``, clipped to
+    ``[max D, M - 1]`` (so ``x̂ ≤ 1``)."""
+    m, _ = BITLOG2_VARIANTS[variant]
+    lo, hi = max(1, int(max_level)), m - 1
+    if sum_dd <= 0 or sum_xd <= 0:
+        return hi
+
+    def loss(d: int) -> float:
+        return sum_xx - 2.0 * sum_xd / d + sum_dd / (d * d)
+
+    inv = sum_dd / sum_xd
+    cands = {min(max(int(math.floor(inv)), lo), hi), min(max(int(math.ceil(inv)), lo), hi)}
+    return min(sorted(cands), key=loss)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec, *, ste: bool = False) -> torch.Tensor:
     """Integer codes (as a float tensor holding integers) of ``x``; parameters in granularity layout."""
+    if spec.scheme == "bitlog2":
+        return bitlog2_codes_from_int(bitlog2_input(x, spec.bitlog2_variant), spec.bitlog2_variant).to(x.dtype)
     scale = expand_params(scale, x.shape)
     if spec.is_log:
         step = _LOG_STEP[spec.scheme]
-        zero = float(log_zero_code(spec.bits))
+        zero = float(spec.zero_code)
         safe = torch.where(x > 0, x, torch.ones_like(x))
         c = _round(-torch.log2(safe / scale) / step, ste)
-        is_zero = (x <= 0) | (c >= zero)
+        is_zero = (x <= 0) | (c >= log_zero_code(spec.bits))
         c = torch.clamp(c, 0, spec.qmax)
         return torch.where(is_zero, torch.full_like(c, zero), c)
     zero_point = expand_params(zero_point, x.shape)
@@ -294,11 +401,12 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spe
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Values of integer codes ``q`` (inverse of ``quantize`` on the grid)."""
     scale = expand_params(scale, q.shape)
+    if spec.scheme == "bitlog2":
+        return bitlog2_levels(q, spec.bitlog2_variant).to(q.dtype) / scale
     if spec.is_log:
         step = _LOG_STEP[spec.scheme]
-        zero = float(log_zero_code(spec.bits))
         val = scale * torch.exp2(-q * step)
-        return torch.where(q >= zero, torch.zeros_like(val), val)
+        return torch.where(q == spec.zero_code, torch.zeros_like(val), val)
     zero_point = expand_params(zero_point, q.shape)
     return (q - zero_point) * scale
 
@@ -306,14 +414,17 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, s
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec, *, ste: bool = False) -> torch.Tensor:
     """``dequantize(quantize(x))``; with ``ste=True`` gradients pass straight through the rounding
     (and are zero where the input is clipped)."""
-    return dequantize(quantize(x, scale, zero_point, spec, ste=ste), scale, zero_point, spec)
+    out = dequantize(quantize(x, scale, zero_point, spec, ste=ste), scale, zero_point, spec)
+    if ste and spec.scheme == "bitlog2":  # floor has no useful gradient: pass it straight through
+        out = x + (out - x).detach()
+    return out
 
 
 def grid_values(scale: float, zero_point: float, spec: QuantSpec) -> torch.Tensor:
     """Every value a per-tensor quantizer can output, ascending."""
     codes = torch.arange(spec.qmin, spec.qmax + 1, dtype=torch.float32)
-    if spec.is_log:
-        codes = torch.cat([codes, torch.tensor([float(log_zero_code(spec.bits))])])
+    if spec.is_log and spec.scheme != "bitlog2":
+        codes = torch.cat([codes, torch.tensor([float(spec.zero_code)])])
     vals = dequantize(codes, torch.tensor(scale), torch.tensor(zero_point), spec)
     return torch.unique(vals)
 

@@ -1,0 +1,243 @@
+"""QwT — Quantization without Tears (Fu et al., CVPR 2025; METHODS.md §3) as a graph pass.
+
+After each transformer block ``B_l`` of an already calibrated quantized model, a linear node on
+the block input cancels the block's quantization error in closed form:
+
+* blocks are found from structure (``match.find_blocks``) or given as FQN globs;
+* block by block, in order: ``X`` = the block input computed by the already compensated quantized
+  prefix; ``Y_fp`` = the block with its own quantizers off, ``Y_q`` = with them on, same ``X``;
+* ``X̃ᵀX̃`` and ``X̃ᵀ(Y_fp − Y_q)`` (``X̃ = [X, 1]``, one row per token) accumulate in float64 over
+  the calibration batches — memory is independent of the number of images — and
+  ``[W; bᵀ] = argmin ‖X̃[W; bᵀ] − ΔY‖²`` (least squares, no regularisation as in the reference);
+* when ``R² > 0`` (and ``l ≥ start_block``) the graph becomes ``out = B_l(X) + linear(X, W, b)``;
+  the next block's input is computed with it in place.
+
+The compensation is a ``CompensationLinear`` module under ``qwt.<block>`` (fp16 compute by
+default, as the reference; fp32 or 8-bit weights as options), saved with the artifact.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from fxquant import match
+from fxquant.annotations import ROLE
+from fxquant.calibration import batch_args
+from fxquant.errors import ConfigError, PassError
+from fxquant.graph import extract_subgraph, propagate_shapes
+from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
+from fxquant.quant import FakeQuantize, PerAxis, QuantConv2d, QuantLinear, QuantSpec
+
+COMP_ROOT = "qwt"
+_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+class LinearRegressionAccumulator:
+    """Streams the normal equations of ``Y ≈ X W + b`` in float64: ``X̃ᵀX̃``, ``X̃ᵀY``, ``ΣY``,
+    ``ΣY²`` and the row count. Memory is O((C_in + 1)·(C_in + C_out)), whatever the rows."""
+
+    def __init__(self, c_in: int, c_out: int):
+        self.xtx = torch.zeros(c_in + 1, c_in + 1, dtype=torch.float64)
+        self.xty = torch.zeros(c_in + 1, c_out, dtype=torch.float64)
+        self.sum_y = torch.zeros(c_out, dtype=torch.float64)
+        self.sum_y2 = torch.zeros(c_out, dtype=torch.float64)
+        self.rows = 0
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        y = y.reshape(-1, y.shape[-1]).double()
+        xt = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
+        self.xtx += xt.T @ xt
+        self.xty += xt.T @ y
+        self.sum_y += y.sum(0)
+        self.sum_y2 += (y * y).sum(0)
+        self.rows += x.shape[0]
+
+    def merge(self, other: "LinearRegressionAccumulator") -> "LinearRegressionAccumulator":
+        for k in ("xtx", "xty", "sum_y", "sum_y2"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        self.rows += other.rows
+        return self
+
+    def solve(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(W [C_out, C_in], b [C_out], R²)``; R² = 0 when Y has no variance."""
+        beta = torch.linalg.lstsq(self.xtx, self.xty, driver="gelsd").solution
+        sse = (self.sum_y2.sum() - 2 * (beta * self.xty).sum() + (beta * (self.xtx @ beta)).sum()).item()
+        sst = (self.sum_y2 - self.sum_y**2 / max(self.rows, 1)).sum().item()
+        r2 = 1.0 - max(sse, 0.0) / sst if sst > 0 else 0.0
+        return beta[:-1].T.contiguous(), beta[-1].contiguous(), r2
+
+
+class CompensationLinear(nn.Linear):
+    """``linear(x, W, b)`` computed in ``compute_dtype`` (QwT runs it in fp16); with
+    ``weight_bits`` the weight is fake-quantized per output row, symmetric."""
+
+    def __init__(self, c_in: int, c_out: int, compute_dtype: str = "float16", weight_bits: int | None = None):
+        super().__init__(c_in, c_out, bias=True, dtype=_DTYPES[compute_dtype])
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+        self.compute_dtype = compute_dtype
+        self.weight_fake_quant = FakeQuantize(QuantSpec(bits=weight_bits, symmetric=True, granularity=PerAxis(0)),
+                                              weight=True, label="qwt.weight") if weight_bits else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = _DTYPES[self.compute_dtype]
+        w = self.weight_fake_quant(self.weight) if self.weight_fake_quant is not None else self.weight
+        return F.linear(x.to(dt), w.to(dt), self.bias.to(dt)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", compute_dtype={self.compute_dtype}" + (
+            f", weight_bits={self.weight_fake_quant.spec.bits}" if self.weight_fake_quant is not None else "")
+
+
+def _block_quantizers(gm: fx.GraphModule, blk: match.Block, modules: dict) -> list[FakeQuantize]:
+    out = []
+    for n in blk.nodes:
+        if n.op != "call_module":
+            continue
+        mod = modules.get(n.target)
+        if isinstance(mod, FakeQuantize):
+            out.append(mod)
+        elif isinstance(mod, (QuantLinear, QuantConv2d)):
+            out.append(mod.weight_fake_quant)
+    return out
+
+
+def _insert_compensation(gm: fx.GraphModule, blk: match.Block, comp: CompensationLinear) -> str:
+    target = f"{COMP_ROOT}.{blk.fqn.replace('.', '_')}"
+    if COMP_ROOT not in dict(gm.named_modules()):
+        gm.add_submodule(COMP_ROOT, nn.Module())
+    gm.add_submodule(target, comp)
+    out = blk.output
+    with gm.graph.inserting_after(out):
+        cnode = gm.graph.call_module(target, (blk.input,))
+    with gm.graph.inserting_after(cnode):
+        added = gm.graph.call_function(operator.add, (out, cnode))
+    out.replace_all_uses_with(added, delete_user_cb=lambda u: u is not added)
+    for n in (cnode, added):
+        n.meta.update({k: v for k, v in out.meta.items() if k in ("nn_module_stack", "tensor_meta", "val")})
+    cnode.meta[ROLE] = "qwt"
+    gm.recompile()
+    return target
+
+
+@register_pass
+@dataclass(frozen=True)
+class QwTCompensate(Pass):
+    """Closed-form linear compensation after each transformer block (see module docstring).
+
+    Args:
+        max_images: calibration images for the regression (QwT: 512).
+        start_block: compensate blocks with index >= start_block only.
+        comp_dtype: ``"float16"`` (reference) or ``"float32"``.
+        comp_weight_bits: quantize the compensation weights (per row, symmetric), e.g. 8.
+        blocks: FQN globs of the block modules (default: found from the graph structure).
+    """
+
+    name = "qwt"
+    requires = ("calibrated",)
+    provides = ("qwt_compensated",)
+
+    max_images: int | None = 512
+    start_block: int = 0
+    comp_dtype: str = "float16"
+    comp_weight_bits: int | None = None
+    blocks: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.comp_dtype not in _DTYPES:
+            raise ConfigError(f"qwt: comp_dtype must be one of {sorted(_DTYPES)}, got {self.comp_dtype!r}")
+        if self.comp_weight_bits is not None and not 2 <= self.comp_weight_bits <= 8:
+            raise ConfigError(f"qwt: comp_weight_bits must be in 2..8 or None, got {self.comp_weight_bits}")
+
+    def _find_blocks(self, gm: fx.GraphModule, modules: dict) -> list[match.Block]:
+        if not self.blocks:
+            return match.find_blocks(gm, modules)
+        fqns = []
+        for n in gm.graph.nodes:
+            for fqn, _ in match.module_stack(n):
+                if fqn not in fqns and any(fnmatch.fnmatchcase(fqn, g) for g in self.blocks):
+                    fqns.append(fqn)
+        out = []
+        for fqn in fqns:
+            blk = match.block_region(gm, fqn, modules)
+            if blk is None:
+                raise PassError(f"qwt: module '{fqn}' (matched by blocks={self.blocks}) is not a single-input, "
+                                f"single-output region; pick the transformer block modules")
+            out.append(blk)
+        return out
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        if ctx.example_inputs and any(match.tensor_shape(n) is None for n in gm.graph.nodes if n.op == "call_module"):
+            propagate_shapes(gm, ctx.example_inputs)
+        modules = match.modules_of(gm)
+        blocks = self._find_blocks(gm, modules)
+        if not blocks:
+            raise PassError("qwt: found no transformer block (one attention + an MLP); pass blocks=('<fqn glob>',)")
+        if ctx.replay:
+            applied = set(ctx.record().get("applied", []))
+            for blk in blocks:
+                if blk.fqn in applied:
+                    c = tensor_channels(blk)
+                    _insert_compensation(gm, blk, CompensationLinear(c[0], c[1], self.comp_dtype, self.comp_weight_bits))
+            return PassResult(gm, summary=f"replayed {len(applied)} compensations", record=ctx.record())
+        calib = ctx.require_calib(self.name)
+        if calib.is_loop:
+            raise PassError("qwt needs calib as an iterable of batches (it runs each block on each batch itself), "
+                            "not a forward_loop callable")
+        r2s: dict[str, float] = {}
+        applied: list[str] = []
+        for idx, blk_at_start in enumerate(tqdm(blocks, desc="qwt blocks", disable=not ctx.progress, leave=False)):
+            # the graph changed after earlier compensations: re-resolve this block's region
+            modules = match.modules_of(gm)
+            blk = match.block_region(gm, blk_at_start.fqn, modules)
+            if idx < self.start_block:
+                continue
+            c_in, c_out = tensor_channels(blk)
+            prefix = extract_subgraph(gm, [], [blk.input, *blk.extra_inputs])
+            body = extract_subgraph(gm, [blk.input, *blk.extra_inputs], [blk.output])
+            qs = _block_quantizers(gm, blk, modules)
+            saved = [q.fake_quant_enabled for q in qs]
+            acc = LinearRegressionAccumulator(c_in, c_out)
+            for batch in calib.limited(self.max_images):
+                args, kwargs = batch_args(batch)
+                with torch.no_grad():
+                    xs = prefix(*args, *kwargs.values())
+                    xs = xs if isinstance(xs, tuple) else (xs,)
+                    for q in qs:
+                        q.fake_quant_enabled = False
+                    y_fp = body(*xs)
+                    for q, s in zip(qs, saved):
+                        q.fake_quant_enabled = s
+                    y_q = body(*xs)
+                acc.update(xs[0], y_fp - y_q)
+            if acc.rows == 0:
+                raise PassError("qwt: the calibration data is empty")
+            w, b, r2 = acc.solve()
+            r2s[blk.fqn] = round(r2, 6)
+            if r2 > 0:
+                comp = CompensationLinear(c_in, c_out, self.comp_dtype, self.comp_weight_bits)
+                with torch.no_grad():
+                    comp.weight.copy_(w.to(comp.weight.dtype))
+                    comp.bias.copy_(b.to(comp.bias.dtype))
+                if comp.weight_fake_quant is not None:
+                    comp.weight_fake_quant.calibrate_from(comp.weight.float())
+                    comp.weight_fake_quant.fake_quant_enabled = True
+                _insert_compensation(gm, blk, comp)
+                applied.append(blk.fqn)
+        summary = f"{len(applied)}/{len(blocks)} blocks compensated; R² " + ", ".join(f"{v:.3f}" for v in r2s.values())
+        return PassResult(gm, summary=summary, record={"applied": applied, "r2": r2s})
+
+
+def tensor_channels(blk: match.Block) -> tuple[int, int]:
+    si, so = match.tensor_shape(blk.input), match.tensor_shape(blk.output)
+    if not si or not so or si[-1] <= 0 or so[-1] <= 0:
+        raise PassError(f"qwt: no channel size recorded for block '{blk.fqn}'; compile with example_inputs")
+    return si[-1], so[-1]
