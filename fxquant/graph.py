@@ -97,8 +97,12 @@ def _concrete_args_for(model: nn.Module, n_inputs: int, given: dict | None) -> d
 
 
 def _symbolic_trace(model: nn.Module, n_inputs: int, leaf_modules: Sequence[type], concrete_args: dict | None) -> fx.GraphModule:
+    from .quant.modules import FakeQuantize, QuantConv2d, QuantLinear
+
     timm_leaves, timm_wrapped = _timm_fx_registry()
-    tracer = _Tracer(tuple(timm_leaves) + tuple(leaf_modules), timm_wrapped)
+    # fxquant's own modules stay opaque if a model that already holds them is traced again
+    own = (FakeQuantize, QuantLinear, QuantConv2d)
+    tracer = _Tracer(tuple(timm_leaves) + own + tuple(leaf_modules), timm_wrapped)
     cargs = _concrete_args_for(model, n_inputs, concrete_args)
     try:
         graph = tracer.trace(model, concrete_args=cargs or None)

@@ -193,6 +193,7 @@ class QwTCompensate(Pass):
             raise PassError("qwt needs calib as an iterable of batches (it runs each block on each batch itself), "
                             "not a forward_loop callable")
         r2s: dict[str, float] = {}
+        norms: dict[str, dict] = {}
         applied: list[str] = []
         for idx, blk_at_start in enumerate(tqdm(blocks, desc="qwt blocks", disable=not ctx.progress, leave=False)):
             # the graph changed after earlier compensations: re-resolve this block's region
@@ -222,6 +223,7 @@ class QwTCompensate(Pass):
                 raise PassError("qwt: the calibration data is empty")
             w, b, r2 = acc.solve()
             r2s[blk.fqn] = round(r2, 6)
+            norms[blk.fqn] = {"w_max": w.abs().max().item(), "b_max": b.abs().max().item(), "rows": acc.rows}
             if r2 > 0:
                 comp = CompensationLinear(c_in, c_out, self.comp_dtype, self.comp_weight_bits)
                 with torch.no_grad():
@@ -233,7 +235,7 @@ class QwTCompensate(Pass):
                 _insert_compensation(gm, blk, comp)
                 applied.append(blk.fqn)
         summary = f"{len(applied)}/{len(blocks)} blocks compensated; R² " + ", ".join(f"{v:.3f}" for v in r2s.values())
-        return PassResult(gm, summary=summary, record={"applied": applied, "r2": r2s})
+        return PassResult(gm, summary=summary, record={"applied": applied, "r2": r2s, "solution": norms})
 
 
 def tensor_channels(blk: match.Block) -> tuple[int, int]:
