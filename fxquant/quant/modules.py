@@ -97,41 +97,32 @@ class FakeQuantize(nn.Module):
         return f"{self.spec.short()}, {state}, params={tuple(self.scale.shape)}"
 
 
-def _adopt(cls, float_mod: nn.Module) -> nn.Module:
-    """An instance of ``cls`` (a subclass of ``type(float_mod)``) sharing ``float_mod``'s parameters."""
-    new = cls.__new__(cls)
-    new.__dict__ = dict(float_mod.__dict__)
-    new._parameters = dict(float_mod._parameters)
-    new._buffers = dict(float_mod._buffers)
-    new._modules = dict(float_mod._modules)
-    return new
-
-
-class QuantLinear(nn.Linear):
-    """``nn.Linear`` whose weight passes through ``weight_fake_quant``."""
+class _WeightQuantized:
+    """Mixin: a float layer subclass whose weight passes through a ``weight_fake_quant`` child."""
 
     weight_fake_quant: FakeQuantize
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, spec: QuantSpec, label: str = "") -> "QuantLinear":
-        new = _adopt(cls, linear)
+    def from_float(cls, float_mod: nn.Module, spec: QuantSpec, label: str = ""):
+        """An instance sharing ``float_mod``'s parameters (same state-dict names) plus a weight quantizer."""
+        new = cls.__new__(cls)
+        new.__dict__ = dict(float_mod.__dict__)
+        new._parameters = dict(float_mod._parameters)
+        new._buffers = dict(float_mod._buffers)
+        new._modules = dict(float_mod._modules)
         new.weight_fake_quant = FakeQuantize(spec, weight=True, label=f"{label}.weight")
         return new
+
+
+class QuantLinear(_WeightQuantized, nn.Linear):
+    """``nn.Linear`` whose weight passes through ``weight_fake_quant``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_fake_quant(self.weight), self.bias)
 
 
-class QuantConv2d(nn.Conv2d):
+class QuantConv2d(_WeightQuantized, nn.Conv2d):
     """``nn.Conv2d`` whose weight passes through ``weight_fake_quant``."""
-
-    weight_fake_quant: FakeQuantize
-
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, spec: QuantSpec, label: str = "") -> "QuantConv2d":
-        new = _adopt(cls, conv)
-        new.weight_fake_quant = FakeQuantize(spec, weight=True, label=f"{label}.weight")
-        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.weight_fake_quant(self.weight), self.bias)
