@@ -13,6 +13,9 @@ Conventions (METHODS.md §0):
 * Logarithmic, ``b`` bits, scale ``Δ`` (the largest representable value), step ``t`` (1 for log2,
   1/2 for log√2): ``c = round(-log2(x / Δ) / t)``; codes ``c ≥ 2^b`` and ``x ≤ 0`` map to the
   special zero code ``2^b``; otherwise ``c = clamp(c, 0, 2^b - 1)`` and ``x̂ = Δ·2^(-c·t)``.
+  The rounding is evaluated exactly as comparisons of ``r = x / Δ`` with the float32 midpoints
+  ``T_j = 2^(-t·(j - 1/2))`` (``c`` = the number of ``T_j ≥ r``), and values come from a float32
+  level table: the same compares and gathers run in ONNX, so exported models match bit for bit.
   So a ``b``-bit log quantizer has ``2^b + 1`` output values (RepQ-ViT's 4-bit log√2 has 17).
   With ``fit_bits=True`` it has exactly ``2^b`` (BitLog2's Sqrt2_16): codes clamp to
   ``0..2^b - 2`` and zero takes code ``2^b - 1``.
@@ -381,19 +384,42 @@ def bitlog2_delta(sum_xd: float, sum_dd: float, sum_xx: float, max_level: int, v
     return min(sorted(cands), key=loss)
 
 
+def log_thresholds(spec: QuantSpec) -> torch.Tensor:
+    """Rounding midpoints ``T_j = 2^(-t·(j - 1/2))``, j = 1..2^b (descending, float32): ``r ≤ T_j``
+    means the code of ``r = x/Δ`` is at least ``j``; reaching ``T_{2^b}`` means zero."""
+    step = _LOG_STEP[spec.scheme]
+    j = torch.arange(1, 2**spec.bits + 1, dtype=torch.float64)
+    return torch.exp2(-step * (j - 0.5)).float()
+
+
+def log_level_table(spec: QuantSpec) -> torch.Tensor:
+    """Value of each log code at Δ = 1 (float32), the zero code last: ``x̂ = Δ·table[c]``."""
+    step = _LOG_STEP[spec.scheme]
+    vals = torch.exp2(-step * torch.arange(spec.qmax + 1, dtype=torch.float32))
+    return torch.cat([vals, torch.zeros(spec.zero_code - spec.qmax)])
+
+
+def bitlog2_level_table(variant: str) -> torch.Tensor:
+    """Integer levels ``D`` of every BitLog2 code, ascending (code = index)."""
+    return bitlog2_levels(torch.arange(_bitlog2_max_code(variant) + 1), variant)
+
+
+def log_codes(ratio: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Codes (int64) of ``r = x / Δ``: the count of midpoints ``T_j ≥ r``, capped (see module doc)."""
+    t = log_thresholds(spec).to(ratio.device)
+    k = t.numel()
+    count = k - torch.bucketize(ratio.contiguous(), t.flip(0))  # = #{j : r <= T_j}
+    return torch.where(count >= k, torch.full_like(count, spec.zero_code), count.clamp(max=spec.qmax))
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec, *, ste: bool = False) -> torch.Tensor:
-    """Integer codes (as a float tensor holding integers) of ``x``; parameters in granularity layout."""
+    """Integer codes (as a float tensor holding integers) of ``x``; parameters in granularity layout.
+    (``ste`` applies to uniform rounding; log and BitLog2 codes are piecewise constant.)"""
     if spec.scheme == "bitlog2":
         return bitlog2_codes_from_int(bitlog2_input(x, spec.bitlog2_variant), spec.bitlog2_variant).to(x.dtype)
     scale = expand_params(scale, x.shape)
     if spec.is_log:
-        step = _LOG_STEP[spec.scheme]
-        zero = float(spec.zero_code)
-        safe = torch.where(x > 0, x, torch.ones_like(x))
-        c = _round(-torch.log2(safe / scale) / step, ste)
-        is_zero = (x <= 0) | (c >= log_zero_code(spec.bits))
-        c = torch.clamp(c, 0, spec.qmax)
-        return torch.where(is_zero, torch.full_like(c, zero), c)
+        return log_codes(x / scale, spec).to(x.dtype)
     zero_point = expand_params(zero_point, x.shape)
     return torch.clamp(_round(x / scale, ste) + zero_point, spec.qmin, spec.qmax)
 
@@ -404,9 +430,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, s
     if spec.scheme == "bitlog2":
         return bitlog2_levels(q, spec.bitlog2_variant).to(q.dtype) / scale
     if spec.is_log:
-        step = _LOG_STEP[spec.scheme]
-        val = scale * torch.exp2(-q * step)
-        return torch.where(q == spec.zero_code, torch.zeros_like(val), val)
+        return scale * log_level_table(spec).to(q.device)[q.long()]
     zero_point = expand_params(zero_point, q.shape)
     return (q - zero_point) * scale
 
@@ -415,7 +439,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     """``dequantize(quantize(x))``; with ``ste=True`` gradients pass straight through the rounding
     (and are zero where the input is clipped)."""
     out = dequantize(quantize(x, scale, zero_point, spec, ste=ste), scale, zero_point, spec)
-    if ste and spec.scheme == "bitlog2":  # floor has no useful gradient: pass it straight through
+    if ste and spec.is_log:  # log codes are piecewise constant: pass the gradient straight through
         out = x + (out - x).detach()
     return out
 

@@ -111,3 +111,15 @@ def test_bitlog2_spec_validation():
         QuantSpec(bits=4, scheme="bitlog2", bitlog2_variant="half18")
     with pytest.raises(ConfigError, match="4-bit"):
         QuantSpec(bits=6, scheme="bitlog2", bitlog2_variant="half17")
+
+
+@pytest.mark.parametrize("variant", list(BITLOG2_VARIANTS))
+def test_compare_form_used_for_onnx_equals_shift_codes_on_all_inputs(variant):
+    """The ONNX export computes the code as #levels <= n; it equals the MSB/shift code for every n."""
+    from fxquant.quant.primitives import bitlog2_level_table
+
+    m, _ = BITLOG2_VARIANTS[variant]
+    n = torch.arange(0, m, dtype=torch.int32)
+    levels = bitlog2_level_table(variant)
+    by_compare = (n.unsqueeze(-1) >= levels[1:]).sum(-1)
+    assert torch.equal(by_compare.to(torch.int32), bitlog2_codes_from_int(n, variant))

@@ -190,3 +190,19 @@ def test_spec_json_round_trip():
     for spec in [QuantSpec(bits=4, granularity=PerGroup(32), estimator=PctMSE()),
                  QuantSpec(bits=6, scheme="log_sqrt2", estimator=OMSE(50)), QuantSpec(symmetric=True, granularity=PerAxis(0))]:
         assert QuantSpec.from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize("scheme,bits", [("log_sqrt2", 4), ("log_sqrt2", 6), ("log2", 3), ("log2", 8)])
+def test_log_codes_by_midpoints_equal_the_rounding_formula(scheme, bits):
+    """c = #{j : r <= T_j} equals clamp(round(-log2 r / t)) wherever r is not within float
+    precision of a midpoint (the midpoints are irrational, so no exact ties exist)."""
+    from fxquant.quant.primitives import _LOG_STEP, log_thresholds
+
+    spec = QuantSpec(bits=bits, scheme=scheme)
+    r = torch.rand(200_000, generator=torch.Generator().manual_seed(bits)) ** 6 * 1.5
+    t = _LOG_STEP[scheme]
+    c = torch.round(-torch.log2(r.double()) / t)
+    formula = torch.where(c >= 2**bits, torch.full_like(c, spec.zero_code), c.clamp(0, spec.qmax))
+    got = quantize(r, torch.tensor(1.0), torch.tensor(0.0), spec).double()
+    near = ((r[:, None].double() / log_thresholds(spec).double()[None, :] - 1).abs() < 1e-6).any(dim=1)
+    assert torch.equal(got[~near], formula[~near])
