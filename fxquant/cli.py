@@ -42,10 +42,11 @@ def _table(rows: list[tuple], header: tuple) -> str:
     return "\n".join(lines)
 
 
-def _quantize(info, recipe, data, seed: int, progress: bool):
+def _quantize(info, recipe, data, seed: int, progress: bool, lower: bool = False):
     t0 = time.perf_counter()
     calib = list(torch.split(data.calib, 32)) if len(data.calib) else None
-    qmodel = fx_compile(info.model, recipe=recipe, calib=calib, example_inputs=info.example_inputs(), seed=seed, progress=progress)
+    qmodel = fx_compile(info.model, recipe=recipe, calib=calib, example_inputs=info.example_inputs(), seed=seed,
+                        progress=progress, lower=lower)
     return qmodel, time.perf_counter() - t0
 
 
@@ -112,6 +113,8 @@ def cmd_eval(args) -> int:
         meta = artifact.read_meta(args.model)
         if args.recipe and meta.get("recipe") and args.recipe != meta["recipe"]["name"]:
             raise FxQuantError(f"{args.model} holds a '{meta['recipe']['name']}' model; drop --recipe to evaluate it")
+        if args.lower:
+            raise FxQuantError("--lower applies when quantizing; a saved artifact keeps the pipeline it was made with")
         info = load_model(meta["model"]) if meta.get("model") else None
         if info is None:
             raise FxQuantError(f"{args.model} does not record its float model spec; evaluate it from Python")
@@ -130,7 +133,7 @@ def cmd_eval(args) -> int:
         recipe_name = _recipe_label(args.recipe, overrides)
         n_cal = args.calib_images if args.calib_images is not None else recipe.calib_images
         data = load_data(info, args.data, calib_images=n_cal, limit=args.limit, seed=args.seed, batch_size=args.batch_size)
-        qmodel, calib_secs = _quantize(info, recipe, data, args.seed, not args.quiet)
+        qmodel, calib_secs = _quantize(info, recipe, data, args.seed, not args.quiet, lower=args.lower)
         model_name = args.model
     progress = not args.quiet
     fp32 = top1(info.model, data.test_batches(), total=data.test_count, progress=progress, desc="fp32")
@@ -140,6 +143,8 @@ def cmd_eval(args) -> int:
     result = {"model": model_name, "recipe": recipe_name, "top1": round(acc, 4), "fp32_top1": round(fp32, 4),
               "test_images": data.test_count, "calib_images": n_cal, "calib_seconds": round(calib_secs, 3),
               "eval_seconds": round(eval_secs, 3), "seed": args.seed}
+    if args.lower:
+        result["lowered"] = True
     print(_table([(model_name, recipe_name, f"{fp32:.2f}", f"{acc:.2f}", f"{acc - fp32:+.2f}", data.test_count, n_cal,
                    f"{calib_secs:.1f}")], ("model", "recipe", "fp32 top1", "top1", "delta", "images", "calib", "calib s")))
     print(f"data: {data.source}")
@@ -194,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images")
     e.add_argument("--batch-size", type=int, default=200)
     e.add_argument("--json", default=None, help="write the result as JSON to this path")
+    e.add_argument("--lower", action="store_true", help="run quantized Linears on integer kernels (LowerToKernels)")
     e.set_defaults(fn=cmd_eval)
 
     x = sub.add_parser("export", help="quantize a model and export it to ONNX QDQ (onnxruntime)")

@@ -5,7 +5,8 @@ from .annotate import AnnotateUniform
 from .bitlog2 import BitLog2Attention
 from .calibrate import Calibrate
 from .insert import InsertQuantizers
+from .lower import LowerToKernels
 from .qwt import QwTCompensate
 from .repq import AnnotateRepQ, ReparameterizeLayerNorm
 
-__all__ = ["AnnotateUniform", "InsertQuantizers", "Calibrate", "AnnotateRepQ", "ReparameterizeLayerNorm", "BitLog2Attention", "QwTCompensate"]
+__all__ = ["AnnotateUniform", "InsertQuantizers", "Calibrate", "AnnotateRepQ", "ReparameterizeLayerNorm", "BitLog2Attention", "QwTCompensate", "LowerToKernels"]

@@ -1,0 +1,92 @@
+"""Integer linear kernels vs their references under TRITON_INTERPRET=1 (CPU), on shapes that are
+not multiples of the block sizes: codes bit-identical, GEMMs equal to the int64 reference exactly
+(same float epilogue), and to the float64 dequantized product within fp32 rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxquant.kernels.int_linear import (
+    int_linear, int_linear_cpu, int_linear_float64_ref, int_linear_ref, pack_int4, per_token_qparams, quantize_act,
+    to_signed_codes, unpack_int4,
+)
+from fxquant.quant import QuantSpec, choose_qparams
+
+SHAPES = [(1, 16, 8), (33, 48, 40), (65, 130, 17)]  # (M, K, N)
+
+
+@pytest.mark.parametrize("bits,symmetric,pack", [(8, False, False), (8, True, False), (6, False, False), (4, False, False),
+                                                 (4, False, True), (4, True, True)])
+@pytest.mark.parametrize("m,k", [(1, 16), (33, 48), (7, 130)])
+def test_activation_quantization_bit_identical(bits, symmetric, pack, m, k):
+    g = torch.Generator().manual_seed(m * k)
+    x = torch.randn(m, k, generator=g) * 2
+    spec = QuantSpec(bits=bits, symmetric=symmetric)
+    s, z = choose_qparams(x.min(), x.max(), spec)
+    codes, _, zp = quantize_act(x, spec, s, z, pack=pack)
+    ref = to_signed_codes(x, s, z, spec)
+    if pack:
+        assert codes.dtype == torch.uint8 and torch.equal(codes, pack_int4(ref)) and torch.equal(unpack_int4(codes), ref)
+    else:
+        assert codes.dtype == torch.int8 and torch.equal(codes, ref)
+    assert zp.item() == z.item() - (0 if symmetric else 2 ** (bits - 1))
+
+
+def test_per_token_quantization_bit_identical():
+    x = torch.randn(37, 100, generator=torch.Generator().manual_seed(3)) * torch.linspace(0.1, 5, 37)[:, None]
+    codes, scale, zp = quantize_act(x, QuantSpec(bits=8, symmetric=True), per_token=True)
+    s_ref, _ = per_token_qparams(x, 8)
+    assert torch.equal(scale, s_ref) and torch.equal(zp, torch.zeros(37, dtype=torch.int32))
+    assert torch.equal(codes, to_signed_codes(x, s_ref[:, None], torch.zeros(37, 1), QuantSpec(bits=8, symmetric=True)))
+
+
+def _operands(m, k, n, a_bits, w_bits, seed):
+    g = torch.Generator().manual_seed(seed)
+    lo_a, lo_w = -(2 ** (a_bits - 1)), -(2 ** (w_bits - 1))
+    a = torch.randint(lo_a, -lo_a, (m, k), generator=g, dtype=torch.int8)
+    w = torch.randint(lo_w, -lo_w, (n, k), generator=g, dtype=torch.int8)
+    w_scale = torch.rand(n, generator=g) * 0.01 + 1e-3
+    w_zp = torch.randint(-3, 4, (n,), generator=g, dtype=torch.int32)
+    bias = torch.randn(n, generator=g)
+    return a, w, w_scale, w_zp, bias
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("kind", ["w8a8", "w4a8", "w4a4"])
+def test_int_gemm_equals_integer_reference(kind, m, k, n):
+    a_bits, w_bits = {"w8a8": (8, 8), "w4a8": (8, 4), "w4a4": (4, 4)}[kind]
+    a, w, ws, wz, bias = _operands(m, k, n, a_bits, w_bits, seed=m + k + n)
+    a_scale, a_zp = torch.tensor(0.037), torch.tensor(5)
+    a_in = pack_int4(a) if a_bits == 4 else a
+    w_in = pack_int4(w) if w_bits == 4 else w
+    got = int_linear(a_in, a_scale, a_zp, w_in, ws, wz, bias, k=k, a_packed=a_bits == 4, w_packed=w_bits == 4)
+    ref = int_linear_ref(a, a_scale, a_zp, w, ws, wz, bias)
+    assert torch.equal(got, ref)  # int32 accumulation is exact; the epilogue is the same float ops
+    f64 = int_linear_float64_ref(a, a_scale, a_zp, w, ws, wz, bias)
+    assert torch.allclose(got.double(), f64, rtol=1e-6, atol=1e-6 * f64.abs().max().item())
+
+
+def test_per_row_activation_scales_and_fp16_output():
+    a, w, ws, wz, bias = _operands(20, 64, 24, 8, 8, seed=1)
+    sa = torch.rand(20) * 0.05
+    za = torch.zeros(20, dtype=torch.int32)
+    got = int_linear(a, sa, za, w, ws, wz, bias, out_dtype=torch.float16)
+    assert got.dtype == torch.float16
+    assert torch.equal(got, int_linear_ref(a, sa, za, w, ws, wz, bias).half())
+
+
+def test_cpu_integer_path_equals_reference():
+    for m, k, n in SHAPES:
+        a, w, ws, wz, bias = _operands(m, k, n, 8, 8, seed=k)
+        assert torch.equal(int_linear_cpu(a, 0.02, 7, w, ws, wz, bias), int_linear_ref(a, 0.02, 7, w, ws, wz, bias))
+
+
+def test_pack_round_trip_and_errors():
+    c = torch.randint(-8, 8, (5, 6, 10), dtype=torch.int8)
+    assert torch.equal(unpack_int4(pack_int4(c)), c)
+    with pytest.raises(ValueError, match="even"):
+        pack_int4(torch.zeros(3, 5, dtype=torch.int8))
+    with pytest.raises(ValueError, match="inner dimensions"):
+        int_linear(torch.zeros(2, 16, dtype=torch.int8), torch.tensor(1.0), torch.tensor(0), torch.zeros(4, 32, dtype=torch.int8),
+                   torch.ones(4), torch.zeros(4))

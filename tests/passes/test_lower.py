@@ -1,0 +1,86 @@
+"""LowerToKernels: structure, per-layer equivalence with fake quantization, survival of RepQ and
+QwT, artifacts, and the lowered CIFAR ViT against its fake-quant version."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxquant
+from fxquant import artifact
+from fxquant.errors import ConfigError
+from fxquant.passes.lower import LoweredLinear
+from fxquant.quant import QuantLinear
+from toy_models import toy_calib, toy_vit
+
+
+def test_toy_lowering_structure_and_report():
+    q = fxquant.compile(toy_vit(), recipe="w8a8", calib=toy_calib(), progress=False, lower=True)
+    lowered = [n for n, m in q.named_modules() if isinstance(m, LoweredLinear)]
+    assert sorted(lowered) == sorted(["block.q", "block.k", "block.v", "block.proj", "block.fc1", "block.fc2", "head"])
+    assert not any(isinstance(m, QuantLinear) for m in q.modules())
+    rec = fxquant.report(q)["lower_to_kernels"].record
+    assert rec["kept"]["patch"].startswith("convolution") and "attention matmuls" in rec["kept"]
+    q.graph.lint()
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a4", "repq-w4a4"])
+def test_each_lowered_layer_equals_its_fake_quant_layer(recipe):
+    fq = fxquant.compile(toy_vit(), recipe=recipe, calib=toy_calib(), progress=False)
+    low = fxquant.compile(toy_vit(), recipe=recipe, calib=toy_calib(), progress=False, lower=True)
+    seen, hooks = {}, []
+    for name, mod in low.named_modules():
+        if isinstance(mod, LoweredLinear):
+            node = next(n for n in fq.graph.nodes if n.op == "call_module" and n.target == name)
+            act = fq.get_submodule(node.args[0].target)
+            hooks.append(act.register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, {}).update(x=i[0])))
+            hooks.append(fq.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: seen[name].update(y=o)))
+    with torch.no_grad():
+        fq(toy_calib()[0])
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 7
+    for name, io in seen.items():
+        with torch.no_grad():
+            got = low.get_submodule(name)(io["x"])
+        # integer accumulation vs float matmul of dequantized values: equal within fp32 rounding
+        assert torch.allclose(got, io["y"], rtol=1e-5, atol=1e-5 * io["y"].abs().max().item()), name
+    if recipe.startswith("repq"):
+        assert fxquant.report(low)["repq_reparam"].record["sites"]  # folded weights were lowered
+
+
+def test_qwt_and_repq_survive_lowering(tmp_path):
+    q = fxquant.compile(toy_vit(), recipe="repq-qwt-w4a4", calib=toy_calib(), progress=False, lower=True)
+    assert any(type(m).__name__ == "CompensationLinear" for m in q.modules())
+    assert "qwt.block" in fxquant.report(q)["lower_to_kernels"].record["kept"]
+    artifact.save(q, tmp_path / "l")
+    loaded = artifact.load(tmp_path / "l", model=toy_vit())
+    x = toy_calib()[0]
+    assert torch.equal(loaded(x), q(x))
+
+
+def test_nothing_to_lower_is_an_error():
+    with pytest.raises(ConfigError, match="no Linear could be lowered"):
+        fxquant.compile(toy_vit(), recipe="w8a8", calib=toy_calib(), progress=False, lower=True, skip=("block.*", "head"))
+
+
+def test_lowered_cifar_vit_matches_fake_quant(cifar_info, cifar_data, cifar_w8a8):
+    calib, x, y = cifar_data
+    low = fxquant.compile(cifar_info.model, recipe="w8a8", calib=[calib], progress=False, lower=True)
+    with torch.no_grad():
+        a, b = cifar_w8a8(x), low(x)
+    assert (a.argmax(1) == b.argmax(1)).float().mean().item() >= 0.99
+    acc_fq = (a.argmax(1) == y).float().mean().item()
+    acc_low = (b.argmax(1) == y).float().mean().item()
+    assert abs(acc_fq - acc_low) <= 0.004  # 500 images: at most 2 predictions net (10k-image figure in the note)
+
+
+def test_cli_eval_lower_json(tmp_path):
+    import json
+
+    from fxquant.cli import main
+
+    out = tmp_path / "l.json"
+    assert main(["eval", "--model", "embedded", "--recipe", "w8a8", "--limit", "100", "--lower", "--quiet", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["lowered"] is True and res["test_images"] == 100
