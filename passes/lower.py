@@ -1,14 +1,20 @@
-"""``LowerToKernels``: replace fake-quantized Linears by integer ``LoweredLinear`` modules.
+"""``LowerToKernels``: replace fake-quantized Linears and attention matmuls by integer modules.
 
 A node ``FakeQuantize(x) → QuantLinear`` whose activation quantizer is uniform, per tensor, with
 an integer zero point, and whose weight quantizer is uniform per output channel (or per tensor),
 becomes one ``LoweredLinear(x)`` holding the signed integer weight codes (int8, or int4 packed two
 per byte for ≤ 4-bit weights), the scales, zero points and weight column sums. It quantizes its
 input itself and runs ``fxquant.kernels.int_linear``: the Triton kernels on CUDA, the exact
-integer CPU path (``torch._int_mm``) elsewhere. Everything else stays as it is, and the pass
-reports why (log-quantized inputs, per-channel activations, fractional zero points, convolutions,
-QwT compensation, attention matmuls). RepQ-ViT's folded weights and QwT's compensation nodes
-are untouched, so they survive lowering.
+integer CPU path (``torch._int_mm``) elsewhere.
+
+A node ``matmul(FakeQuantize(a), FakeQuantize(b))`` (q·kᵀ and A·v) with per-tensor quantizers,
+``b`` uniform, becomes ``LoweredMatmul(a, b)`` (``fxquant.kernels.int_attention``): an integer
+GEMM when ``a`` is uniform, shift accumulators when ``a`` is RepQ-ViT's log2/log√2 quantizer (up
+to 6 bits; 8-bit log levels reach 2^-128 and stay in float), integer BitLog2 levels otherwise.
+
+Everything else stays as it is, and the pass reports why (log-quantized Linear inputs,
+per-channel activations, fractional zero points, convolutions, QwT compensation). RepQ-ViT's
+folded weights and QwT's compensation nodes are untouched, so they survive lowering.
 """
 
 from __future__ import annotations
@@ -20,8 +26,12 @@ from torch import fx, nn
 
 from fxquant import match
 from fxquant.errors import ConfigError
+from fxquant.kernels.bitlog2 import bitlog2_av
+from fxquant.kernels.int_attention import (
+    MAX_LOG_SHIFT, bitlog2_av_int, int_bmm, int_bmm_cpu, log_av, log_codes_of, log_max_shift,
+)
 from fxquant.kernels.int_linear import (
-    HAS_TRITON, int_linear, int_linear_cpu, pack_int4, quantize_act, to_signed_codes, unpack_int4,
+    HAS_TRITON, code_offset, int_linear, int_linear_cpu, pack_int4, quantize_act, to_signed_codes, unpack_int4,
 )
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import FakeQuantize, PerAxis, PerTensor, QuantConv2d, QuantLinear, QuantSpec
@@ -84,6 +94,86 @@ class LoweredLinear(nn.Module):
                 f"{' (int4 packed)' if self.w_packed else ''}, a={self.act_spec.short()}")
 
 
+def _per_tensor(fq: FakeQuantize) -> bool:
+    return isinstance(fq.spec.granularity, PerTensor) and fq.scale.numel() == 1
+
+
+def _integer_zero_point(fq: FakeQuantize) -> bool:
+    return fq.spec.integer_zero_point and torch.equal(fq.zero_point, fq.zero_point.round())
+
+
+class LoweredMatmul(nn.Module):
+    """An integer attention matmul ``a @ b`` on quantized operands (``kernels/int_attention.py``).
+
+    ``kind`` follows ``a``'s quantizer: ``"uniform"`` (q·kᵀ, or A·v with a uniform A: integer
+    GEMM), ``"log"`` (RepQ-ViT's log2/log√2 A: shift accumulators) or ``"bitlog2"`` (integer
+    levels D). ``b`` is always uniform, per tensor, with an integer zero point."""
+
+    def __init__(self, a_spec: QuantSpec, b_spec: QuantSpec):
+        super().__init__()
+        self.a_spec, self.b_spec = a_spec, b_spec
+        self.kind = "uniform" if a_spec.scheme == "uniform" else ("bitlog2" if a_spec.scheme == "bitlog2" else "log")
+        for name in ("a_scale", "a_zp", "b_scale", "b_zp"):
+            self.register_buffer(name, torch.zeros(()))
+
+    @classmethod
+    def from_quantizers(cls, a_fq: FakeQuantize, b_fq: FakeQuantize) -> "LoweredMatmul":
+        new = cls(a_fq.spec, b_fq.spec)
+        with torch.no_grad():
+            for side, fq in (("a", a_fq), ("b", b_fq)):
+                setattr(new, f"{side}_scale", fq.scale.reshape(()).float().clone())
+                setattr(new, f"{side}_zp", fq.zero_point.reshape(()).float().clone())
+        return new
+
+    def _signed(self, x: torch.Tensor, side: str) -> tuple[torch.Tensor, int]:
+        """int8 codes of one uniform operand and its signed zero point."""
+        spec = self.a_spec if side == "a" else self.b_spec
+        scale, zp = getattr(self, f"{side}_scale"), getattr(self, f"{side}_zp")
+        return to_signed_codes(x.float(), scale, zp, spec), int(zp.item()) - code_offset(spec)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        vb, zb = self._signed(b, "b")
+        gpu = a.is_cuda and HAS_TRITON
+        if self.kind == "uniform":
+            va, za = self._signed(a, "a")
+            if gpu:
+                lead = torch.broadcast_shapes(va.shape[:-2], vb.shape[:-2])
+                return int_bmm(va.expand(*lead, *va.shape[-2:]), self.a_scale, za, vb.expand(*lead, *vb.shape[-2:]),
+                               self.b_scale, zb, out_dtype=a.dtype)
+            return int_bmm_cpu(va, self.a_scale, za, vb, self.b_scale, zb,
+                               bits=(self.a_spec.bits, self.b_spec.bits)).to(a.dtype)
+        codes = log_codes_of(a, self.a_scale, self.a_spec)
+        v = vb.to(torch.int32) - zb
+        if self.kind == "log":
+            return log_av(codes, self.a_scale, v, self.b_scale, self.a_spec).to(a.dtype)
+        variant = self.a_spec.bitlog2_variant
+        if gpu and codes.shape[-1] == codes.shape[-2] and codes.shape[:-2] == v.shape[:-2]:
+            acc = bitlog2_av(codes.to(torch.int8), v, variant, packed=False)
+        else:
+            acc = bitlog2_av_int(codes, v, variant)
+        return (acc.to(torch.float32) * (self.b_scale / self.a_scale)).to(a.dtype)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, a={self.a_spec.short()}, b={self.b_spec.short()}"
+
+
+def _why_not_matmul(a_fq: FakeQuantize | None, b_fq: FakeQuantize | None) -> str:
+    if a_fq is None or b_fq is None or a_fq is b_fq:
+        return "operands are not both fake-quantized"
+    if not (a_fq.fake_quant_enabled and b_fq.fake_quant_enabled):
+        return "quantizers are disabled"
+    if not (_per_tensor(a_fq) and _per_tensor(b_fq)):
+        return "operand quantizer is not per tensor"
+    if b_fq.spec.scheme != "uniform" or not _integer_zero_point(b_fq):
+        return f"second operand quantizer {b_fq.spec.short()} is not uniform with an integer zero point"
+    a = a_fq.spec
+    if a.scheme == "uniform" and not _integer_zero_point(a_fq):
+        return "first operand zero point is fractional"
+    if a.scheme in ("log2", "log_sqrt2") and log_max_shift(a) > MAX_LOG_SHIFT:
+        return f"{a.short()} levels reach 2^-{log_max_shift(a)}, beyond the {MAX_LOG_SHIFT}-bit shift of the integer path"
+    return ""
+
+
 def _why_not(linear: nn.Module, act: FakeQuantize | None) -> str:
     if act is None:
         return "input is not fake-quantized"
@@ -128,7 +218,7 @@ class LowerToKernels(Pass):
                 continue
             if not isinstance(mod, QuantLinear):
                 if match.op_kind(node, modules) == "linear" and not isinstance(mod, LoweredLinear):
-                    kept[str(node.target)] = "float Linear (not quantized, e.g. QwT compensation)"
+                    kept[str(node.target)] = "float Linear (not quantized: skipped, or a QwT compensation)"
                 continue
             src = node.args[0]
             act = modules.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
@@ -151,11 +241,48 @@ class LowerToKernels(Pass):
                 qparent, _, qleaf = str(src.target).rpartition(".")
                 delattr(gm.get_submodule(qparent), qleaf)
             lowered.append(str(node.target))
-        n_att = len(match.find_attention(gm, match.modules_of(gm)))
-        if n_att:
-            kept["attention matmuls"] = f"{n_att} x (q·kᵀ, A·v) stay fake-quantized (no integer attention kernel in the graph yet)"
-        if not lowered and replay is None:
-            raise ConfigError("lower_to_kernels: no Linear could be lowered: " + "; ".join(f"{k}: {v}" for k, v in kept.items())[:500])
-        summary = f"{len(lowered)} Linears lowered to integer kernels; {len(kept)} kept: " + \
-                  ", ".join(sorted(set(kept.values())))[:300]
-        return PassResult(gm, summary=summary, record={"lowered": lowered, "kept": kept})
+        lowered_mm = self._lower_matmuls(gm, kept, set(ctx.record().get("lowered_matmuls", [])) if ctx.replay else None)
+        if not lowered and not lowered_mm and replay is None:
+            raise ConfigError("lower_to_kernels: no Linear or attention matmul could be lowered: " + "; ".join(f"{k}: {v}" for k, v in kept.items())[:500])
+        summary = (f"{len(lowered)} Linears and {len(lowered_mm)} attention matmuls lowered to integer kernels; "
+                   f"{len(kept)} kept: " + ", ".join(sorted(set(kept.values())))[:300])
+        return PassResult(gm, summary=summary, record={"lowered": lowered, "lowered_matmuls": lowered_mm, "kept": kept})
+
+    @staticmethod
+    def _lower_matmuls(gm: fx.GraphModule, kept: dict[str, str], replay: set[str] | None) -> list[str]:
+        """``matmul(FakeQuantize(a), FakeQuantize(b))`` → ``LoweredMatmul(a, b)``; returns the node names."""
+        modules = match.modules_of(gm)
+        done: list[str] = []
+        for node in list(gm.graph.nodes):
+            if match.op_kind(node, modules) != "matmul" or node.op == "call_module":
+                continue
+            operands = list(node.args[:2])
+            fqs = [modules.get(x.target) if isinstance(x, fx.Node) and x.op == "call_module" else None for x in operands]
+            fqs = [m if isinstance(m, FakeQuantize) else None for m in fqs]
+            if len(operands) != 2 or node.kwargs:
+                kept[node.name] = "matmul with keyword arguments"
+                continue
+            if replay is not None:
+                if node.name not in replay:
+                    continue
+                new_mod = LoweredMatmul(fqs[0].spec, fqs[1].spec)
+            else:
+                why = _why_not_matmul(*fqs)
+                if why:
+                    kept[node.name] = why
+                    continue
+                new_mod = LoweredMatmul.from_quantizers(*fqs)
+            target = f"lowered_matmuls.{node.name}"
+            gm.add_submodule(target, new_mod)
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_module(target, tuple(x.args[0] for x in operands))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            for q in operands:
+                if not q.users:
+                    gm.graph.erase_node(q)
+                    parent, _, leaf = str(q.target).rpartition(".")
+                    delattr(gm.get_submodule(parent) if parent else gm, leaf)
+            done.append(node.name)
+        return done

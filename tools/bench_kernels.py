@@ -3,7 +3,8 @@
 ViT-B/16 GEMM shapes (M = 197·batch for batch 1, 8, 32, 64, 128; K×N = 768×2304, 768×768,
 768×3072, 3072×768): W8A8, W4A8 and W4A4 Triton kernels (epilogue included) vs ``torch.matmul``
 in fp16 (cuBLAS) and ``torch._int_mm`` (no epilogue), with ``triton.testing.do_bench``; TFLOPS/TOPS
-from 2·M·N·K. End to end: random-init ``vit_base_patch16_224``, W8A8 lowered vs fp16, batch 1 and 64.
+from 2·M·N·K. Attention: ``int_bmm`` (int8 q·kᵀ and A·v, 12 heads × 197 tokens × 64) vs fp16
+``torch.matmul``. End to end: random-init ``vit_base_patch16_224``, W8A8 lowered vs fp16, batch 1 and 64.
 
     python tools/bench_kernels.py [--json out.json]
 
@@ -66,6 +67,21 @@ def main() -> int:
             rows.append({"M": m, "K": k, "N": n, "ms": t, "tflops_or_tops": tops, "speedup_w8a8_vs_fp16": t["fp16"] / t["w8a8"]})
             print(f"{m:6d} {k:5d} {n:5d} {tops['fp16']:8.1f} {tops['int_mm']:8.1f} {tops['w8a8']:8.1f} {tops['w4a8']:8.1f} "
                   f"{tops['w4a4']:8.1f} {t['fp16'] / t['w8a8']:8.2f}x")
+    from fxquant.kernels.int_attention import int_bmm
+
+    print(f"\nattention matmuls, ViT-B/16 (12 heads, 197 tokens, head dim 64)")
+    print(f"{'batch':>6} {'op':>6} {'fp16 TF':>8} {'int8 TOPS':>9} {'int8/fp16':>9}")
+    for b in BATCHES:
+        g = torch.Generator(device=dev).manual_seed(0)
+        for op, (m, k, n) in {"q·kᵀ": (197, 64, 197), "A·v": (197, 197, 64)}.items():
+            a8 = torch.randint(-128, 127, (b * 12, m, k), device=dev, dtype=torch.int8, generator=g)
+            b8 = torch.randint(-128, 127, (b * 12, k, n), device=dev, dtype=torch.int8, generator=g)
+            ah, bh = a8.half(), b8.half()
+            t_fp16 = triton.testing.do_bench(lambda: ah @ bh)
+            t_int = triton.testing.do_bench(lambda: int_bmm(a8, 0.01, 3, b8, 0.02, -1, out_dtype=torch.float16))
+            flops = 2 * b * 12 * m * n * k
+            rows.append({"attention": op, "batch": b, "fp16_ms": t_fp16, "int_bmm_ms": t_int})
+            print(f"{b:6d} {op:>6} {flops / t_fp16 / 1e9:8.1f} {flops / t_int / 1e9:9.1f} {t_fp16 / t_int:8.2f}x")
     if not args.no_e2e:
         import timm
 

@@ -9,7 +9,7 @@ import torch
 import fxquant
 from fxquant import artifact
 from fxquant.errors import ConfigError
-from fxquant.passes.lower import LoweredLinear
+from fxquant.passes.lower import LoweredLinear, LoweredMatmul
 from fxquant.quant import QuantLinear
 from toy_models import toy_calib, toy_vit
 
@@ -20,8 +20,59 @@ def test_toy_lowering_structure_and_report():
     assert sorted(lowered) == sorted(["block.q", "block.k", "block.v", "block.proj", "block.fc1", "block.fc2", "head"])
     assert not any(isinstance(m, QuantLinear) for m in q.modules())
     rec = fxquant.report(q)["lower_to_kernels"].record
-    assert rec["kept"]["patch"].startswith("convolution") and "attention matmuls" in rec["kept"]
+    assert rec["kept"] == {"patch": "convolution (patch embedding) stays fake-quantized"}
+    mms = {n: m for n, m in q.named_modules() if isinstance(m, LoweredMatmul)}
+    assert len(mms) == 2 and {m.kind for m in mms.values()} == {"uniform"} and len(rec["lowered_matmuls"]) == 2
+    assert not any(n.op == "call_function" and "matmul" in str(n.target) for n in q.graph.nodes)
     q.graph.lint()
+
+
+def _matmul_io(fq: torch.fx.GraphModule, x: torch.Tensor) -> list[dict]:
+    """Inputs of the two quantizers and the output of every quantized attention matmul of ``fq``."""
+    from fxquant.quant import FakeQuantize
+
+    mods = dict(fq.named_modules())
+    seen, hooks = [], []
+    for n in fq.graph.nodes:
+        if n.op == "call_function" and "matmul" in str(n.target) and all(
+                a.op == "call_module" and isinstance(mods[a.target], FakeQuantize) for a in n.args[:2]):
+            rec: dict = {"name": n.name}
+            seen.append(rec)
+            for key, a in zip("ab", n.args[:2]):
+                hooks.append(mods[a.target].register_forward_hook(lambda m, i, o, rec=rec, key=key: rec.update({key: i[0], key + "q": o})))
+    with torch.no_grad():
+        fq(x)
+    for h in hooks:
+        h.remove()
+    for rec in seen:
+        rec["y"] = rec["aq"] @ rec["bq"]
+    return seen
+
+
+@pytest.mark.parametrize("recipe,kind", [("w8a8", "uniform"), ("w4a4", "uniform"), ("repq-w4a4", "log"),
+                                         ("repq-w6a6", "log"), ("bitlog2-w4a4", "bitlog2")])
+def test_each_lowered_matmul_equals_its_fake_quant_matmul(recipe, kind):
+    fq = fxquant.compile(toy_vit(), recipe=recipe, calib=toy_calib(), progress=False)
+    low = fxquant.compile(toy_vit(), recipe=recipe, calib=toy_calib(), progress=False, lower=True)
+    ios = _matmul_io(fq, toy_calib()[0])
+    assert len(ios) == 2
+    kinds = []
+    for io in ios:
+        mod = low.get_submodule(f"lowered_matmuls.{io['name']}")
+        kinds.append(mod.kind)
+        with torch.no_grad():
+            got = mod(io["a"], io["b"])
+        # integer accumulation vs float matmul of dequantized values: equal within fp32 rounding
+        assert torch.allclose(got, io["y"], rtol=1e-5, atol=1e-5 * io["y"].abs().max().item()), io["name"]
+    assert kinds == ["uniform", kind]
+
+
+def test_8bit_log_softmax_stays_in_float_with_reason():
+    q = fxquant.compile(toy_vit(), recipe="repq-w8a8", calib=toy_calib(), progress=False, lower=True)
+    rec = fxquant.report(q)["lower_to_kernels"].record
+    assert len(rec["lowered_matmuls"]) == 1  # q·kᵀ
+    (why,) = [v for k, v in rec["kept"].items() if "matmul" in k]
+    assert "2^-128" in why and "shift" in why
 
 
 @pytest.mark.parametrize("recipe", ["w8a8", "w4a4", "repq-w4a4"])
@@ -60,8 +111,8 @@ def test_qwt_and_repq_survive_lowering(tmp_path):
 
 
 def test_nothing_to_lower_is_an_error():
-    with pytest.raises(ConfigError, match="no Linear could be lowered"):
-        fxquant.compile(toy_vit(), recipe="w8a8", calib=toy_calib(), progress=False, lower=True, skip=("block.*", "head"))
+    with pytest.raises(ConfigError, match="no Linear or attention matmul could be lowered"):
+        fxquant.compile(toy_vit(), recipe="w8a8", calib=toy_calib(), progress=False, lower=True, skip=("*",))
 
 
 def test_lowered_cifar_vit_matches_fake_quant(cifar_info, cifar_data, cifar_w8a8):
