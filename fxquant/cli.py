@@ -62,17 +62,24 @@ def cmd_recipes(args) -> int:
     return 0
 
 
-def cmd_quantize(args) -> int:
-    torch.manual_seed(args.seed)
+def _quantize_from_args(args, *, limit: int, lower: bool = False, **data_kw):
+    """Model, recipe (with ``--set`` overrides), data and calibration from the CLI arguments.
+    Returns ``(info, recipe label, calibration images, data, quantized model, calibration seconds)``."""
     info = load_model(args.model, pretrained=args.pretrained)
     overrides = _overrides(args.set)
     recipe = get_recipe(args.recipe, **overrides)
     n_cal = args.calib_images if args.calib_images is not None else recipe.calib_images
-    data = load_data(info, args.data, calib_images=n_cal, limit=0 if args.data is None else args.limit, seed=args.seed)
-    qmodel, secs = _quantize(info, recipe, data, args.seed, not args.quiet)
+    data = load_data(info, args.data, calib_images=n_cal, limit=limit, seed=args.seed, **data_kw)
+    qmodel, secs = _quantize(info, recipe, data, args.seed, not args.quiet, lower=lower)
+    return info, _recipe_label(args.recipe, overrides), n_cal, data, qmodel, secs
+
+
+def cmd_quantize(args) -> int:
+    torch.manual_seed(args.seed)
+    info, label, n_cal, data, qmodel, secs = _quantize_from_args(args, limit=0 if args.data is None else args.limit)
     out = artifact.save(qmodel, args.out, model_spec=args.model, example_inputs=info.example_inputs(),
                         extra={"calib_images": n_cal, "calib_seconds": round(secs, 3), "seed": args.seed,
-                               "calib_data": data.source, "recipe_label": _recipe_label(args.recipe, overrides)})
+                               "calib_data": data.source, "recipe_label": label})
     print(fx_report_text(qmodel))
     print(f"saved {args.recipe} model of '{args.model}' to {out} (calibration {secs:.1f} s on {n_cal} images)")
     return 0
@@ -88,18 +95,13 @@ def cmd_export(args) -> int:
     from .export import run_onnx, to_onnx
 
     torch.manual_seed(args.seed)
-    info = load_model(args.model, pretrained=args.pretrained)
-    overrides = _overrides(args.set)
-    recipe = get_recipe(args.recipe, **overrides)
-    n_cal = args.calib_images if args.calib_images is not None else recipe.calib_images
-    data = load_data(info, args.data, calib_images=n_cal, limit=16, seed=args.seed)
-    qmodel, secs = _quantize(info, recipe, data, args.seed, not args.quiet)
+    info, label, n_cal, data, qmodel, secs = _quantize_from_args(args, limit=16)
     x = torch.cat([b[0] for b in data.test_batches()])[:16]
     res = to_onnx(qmodel, info.example_inputs(), args.out, act_dtype=args.act_dtype, opset=args.opset)
     with torch.no_grad():
         ref = qmodel(x)
     diff = (run_onnx(res.path, (x,)) - ref).abs().max().item()
-    print(f"exported {_recipe_label(args.recipe, overrides)} '{args.model}' to {res.path} (opset {res.opset}, "
+    print(f"exported {label} '{args.model}' to {res.path} (opset {res.opset}, "
           f"{sum(res.nodes.values())} nodes: {res.nodes.get('QuantizeLinear', 0)} QuantizeLinear, "
           f"{res.nodes.get('DequantizeLinear', 0)} DequantizeLinear; initializers {res.initializer_types})")
     print(f"onnxruntime vs fxquant fake-quant on {len(x)} test images: max |Δlogit| = {diff:.4g}")
@@ -127,13 +129,8 @@ def cmd_eval(args) -> int:
     else:
         if not args.recipe:
             raise FxQuantError("--recipe is required unless --model is a saved artifact folder (see `fxquant recipes`)")
-        info = load_model(args.model, pretrained=args.pretrained)
-        overrides = _overrides(args.set)
-        recipe = get_recipe(args.recipe, **overrides)
-        recipe_name = _recipe_label(args.recipe, overrides)
-        n_cal = args.calib_images if args.calib_images is not None else recipe.calib_images
-        data = load_data(info, args.data, calib_images=n_cal, limit=args.limit, seed=args.seed, batch_size=args.batch_size)
-        qmodel, calib_secs = _quantize(info, recipe, data, args.seed, not args.quiet, lower=args.lower)
+        info, recipe_name, n_cal, data, qmodel, calib_secs = _quantize_from_args(
+            args, limit=args.limit, lower=args.lower, batch_size=args.batch_size)
         model_name = args.model
     progress = not args.quiet
     fp32 = top1(info.model, data.test_batches(), total=data.test_count, progress=progress, desc="fp32")
