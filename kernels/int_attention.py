@@ -174,9 +174,14 @@ def log_av_int(codes: torch.Tensor, v: torch.Tensor, spec: QuantSpec) -> tuple[t
         odd = (c & 1).bool()
         shift = e - (c + odd.long()) // 2
     weight = torch.where(live, torch.bitwise_left_shift(torch.ones_like(c), shift.clamp(min=0)), torch.zeros_like(c))
-    vv = v.to(torch.int64)
-    acc0 = torch.matmul(torch.where(odd, 0, weight), vv)
-    acc1 = torch.matmul(torch.where(odd, weight, 0), vv)
+    # CUDA has no integer matmul: there the sums run in float64, exact because every partial sum
+    # is an integer below N·2^E·2^8 ≤ 2^53 (checked)
+    dt = torch.int64 if v.device.type == "cpu" else torch.float64
+    if dt == torch.float64 and v.shape[-2] * 2 ** (e + 9) > 2**53:
+        raise ValueError(f"log_av_int: {v.shape[-2]} keys × 2^{e} levels exceed float64's exact integers")
+    vv = v.to(dt)
+    acc0 = torch.matmul(torch.where(odd, 0, weight).to(dt), vv).to(torch.int64)
+    acc1 = torch.matmul(torch.where(odd, weight, 0).to(dt), vv).to(torch.int64)
     return acc0, acc1
 
 

@@ -170,14 +170,21 @@ if HAS_TRITON:
         return lo, hi
 
     @triton.jit
+    def _split_even_odd(x, ROWS: tl.constexpr, COLS: tl.constexpr):
+        """(even, odd) columns of a contiguously loaded [ROWS, COLS] tile."""
+        return tl.split(tl.reshape(x, (ROWS, COLS // 2, 2)))
+
+    @triton.jit
     def _int_gemm_kernel(a_ptr, w_ptr, c_ptr, a_scale_ptr, a_zp_ptr, w_scale_ptr, w_zp_ptr, w_colsum_ptr, bias_ptr,
                          M, N, K, stride_am, stride_wn, stride_cm,
                          A_PACKED: tl.constexpr, W_PACKED: tl.constexpr, A_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         OUT_FP16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         GROUP_M: tl.constexpr):
+                         HAS_W_ZP: tl.constexpr, OUT_FP16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         """C = epilogue(A·Wᵀ): int8/int4 operands, int32 accumulation, fused zero-point correction,
-        scales, bias and output cast. Packed int4 operands hold (even, odd) k in (low, high) nibbles;
-        their product is split as dot(even) + dot(odd), so no interleave is needed."""
+        scales, bias and output cast. Unpacked int8 operands are loaded as contiguous tiles and
+        meet in one ``tl.dot``. Packed int4 operands hold (even, odd) k in (low, high) nibbles;
+        their product is split as dot(even) + dot(odd), the unpacked side split to match, so no
+        interleave is needed. Row sums of A (for the weight zero points) only when there are any."""
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
@@ -190,27 +197,36 @@ if HAS_TRITON:
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         arow = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        rk = tl.arange(0, BLOCK_K)
         half = tl.arange(0, BLOCK_K // 2)
         for k0 in range(0, K, BLOCK_K):
-            ke = k0 + 2 * half  # even k of this tile
-            ko = ke + 1
-            me, mo = ke < K, ko < K
-            # activations: even / odd columns
+            kk = k0 + rk
             if A_PACKED:
-                pa = tl.load(a_ptr + rm[:, None] * stride_am + (ke // 2)[None, :], mask=(rm[:, None] < M) & me[None, :], other=0)
+                pa = tl.load(a_ptr + rm[:, None] * stride_am + (k0 // 2 + half)[None, :],
+                             mask=(rm[:, None] < M) & ((k0 + 2 * half) < K)[None, :], other=0)
                 a_e, a_o = _unpack_lo_hi(pa)
             else:
-                a_e = tl.load(a_ptr + rm[:, None] * stride_am + ke[None, :], mask=(rm[:, None] < M) & me[None, :], other=0)
-                a_o = tl.load(a_ptr + rm[:, None] * stride_am + ko[None, :], mask=(rm[:, None] < M) & mo[None, :], other=0)
+                a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0)
             if W_PACKED:
-                pw = tl.load(w_ptr + rn[None, :] * stride_wn + (ke // 2)[:, None], mask=(rn[None, :] < N) & me[:, None], other=0)
+                pw = tl.load(w_ptr + rn[None, :] * stride_wn + (k0 // 2 + half)[:, None],
+                             mask=(rn[None, :] < N) & ((k0 + 2 * half) < K)[:, None], other=0)
                 w_e, w_o = _unpack_lo_hi(pw)
             else:
-                w_e = tl.load(w_ptr + rn[None, :] * stride_wn + ke[:, None], mask=(rn[None, :] < N) & me[:, None], other=0)
-                w_o = tl.load(w_ptr + rn[None, :] * stride_wn + ko[:, None], mask=(rn[None, :] < N) & mo[:, None], other=0)
-            acc += tl.dot(a_e, w_e, out_dtype=tl.int32)
-            acc += tl.dot(a_o, w_o, out_dtype=tl.int32)
-            arow += tl.sum(a_e.to(tl.int32), axis=1) + tl.sum(a_o.to(tl.int32), axis=1)
+                w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)
+            if A_PACKED or W_PACKED:
+                if not A_PACKED:
+                    a_e, a_o = _split_even_odd(a, BLOCK_M, BLOCK_K)
+                if not W_PACKED:
+                    w_e, w_o = _split_even_odd(tl.trans(w), BLOCK_N, BLOCK_K)
+                    w_e, w_o = tl.trans(w_e), tl.trans(w_o)
+                acc += tl.dot(a_e, w_e, out_dtype=tl.int32)
+                acc += tl.dot(a_o, w_o, out_dtype=tl.int32)
+                if HAS_W_ZP:
+                    arow += tl.sum(a_e.to(tl.int32), axis=1) + tl.sum(a_o.to(tl.int32), axis=1)
+            else:
+                acc += tl.dot(a, w, out_dtype=tl.int32)
+                if HAS_W_ZP:
+                    arow += tl.sum(a.to(tl.int32), axis=1)
         if A_PER_ROW:
             s_a = tl.load(a_scale_ptr + rm, mask=rm < M, other=0.0)
             z_a = tl.load(a_zp_ptr + rm, mask=rm < M, other=0).to(tl.int32)
@@ -307,12 +323,14 @@ def int_linear(a: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor, w: to
     bias_t = bias.float().contiguous() if bias is not None else c
     args = (a, w, c, a_scale, a_zp, w_scale, w_zp, w_colsum, bias_t, m, n, k, a.stride(0), w.stride(0), c.stride(0))
     flags = dict(A_PACKED=a_packed, W_PACKED=w_packed, A_PER_ROW=per_row, HAS_BIAS=bias is not None,
-                 OUT_FP16=out_dtype == torch.float16)
+                 HAS_W_ZP=bool(w_zp.any()), OUT_FP16=out_dtype == torch.float16)
+    # enable_fp_fusion=False: the epilogue's multiply-then-add must round like the reference's
+    # (a fused multiply-add rounds once and differs from it in the last bit)
     if blocks is None and dev.type == "cuda":
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _int_gemm_tuned[grid](*args, **flags)
+        _int_gemm_tuned[grid](*args, **flags, enable_fp_fusion=False)
     else:
         bm, bn, bk = blocks or (16, 16, 32)
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-        _int_gemm_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
+        _int_gemm_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4, enable_fp_fusion=False)
     return c

@@ -26,6 +26,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-e2e", action="store_true")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="ViT-B batches: M = 197·batch")
     args = ap.parse_args()
 
     import torch
@@ -41,7 +42,8 @@ def main() -> int:
     rows = []
     print(torch.cuda.get_device_name())
     print(f"{'M':>6} {'K':>5} {'N':>5} {'fp16 TF':>8} {'_int_mm':>8} {'w8a8':>8} {'w4a8':>8} {'w4a4':>8} {'w8a8/fp16':>9}")
-    for b in BATCHES:
+    batches = [int(b) for b in args.batches.split(",")]
+    for b in batches:
         m = 197 * b
         for k, n in SHAPES:
             g = torch.Generator(device=dev).manual_seed(0)
@@ -71,7 +73,7 @@ def main() -> int:
 
     print(f"\nattention matmuls, ViT-B/16 (12 heads, 197 tokens, head dim 64)")
     print(f"{'batch':>6} {'op':>6} {'fp16 TF':>8} {'int8 TOPS':>9} {'int8/fp16':>9}")
-    for b in BATCHES:
+    for b in batches:
         g = torch.Generator(device=dev).manual_seed(0)
         for op, (m, k, n) in {"q·kᵀ": (197, 64, 197), "A·v": (197, 197, 64)}.items():
             a8 = torch.randint(-128, 127, (b * 12, m, k), device=dev, dtype=torch.int8, generator=g)

@@ -10,6 +10,7 @@ from fxquant.kernels.bitlog2 import (
     bitlog2_av, bitlog2_av_float64_ref, bitlog2_av_ref, bitlog2_codes_ref, pack_int4, softmax_bitlog2_codes, unpack_int4,
 )
 from fxquant.quant.primitives import BITLOG2_VARIANTS
+from kernel_device import on_device
 
 VARIANTS = list(BITLOG2_VARIANTS)
 SHAPES = [(1, 1, 1), (2, 3, 13), (1, 2, 65)]  # (batch, heads, tokens): 1, odd, CIFAR ViT's 65
@@ -22,13 +23,13 @@ def test_codes_bit_identical(variant, shape):
     b, h, n = shape
     scores = torch.randn(b, h, n, n, generator=g) * 3
     ref = bitlog2_codes_ref(scores, variant)
-    got = softmax_bitlog2_codes(scores, variant, pack=False)
+    got = on_device(softmax_bitlog2_codes, scores, variant, pack=False)
     assert got.dtype == torch.int8 and torch.equal(got.to(torch.int32), ref)
     probs = torch.softmax(scores, -1)  # codes from given probabilities: same rule, no softmax
-    assert torch.equal(softmax_bitlog2_codes(probs, variant, pack=False, from_logits=False).to(torch.int32),
+    assert torch.equal(on_device(softmax_bitlog2_codes, probs, variant, pack=False, from_logits=False).to(torch.int32),
                        bitlog2_codes_ref(probs, variant, from_logits=False))
     if variant.endswith("16"):
-        packed = softmax_bitlog2_codes(scores, variant)
+        packed = on_device(softmax_bitlog2_codes, scores, variant)
         assert packed.dtype == torch.uint8 and packed.shape[-1] == (n + 1) // 2
         assert torch.equal(packed, pack_int4(ref)) and torch.equal(unpack_int4(packed, n), ref)
 
@@ -39,7 +40,7 @@ def test_pack_round_trip_and_range_check():
     with pytest.raises(ValueError, match="16-level"):
         pack_int4(torch.tensor([16]))
     with pytest.raises(ValueError, match="17 levels"):
-        softmax_bitlog2_codes(torch.randn(2, 4), "half17", pack=True)
+        on_device(softmax_bitlog2_codes, torch.randn(2, 4), "half17", pack=True)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -52,18 +53,18 @@ def test_integer_av_equals_reference(variant, shape):
     codes = bitlog2_codes_ref(scores, variant)
     ref = bitlog2_av_ref(codes, v, variant)
     assert torch.equal(ref.double(), bitlog2_av_float64_ref(codes, v, variant))  # shifts == D·v
-    got = bitlog2_av(codes.to(torch.int8), v, variant, packed=False)
+    got = on_device(bitlog2_av, codes.to(torch.int8), v, variant, packed=False)
     assert got.dtype == torch.int32 and torch.equal(got.to(torch.int64), ref)
     if variant.endswith("16"):
-        assert torch.equal(bitlog2_av(pack_int4(codes), v, variant).to(torch.int64), ref)
+        assert torch.equal(on_device(bitlog2_av, pack_int4(codes), v, variant).to(torch.int64), ref)
 
 
 def test_av_rejects_float_v_and_bad_shapes():
     codes = torch.zeros(1, 4, 4, dtype=torch.int8)
     with pytest.raises(TypeError, match="integer v"):
-        bitlog2_av(codes, torch.randn(1, 4, 2), "half17")
+        on_device(bitlog2_av, codes, torch.randn(1, 4, 2), "half17")
     with pytest.raises(ValueError, match="do not fit"):
-        bitlog2_av(codes, torch.zeros(1, 5, 2, dtype=torch.int32), "half17")
+        on_device(bitlog2_av, codes, torch.zeros(1, 5, 2, dtype=torch.int32), "half17")
 
 
 def test_integer_av_matches_fake_quant_graph(cifar_info, cifar_data):
@@ -96,7 +97,7 @@ def test_integer_av_matches_fake_quant_graph(cifar_info, cifar_data):
     variant = a_fq.spec.bitlog2_variant
     codes = bitlog2_codes_ref(seen["a"], variant, from_logits=False)
     v_int = (quantize(seen["v"], v_fq.scale, v_fq.zero_point, v_fq.spec) - v_fq.zero_point).to(torch.int32)
-    acc = bitlog2_av(codes.to(torch.int8), v_int, variant, packed=False)
+    acc = on_device(bitlog2_av, codes.to(torch.int8), v_int, variant, packed=False)
     assert torch.equal(acc.to(torch.int64), bitlog2_av_ref(codes, v_int, variant))
     integer_path = acc.double() * (v_fq.scale.double() / a_fq.scale.double())
     float_path = seen["av"].double()

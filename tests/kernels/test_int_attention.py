@@ -14,6 +14,7 @@ from fxquant.kernels.int_attention import (
 from fxquant.kernels.int_linear import code_offset, to_signed_codes
 from fxquant.quant import QuantSpec, choose_qparams
 from fxquant.quant.primitives import bitlog2_input, bitlog2_codes_from_int, fake_quantize
+from kernel_device import on_device
 
 BMM_SHAPES = [(1, 1, 16, 16, 16), (2, 3, 17, 40, 33), (1, 4, 50, 32, 50)]  # (B, H, M, K, N)
 
@@ -37,7 +38,7 @@ def test_int_bmm_equals_integer_reference(bits, symmetric, shape, transposed_b):
     ref = int_bmm_ref(qa, za, qb, zb)
     expect = ref.to(torch.float32) * (float(sa) * float(sb))  # same epilogue as the kernels
     cpu = int_bmm_cpu(qa, sa, za, qb, sb, zb, bits=(bits, bits))
-    tri = int_bmm(qa, sa, za, qb, sb, zb)
+    tri = on_device(int_bmm, qa, sa, za, qb, sb, zb)
     assert torch.equal(cpu, expect) and torch.equal(tri, expect)
     f64 = int_bmm_float64_ref(qa, sa, za, qb, sb, zb)
     assert torch.allclose(tri.double(), f64, rtol=1e-6, atol=1e-6 * f64.abs().max().item())
@@ -48,13 +49,13 @@ def test_int_bmm_equals_integer_reference(bits, symmetric, shape, transposed_b):
 def test_int_bmm_fp16_output_and_bad_input():
     qa = torch.randint(-128, 128, (2, 20, 24), dtype=torch.int8)
     qb = torch.randint(-128, 128, (2, 24, 18), dtype=torch.int8)
-    out = int_bmm(qa, 0.01, 3, qb, 0.02, -5, out_dtype=torch.float16)
+    out = on_device(int_bmm, qa, 0.01, 3, qb, 0.02, -5, out_dtype=torch.float16)
     assert out.dtype == torch.float16
     assert torch.equal(out, (int_bmm_ref(qa, 3, qb, -5).float() * (0.01 * 0.02)).half())
     with pytest.raises(TypeError, match="int8"):
-        int_bmm(qa.int(), 1.0, 0, qb, 1.0, 0)
+        on_device(int_bmm, qa.int(), 1.0, 0, qb, 1.0, 0)
     with pytest.raises(ValueError, match="do not multiply"):
-        int_bmm(qa, 1.0, 0, qb[:, :20], 1.0, 0)
+        on_device(int_bmm, qa, 1.0, 0, qb[:, :20], 1.0, 0)
 
 
 def _softmax_rows(b: int, n: int, seed: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ from fxquant.kernels.int_linear import (
     to_signed_codes, unpack_int4,
 )
 from fxquant.quant import QuantSpec, choose_qparams
+from kernel_device import on_device
 
 SHAPES = [(1, 16, 8), (33, 48, 40), (65, 130, 17)]  # (M, K, N)
 
@@ -24,7 +25,7 @@ def test_activation_quantization_bit_identical(bits, symmetric, pack, m, k):
     x = torch.randn(m, k, generator=g) * 2
     spec = QuantSpec(bits=bits, symmetric=symmetric)
     s, z = choose_qparams(x.min(), x.max(), spec)
-    codes, _, zp = quantize_act(x, spec, s, z, pack=pack)
+    codes, _, zp = on_device(quantize_act, x, spec, s, z, pack=pack)
     ref = to_signed_codes(x, s, z, spec)
     if pack:
         assert codes.dtype == torch.uint8 and torch.equal(codes, pack_int4(ref)) and torch.equal(unpack_int4(codes), ref)
@@ -35,7 +36,7 @@ def test_activation_quantization_bit_identical(bits, symmetric, pack, m, k):
 
 def test_per_token_quantization_bit_identical():
     x = torch.randn(37, 100, generator=torch.Generator().manual_seed(3)) * torch.linspace(0.1, 5, 37)[:, None]
-    codes, scale, zp = quantize_act(x, QuantSpec(bits=8, symmetric=True), per_token=True)
+    codes, scale, zp = on_device(quantize_act, x, QuantSpec(bits=8, symmetric=True), per_token=True)
     s_ref, _ = per_token_qparams(x, 8)
     assert torch.equal(scale, s_ref) and torch.equal(zp, torch.zeros(37, dtype=torch.int32))
     assert torch.equal(codes, to_signed_codes(x, s_ref[:, None], torch.zeros(37, 1), QuantSpec(bits=8, symmetric=True)))
@@ -60,9 +61,9 @@ def test_int_gemm_equals_integer_reference(kind, m, k, n):
     a_scale, a_zp = torch.tensor(0.037), torch.tensor(5)
     a_in = pack_int4(a) if a_bits == 4 else a
     w_in = pack_int4(w) if w_bits == 4 else w
-    got = int_linear(a_in, a_scale, a_zp, w_in, ws, wz, bias, k=k, a_packed=a_bits == 4, w_packed=w_bits == 4)
+    got = on_device(int_linear, a_in, a_scale, a_zp, w_in, ws, wz, bias, k=k, a_packed=a_bits == 4, w_packed=w_bits == 4)
     ref = int_linear_ref(a, a_scale, a_zp, w, ws, wz, bias)
-    assert torch.equal(got, ref)  # int32 accumulation is exact; the epilogue is the same float ops
+    assert torch.equal(got, ref), (got - ref).abs().max()  # int32 accumulation is exact; same float epilogue
     f64 = int_linear_float64_ref(a, a_scale, a_zp, w, ws, wz, bias)
     assert torch.allclose(got.double(), f64, rtol=1e-6, atol=1e-6 * f64.abs().max().item())
 
@@ -71,9 +72,10 @@ def test_per_row_activation_scales_and_fp16_output():
     a, w, ws, wz, bias = _operands(20, 64, 24, 8, 8, seed=1)
     sa = torch.rand(20) * 0.05
     za = torch.zeros(20, dtype=torch.int32)
-    got = int_linear(a, sa, za, w, ws, wz, bias, out_dtype=torch.float16)
+    got = on_device(int_linear, a, sa, za, w, ws, wz, bias, out_dtype=torch.float16)
     assert got.dtype == torch.float16
-    assert torch.equal(got, int_linear_ref(a, sa, za, w, ws, wz, bias).half())
+    ref = int_linear_ref(a, sa, za, w, ws, wz, bias).half()
+    assert torch.equal(got, ref), (got.float() - ref.float()).abs().max()
 
 
 def test_cpu_integer_path_equals_reference():
@@ -88,5 +90,5 @@ def test_pack_round_trip_and_errors():
     with pytest.raises(ValueError, match="even"):
         pack_int4(torch.zeros(3, 5, dtype=torch.int8))
     with pytest.raises(ValueError, match="inner dimensions"):
-        int_linear(torch.zeros(2, 16, dtype=torch.int8), torch.tensor(1.0), torch.tensor(0), torch.zeros(4, 32, dtype=torch.int8),
+        on_device(int_linear, torch.zeros(2, 16, dtype=torch.int8), torch.tensor(1.0), torch.tensor(0), torch.zeros(4, 32, dtype=torch.int8),
                    torch.ones(4), torch.zeros(4))
