@@ -180,9 +180,9 @@ def _why_not(linear: nn.Module, act: FakeQuantize | None) -> str:
     a, w = act.spec, linear.weight_fake_quant.spec
     if a.scheme != "uniform":
         return f"input quantizer is {a.scheme}"
-    if not isinstance(a.granularity, PerTensor) or act.scale.numel() != 1:
+    if not _per_tensor(act):
         return "input quantizer is not per tensor"
-    if not torch.equal(act.zero_point, act.zero_point.round()) or not a.integer_zero_point:
+    if not _integer_zero_point(act):
         return "input zero point is fractional"
     if w.scheme != "uniform" or not isinstance(w.granularity, (PerAxis, PerTensor)):
         return f"weight quantizer {w.short()} is not uniform per channel"
