@@ -157,6 +157,15 @@ class LoweredMatmul(nn.Module):
         return f"kind={self.kind}, a={self.a_spec.short()}, b={self.b_spec.short()}"
 
 
+def _drop_if_unused(gm: fx.GraphModule, quantizer_node: fx.Node) -> None:
+    """Remove a fake-quantize node, and its module, that the lowered module has made redundant."""
+    if quantizer_node.users:
+        return
+    gm.graph.erase_node(quantizer_node)
+    parent, _, leaf = str(quantizer_node.target).rpartition(".")
+    delattr(gm.get_submodule(parent) if parent else gm, leaf)
+
+
 def _why_not_matmul(a_fq: FakeQuantize | None, b_fq: FakeQuantize | None) -> str:
     if a_fq is None or b_fq is None or a_fq is b_fq:
         return "operands are not both fake-quantized"
@@ -236,10 +245,7 @@ class LowerToKernels(Pass):
             parent, _, leaf = str(node.target).rpartition(".")
             setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
             node.args = (src.args[0],) + tuple(node.args[1:])
-            if not src.users:
-                gm.graph.erase_node(src)
-                qparent, _, qleaf = str(src.target).rpartition(".")
-                delattr(gm.get_submodule(qparent), qleaf)
+            _drop_if_unused(gm, src)
             lowered.append(str(node.target))
         lowered_mm = self._lower_matmuls(gm, kept, set(ctx.record().get("lowered_matmuls", [])) if ctx.replay else None)
         if not lowered and not lowered_mm and replay is None:
@@ -256,12 +262,12 @@ class LowerToKernels(Pass):
         for node in list(gm.graph.nodes):
             if match.op_kind(node, modules) != "matmul" or node.op == "call_module":
                 continue
-            operands = list(node.args[:2])
+            operands = list(node.args)
+            if len(operands) != 2 or node.kwargs:
+                kept[node.name] = "matmul not of the form matmul(a, b)"
+                continue
             fqs = [modules.get(x.target) if isinstance(x, fx.Node) and x.op == "call_module" else None for x in operands]
             fqs = [m if isinstance(m, FakeQuantize) else None for m in fqs]
-            if len(operands) != 2 or node.kwargs:
-                kept[node.name] = "matmul with keyword arguments"
-                continue
             if replay is not None:
                 if node.name not in replay:
                     continue
@@ -280,9 +286,6 @@ class LowerToKernels(Pass):
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             for q in operands:
-                if not q.users:
-                    gm.graph.erase_node(q)
-                    parent, _, leaf = str(q.target).rpartition(".")
-                    delattr(gm.get_submodule(parent) if parent else gm, leaf)
+                _drop_if_unused(gm, q)
             done.append(node.name)
         return done

@@ -55,9 +55,12 @@ def _operands(m, k, n, a_bits, w_bits, seed):
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
 @pytest.mark.parametrize("kind", ["w8a8", "w4a8", "w4a4"])
-def test_int_gemm_equals_integer_reference(kind, m, k, n):
+@pytest.mark.parametrize("weight_zp", ["asymmetric", "symmetric"])  # the kernel skips A's row sums without weight zero points
+def test_int_gemm_equals_integer_reference(kind, m, k, n, weight_zp):
     a_bits, w_bits = {"w8a8": (8, 8), "w4a8": (8, 4), "w4a4": (4, 4)}[kind]
     a, w, ws, wz, bias = _operands(m, k, n, a_bits, w_bits, seed=m + k + n)
+    if weight_zp == "symmetric":
+        wz = torch.zeros_like(wz)
     a_scale, a_zp = torch.tensor(0.037), torch.tensor(5)
     a_in = pack_int4(a) if a_bits == 4 else a
     w_in = pack_int4(w) if w_bits == 4 else w
