@@ -3,13 +3,13 @@
 ``to_onnx(qmodel, example_inputs, path)`` rewrites a copy of the quantized GraphModule into
 export-ready modules and runs ``torch.onnx.export(dynamo=True)``:
 
-* **weights** (``QuantLinear``/``QuantConv2d``, per output channel): integer initializers (the codes
-  from ``quant.primitives.quantize``) + ``DequantizeLinear(axis=0)``. 2-7-bit codes are stored in
-  int8 initializers (onnxruntime's QDQ fusions take int8/uint8; opset-21 int4 is left out).
+* **weights** (``QuantLinear``/``QuantConv2d``, per output channel): integer initializers +
+  ``DequantizeLinear(axis=0)``. The codes are the quantizer core's signed codes
+  (``fxquant.quant`` code rule: ``q - 2^(b-1)`` for asymmetric specs, zero point shifted with them),
+  int8 for every width (onnxruntime's QDQ fusions take int8/uint8; opset-21 int4 is left out).
 * **uniform activations** (per tensor): ``QuantizeLinear`` → ``DequantizeLinear``, int8 by default
-  (zero point shifted by -128 for asymmetric quantizers, the same integers), uint8 on request.
-  Below 8 bits a ``Clip`` to the quantizer's range precedes the 8-bit pair: the codes are then the
-  low-bit codes, exactly.
+  (the same signed-code rule), uint8 (unsigned codes) on request. Below 8 bits a ``Clip`` to the
+  quantizer's range precedes the 8-bit pair: the codes are then the low-bit codes, exactly.
 * **log quantizers** (log√2, log2, BitLog2) have no ONNX op. They are exported with standard ops as
   the very computation fxquant runs: ``r = x / Δ``, compare ``r`` with the float32 rounding midpoints
   (``LessOrEqual`` + ``ReduceSum`` = the code), then ``Gather`` from the float32 level table and
@@ -18,6 +18,9 @@ export-ready modules and runs ``torch.onnx.export(dynamo=True)``:
   the integer A·v of ``fxquant.kernels.bitlog2``.
 * **QwT compensation**: a float ``Gemm`` (fp16 compute is emulated in fp32 with fp16-rounded weights,
   input and output, since onnxruntime's CPU provider has no fp16 Gemm).
+* **lowered graphs** (``compile(..., lower=True)``): a ``LoweredLinear`` already holds the signed
+  weight codes and its input quantizer; it becomes the same ``Q→DQ(x)``, ``DQ(W)`` → ``MatMul``. A
+  ``LoweredMatmul`` becomes ``matmul`` of its two operand quantizers.
 * RepQ-ViT reparameterization needs nothing: the folded LayerNorm and Linear parameters are the
   graph's parameters.
 
@@ -41,7 +44,7 @@ import copy
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +52,10 @@ from torch import fx, nn
 
 from fxquant.errors import ConfigError
 from fxquant.graph import logits_of
-from fxquant.quant import FakeQuantize, PerTensor, QuantConv2d, QuantLinear, QuantSpec, quantize
-from fxquant.quant.primitives import BITLOG2_VARIANTS, bitlog2_level_table, log_level_table, log_thresholds
+from fxquant.kernels.int_linear import code_offset, to_signed_codes
+from fxquant.kernels.lowered import LoweredLinear, LoweredMatmul
+from fxquant.quant import CompensationLinear, FakeQuantize, PerTensor, QuantConv2d, QuantLinear, QuantSpec
+from fxquant.quant.primitives import bitlog2_input, bitlog2_level_table, log_code_of_count, log_level_table, log_thresholds
 
 try:  # registers torch.ops.quantized_decomposed (the ops the ONNX exporter maps to Q/DQ)
     import torch.ao.quantization.fx._decomposed  # noqa: F401
@@ -61,47 +66,45 @@ _qd = torch.ops.quantized_decomposed
 DEFAULT_OPSET = 18
 
 
-def _int8_container(spec: QuantSpec, zero_point: torch.Tensor, act_dtype: str) -> tuple[torch.dtype, int, int, torch.Tensor]:
-    """ONNX integer type, its range, and the zero point in that type for a uniform spec."""
+def _container(spec: QuantSpec, act_dtype: str) -> tuple[torch.dtype, int, int, int]:
+    """ONNX integer type of a uniform spec's codes, its range, and the code offset (the quantizer
+    core's signed-code rule for int8; unsigned codes as they are for uint8)."""
     if spec.symmetric or act_dtype == "int8":
-        shift = 0 if spec.symmetric else -128
-        return torch.int8, -128, 127, (zero_point + shift)
-    return torch.uint8, 0, 255, zero_point
+        return torch.int8, -128, 127, code_offset(spec)
+    return torch.uint8, 0, 255, 0
 
 
 class ExportActQuant(nn.Module):
-    """Export form of an activation ``FakeQuantize`` (see module docstring)."""
+    """Export form of an activation quantizer ``(spec, scale, zero point)`` (see module docstring)."""
 
-    def __init__(self, fq: FakeQuantize, act_dtype: str = "int8"):
+    def __init__(self, spec: QuantSpec, scale: torch.Tensor, zero_point: torch.Tensor, label: str, act_dtype: str = "int8"):
         super().__init__()
-        spec = fq.spec
         self.spec = spec
-        self.register_buffer("scale", fq.scale.detach().clone().reshape(()))
+        self.register_buffer("scale", scale.detach().float().clone().reshape(()) if scale.numel() == 1 else scale.detach().clone())
         if spec.scheme == "uniform":
-            if not isinstance(spec.granularity, PerTensor) or fq.scale.numel() != 1:
-                raise ConfigError(f"ONNX export: activation quantizer '{fq.label}' is not per-tensor ({spec.short()}); "
+            if not isinstance(spec.granularity, PerTensor) or scale.numel() != 1:
+                raise ConfigError(f"ONNX export: activation quantizer '{label}' is not per-tensor ({spec.short()}); "
                                   f"export supports per-tensor activations (run repq_reparam for per-channel LN outputs)")
-            zp = fq.zero_point.detach().reshape(())
+            zp = zero_point.detach().float().reshape(())
             if not torch.equal(zp, zp.round()):
-                raise ConfigError(f"ONNX export: quantizer '{fq.label}' has a fractional zero point {zp.item():.3f} "
+                raise ConfigError(f"ONNX export: quantizer '{label}' has a fractional zero point {zp.item():.3f} "
                                   f"(RepQ-faithful z̃); recompile with round_target_zero_point=True")
-            self.dtype, self.qlo, self.qhi, zp8 = _int8_container(spec, zp, act_dtype)
-            self.zp8 = int(zp8.item())
+            self.dtype, self.qlo, self.qhi, offset = _container(spec, act_dtype)
+            self.zp8 = int(zp.item()) - offset
             self.s = float(self.scale.item())  # python constants: torch.export keeps them as attributes
             self.lo = float(((spec.qmin - zp) * self.scale).item())
             self.hi = float(((spec.qmax - zp) * self.scale).item())
             self.narrow = spec.bits < 8
         elif spec.scheme == "bitlog2":
-            m, _ = BITLOG2_VARIANTS[spec.bitlog2_variant]
-            self.m = m
-            levels = bitlog2_level_table(spec.bitlog2_variant)
-            self.register_buffer("thresholds", levels[1:].float())  # code = #levels <= n
-            self.register_buffer("table", levels.float() / self.scale)
+            self.register_buffer("thresholds", bitlog2_level_table(spec.bitlog2_variant)[1:].float())  # code = #levels <= n
+            self.register_buffer("table", bitlog2_level_table(spec.bitlog2_variant).float() / self.scale)
         else:
             self.register_buffer("thresholds", log_thresholds(spec))
             self.register_buffer("table", log_level_table(spec))
-            self.zero_code = spec.zero_code
-            self.qmax = spec.qmax
+
+    @classmethod
+    def from_fake_quant(cls, fq: FakeQuantize, act_dtype: str = "int8") -> "ExportActQuant":
+        return cls(fq.spec, fq.scale, fq.zero_point, fq.label, act_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
@@ -111,32 +114,33 @@ class ExportActQuant(nn.Module):
             q = _qd.quantize_per_tensor(x, self.s, self.zp8, self.qlo, self.qhi, self.dtype)
             return _qd.dequantize_per_tensor(q, self.s, self.zp8, self.qlo, self.qhi, self.dtype)
         if spec.scheme == "bitlog2":
-            n = torch.clamp(torch.floor(x * self.m), 0, self.m - 1)
+            n = bitlog2_input(x, spec.bitlog2_variant)
             code = (n.unsqueeze(-1) >= self.thresholds).sum(-1)
             return self.table[code]
         count = ((x / self.scale).unsqueeze(-1) <= self.thresholds).sum(-1)
-        code = torch.where(count >= self.thresholds.numel(), torch.full_like(count, self.zero_code), count.clamp(max=self.qmax))
-        return self.scale * self.table[code]
+        return self.scale * self.table[log_code_of_count(count, spec)]
 
 
 class _ExportWeight(nn.Module):
-    """Integer weight codes + per-channel dequantization (exports as int initializer → DequantizeLinear)."""
+    """Signed integer weight codes + per-channel dequantization (exports as an int8 initializer →
+    ``DequantizeLinear``). Codes and zero points follow the quantizer core's signed-code rule, so
+    they are the very integers a lowered layer holds."""
 
-    def __init__(self, weight: torch.Tensor, fq: FakeQuantize):
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, label: str):
         super().__init__()
-        spec = fq.spec
-        codes = quantize(weight.detach().float(), fq.scale, fq.zero_point, spec)
+        self.register_buffer("codes", codes.to(torch.int8))
+        self.register_buffer("scales", scales.detach().reshape(-1).float().clone())
+        self.register_buffer("zps", zero_points.detach().reshape(-1).to(torch.int64).clone())
+        if self.scales.numel() not in (1, codes.shape[0]):
+            raise ConfigError(f"ONNX export: weight quantizer '{label}' must be per-tensor or per output channel")
+        self.per_tensor = (float(self.scales[0]), int(self.zps[0])) if self.scales.numel() == 1 else None
+
+    @classmethod
+    def from_fake_quant(cls, weight: torch.Tensor, fq: FakeQuantize) -> "_ExportWeight":
         if not torch.equal(fq.zero_point, fq.zero_point.round()):
             raise ConfigError(f"ONNX export: weight quantizer '{fq.label}' has a fractional zero point")
-        # codes fit int8 for every spec fxquant makes: signed [-128, 127] or unsigned [0, 2^b - 1] with b <= 7;
-        # 8-bit asymmetric codes [0, 255] shift by -128 (zero point too)
-        shift = -128 if (not spec.symmetric and spec.bits == 8) else 0
-        self.register_buffer("codes", (codes + shift).to(torch.int8))
-        self.register_buffer("scales", fq.scale.detach().reshape(-1).float().clone())
-        self.register_buffer("zps", (fq.zero_point.detach().reshape(-1) + shift).to(torch.int64))
-        if self.scales.numel() not in (1, weight.shape[0]):
-            raise ConfigError(f"ONNX export: weight quantizer '{fq.label}' must be per-tensor or per output channel")
-        self.per_tensor = (float(self.scales[0]), int(self.zps[0])) if self.scales.numel() == 1 else None
+        codes = to_signed_codes(weight.detach().float(), fq.scale, fq.zero_point, fq.spec)
+        return cls(codes, fq.scale, fq.zero_point - code_offset(fq.spec), fq.label)
 
     def forward(self) -> torch.Tensor:
         if self.per_tensor is not None:
@@ -145,19 +149,25 @@ class _ExportWeight(nn.Module):
 
 
 class ExportLinear(nn.Module):
-    def __init__(self, mod: QuantLinear):
+    """``linear(x, DQ(W))``, with the input quantizer in front when the layer quantizes it itself
+    (a lowered Linear)."""
+
+    def __init__(self, w: _ExportWeight, bias: torch.Tensor | None, act: ExportActQuant | None = None):
         super().__init__()
-        self.w = _ExportWeight(mod.weight, mod.weight_fake_quant)
-        self.bias = None if mod.bias is None else nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
+        self.act = act
+        self.w = w
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
     def forward(self, x):
+        if self.act is not None:
+            x = self.act(x)
         return F.linear(x, self.w(), self.bias)
 
 
 class ExportConv2d(nn.Module):
     def __init__(self, mod: QuantConv2d):
         super().__init__()
-        self.w = _ExportWeight(mod.weight, mod.weight_fake_quant)
+        self.w = _ExportWeight.from_fake_quant(mod.weight, mod.weight_fake_quant)
         self.bias = None if mod.bias is None else nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
         self.stride, self.padding, self.dilation, self.groups = mod.stride, mod.padding, mod.dilation, mod.groups
 
@@ -165,10 +175,21 @@ class ExportConv2d(nn.Module):
         return F.conv2d(x, self.w(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+class ExportMatmul(nn.Module):
+    """``matmul(Q/DQ(a), Q/DQ(b))``: a lowered attention matmul, back in QDQ form."""
+
+    def __init__(self, a: ExportActQuant, b: ExportActQuant):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, a, b):
+        return torch.matmul(self.a(a), self.b(b))
+
+
 class ExportCompensation(nn.Module):
     """QwT's compensation Gemm; fp16 compute emulated with fp16 rounding of input, weight, output."""
 
-    def __init__(self, mod):
+    def __init__(self, mod: CompensationLinear):
         super().__init__()
         w = mod.weight_fake_quant(mod.weight) if mod.weight_fake_quant is not None else mod.weight
         self.half = mod.compute_dtype == "float16"
@@ -182,31 +203,101 @@ class ExportCompensation(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+# ------------------------------------------------------------------------------------------
+# One handler per runtime module kind (as onnxruntime's quantizer registers one per op type)
+# ------------------------------------------------------------------------------------------
+
+ExportHandler = Callable[[nn.Module, str, str], "nn.Module | None"]
+EXPORT_HANDLERS: dict[type, ExportHandler] = {}
+
+
+def register_export_handler(module_type: type) -> Callable[[ExportHandler], ExportHandler]:
+    """Register ``handler(module, qualified name, act_dtype) -> export module`` for ``module_type``
+    (and its subclasses). Returning None keeps the module as it is."""
+
+    def deco(fn: ExportHandler) -> ExportHandler:
+        EXPORT_HANDLERS[module_type] = fn
+        return fn
+
+    return deco
+
+
+def export_handler(mod: nn.Module) -> ExportHandler | None:
+    for cls in type(mod).__mro__:
+        if cls in EXPORT_HANDLERS:
+            return EXPORT_HANDLERS[cls]
+    return None
+
+
+@register_export_handler(FakeQuantize)
+def _export_fake_quant(mod: FakeQuantize, name: str, act_dtype: str) -> nn.Module | None:
+    if mod.weight:  # a weight quantizer is exported by the layer that owns it
+        return None
+    if not mod.fake_quant_enabled:
+        raise ConfigError(f"ONNX export: quantizer '{name}' is disabled; export a calibrated model")
+    return ExportActQuant.from_fake_quant(mod, act_dtype)
+
+
+@register_export_handler(QuantLinear)
+def _export_quant_linear(mod: QuantLinear, name: str, act_dtype: str) -> nn.Module:
+    return ExportLinear(_ExportWeight.from_fake_quant(mod.weight, mod.weight_fake_quant), mod.bias)
+
+
+@register_export_handler(QuantConv2d)
+def _export_quant_conv(mod: QuantConv2d, name: str, act_dtype: str) -> nn.Module:
+    return ExportConv2d(mod)
+
+
+@register_export_handler(CompensationLinear)
+def _export_compensation(mod: CompensationLinear, name: str, act_dtype: str) -> nn.Module:
+    return ExportCompensation(mod)
+
+
+@register_export_handler(LoweredLinear)
+def _export_lowered_linear(mod: LoweredLinear, name: str, act_dtype: str) -> nn.Module:
+    # the lowered layer already holds the signed integer codes QDQ needs
+    act = ExportActQuant(mod.act_spec, mod.a_scale, mod.a_zp, f"{name} (input)", act_dtype)
+    w = _ExportWeight(mod.weight_codes(), mod.w_scale, mod.w_zp, name)
+    return ExportLinear(w, mod.bias, act)
+
+
+@register_export_handler(LoweredMatmul)
+def _export_lowered_matmul(mod: LoweredMatmul, name: str, act_dtype: str) -> nn.Module:
+    return ExportMatmul(ExportActQuant(mod.a_spec, mod.a_scale, mod.a_zp, f"{name} (first operand)", act_dtype),
+                        ExportActQuant(mod.b_spec, mod.b_scale, mod.b_zp, f"{name} (second operand)", act_dtype))
+
+
+def _is_fxquant_module(mod: nn.Module) -> bool:
+    return type(mod).__module__.split(".")[0] == "fxquant"
+
+
 def _set_module(gm: nn.Module, path: str, mod: nn.Module) -> None:
     parent, _, leaf = path.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, leaf, mod)
 
 
 def prepare_for_export(qmodel: fx.GraphModule, *, act_dtype: str = "int8") -> fx.GraphModule:
-    """A copy of ``qmodel`` whose quantizers are export-ready modules (same function)."""
-    from fxquant.passes.qwt import CompensationLinear
+    """A copy of ``qmodel`` whose fxquant runtime modules are export-ready modules (same function).
 
+    Every fxquant module kind goes through its handler in ``EXPORT_HANDLERS``; a kind without one
+    is an error naming the module, so a new runtime module cannot be exported silently wrong."""
     if act_dtype not in ("int8", "uint8"):
         raise ConfigError(f"act_dtype must be 'int8' or 'uint8', got {act_dtype!r}")
     gm = copy.deepcopy(qmodel)
+    replaced: list[str] = []
     for name, mod in list(gm.named_modules()):
-        if not name:
+        if not name or any(name.startswith(r + ".") for r in replaced):
+            continue  # the root, or inside a module already replaced as a whole
+        handler = export_handler(mod)
+        if handler is None:
+            if _is_fxquant_module(mod):
+                raise ConfigError(f"ONNX export: no export handler for '{name}' ({type(mod).__qualname__}); register one "
+                                  f"with fxquant.export.register_export_handler({type(mod).__qualname__})")
             continue
-        if isinstance(mod, FakeQuantize) and not mod.weight:
-            if not mod.fake_quant_enabled:
-                raise ConfigError(f"ONNX export: quantizer '{name}' is disabled; export a calibrated model")
-            _set_module(gm, name, ExportActQuant(mod, act_dtype))
-        elif isinstance(mod, QuantLinear):
-            _set_module(gm, name, ExportLinear(mod))
-        elif isinstance(mod, QuantConv2d):
-            _set_module(gm, name, ExportConv2d(mod))
-        elif isinstance(mod, CompensationLinear):
-            _set_module(gm, name, ExportCompensation(mod))
+        new = handler(mod, name, act_dtype)
+        if new is not None:
+            _set_module(gm, name, new)
+            replaced.append(name)
     gm.recompile()
     return gm
 

@@ -5,7 +5,7 @@
     print(fxquant.report(qmodel))
 """
 
-from . import quant
+from . import passes, quant  # importing the passes registers them (fxquant.pipeline.PASS_REGISTRY)
 from .api import compile, report
 from .errors import ArtifactError, CalibrationError, ConfigError, FxQuantError, PassError, TraceError
 from .graph import trace
@@ -15,10 +15,8 @@ from .recipes import Recipe, get_recipe, list_recipes, register_recipe
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "report", "trace", "quant",
+    "compile", "report", "trace", "quant", "passes",
     "Pass", "PassContext", "PassManager", "PassResult", "register_pass",
     "Recipe", "get_recipe", "list_recipes", "register_recipe",
     "FxQuantError", "ConfigError", "TraceError", "CalibrationError", "PassError", "ArtifactError",
 ]
-
-from . import passes  # noqa: E402  (registers the built-in passes)

@@ -10,14 +10,11 @@ from torch import fx, nn
 
 from .calibration import Calibration
 from .errors import ConfigError
-from .graph import CAPTURE_META, trace
+from .graph import trace
+from .meta import CAPTURE, EXAMPLE_INPUTS, PIPELINE, RECIPE, REPORT
+from .passes import LowerToKernels
 from .pipeline import PASS_REGISTRY, Pass, PassContext, PassManager, PipelineReport, pass_from_config
 from .recipes import Recipe, get_recipe
-
-REPORT_META = "fxquant.report"
-PIPELINE_META = "fxquant.pipeline"
-RECIPE_META = "fxquant.recipe"
-INPUTS_META = "fxquant.example_inputs"  # [(shape, dtype)] of the capture inputs, for artifacts
 
 
 def _resolve_passes(passes: Sequence[Pass | str] | None, recipe: Recipe | str | None, overrides: dict) -> tuple[list[Pass], Recipe | None]:
@@ -80,8 +77,6 @@ def compile(
     """
     pass_list, recipe_obj = _resolve_passes(passes, recipe, recipe_options)
     if lower:
-        from .passes import LowerToKernels
-
         pass_list = pass_list + [LowerToKernels()]
     cal = Calibration(calib, progress=progress) if calib is not None else None
     if example_inputs is None and cal is not None:
@@ -94,16 +89,16 @@ def compile(
         example_inputs = (example_inputs,)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if isinstance(model, fx.GraphModule) and CAPTURE_META in model.meta:
+        if isinstance(model, fx.GraphModule) and CAPTURE in model.meta:
             gm = copy.deepcopy(model)
         else:
             gm = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
         ctx = PassContext(calib=cal, example_inputs=tuple(example_inputs or ()), seed=seed, progress=progress)
         gm, rep = PassManager(pass_list).run(gm, ctx)
-    gm.meta[REPORT_META] = rep
-    gm.meta[PIPELINE_META] = [{"pass": p.name, "config": p.config()} for p in pass_list]
-    gm.meta[RECIPE_META] = recipe_obj.to_dict() if recipe_obj is not None else None
-    gm.meta[INPUTS_META] = [(list(t.shape), str(t.dtype).replace("torch.", "")) for t in (example_inputs or ())
+    gm.meta[REPORT] = rep
+    gm.meta[PIPELINE] = [{"pass": p.name, "config": p.config()} for p in pass_list]
+    gm.meta[RECIPE] = recipe_obj.to_dict() if recipe_obj is not None else None
+    gm.meta[EXAMPLE_INPUTS] = [(list(t.shape), str(t.dtype).replace("torch.", "")) for t in (example_inputs or ())
                             if isinstance(t, torch.Tensor)]
     gm.eval()
     return gm
@@ -111,6 +106,6 @@ def compile(
 
 def report(gm: fx.GraphModule) -> PipelineReport:
     """The per-pass report of a compiled graph (print it for a table)."""
-    if REPORT_META not in gm.meta:
+    if REPORT not in gm.meta:
         raise ConfigError("this module was not produced by fxquant.compile (no report attached)")
-    return gm.meta[REPORT_META]
+    return gm.meta[REPORT]

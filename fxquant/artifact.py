@@ -11,17 +11,20 @@ file, checking names and shapes.
 from __future__ import annotations
 
 import json
+from importlib.metadata import version
 import platform
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from safetensors.torch import load_file, save_file
 from torch import fx, nn
 
-from .api import INPUTS_META, PIPELINE_META, RECIPE_META, REPORT_META
 from .errors import ArtifactError
-from .graph import CAPTURE_META, trace
+from .graph import trace
+from .models import load_model
+from .meta import ARTIFACT, CAPTURE, EXAMPLE_INPUTS, PIPELINE, RECIPE, REPORT
 from .pipeline import PassContext, PassManager, pass_from_config
 from .quant import FakeQuantize
 
@@ -53,31 +56,27 @@ def save(gm: fx.GraphModule, out_dir: str | Path, *, model_spec: str | None = No
         example_inputs: recorded by shape, for capturing models that need them (Hugging Face).
         extra: more JSON metadata (e.g. evaluation results).
     """
-    import timm
-
-    from . import __version__
-
-    if PIPELINE_META not in gm.meta:
+    if PIPELINE not in gm.meta:
         raise ArtifactError("only models returned by fxquant.compile can be saved (no pipeline recorded)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().clone().contiguous() for k, v in gm.state_dict().items()}
     save_file(state, str(out / WEIGHTS), metadata={"format": FORMAT})
-    report = gm.meta.get(REPORT_META)
+    report = gm.meta.get(REPORT)
     quantizers = {n: {"spec": m.spec.to_dict(), "weight": m.weight} for n, m in gm.named_modules() if isinstance(m, FakeQuantize)}
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": model_spec,
         "example_inputs": ([(list(t.shape), str(t.dtype).replace("torch.", "")) for t in example_inputs]
-                           if example_inputs else gm.meta.get(INPUTS_META, [])),
-        "recipe": gm.meta.get(RECIPE_META),
-        "pipeline": gm.meta[PIPELINE_META],
+                           if example_inputs else gm.meta.get(EXAMPLE_INPUTS, [])),
+        "recipe": gm.meta.get(RECIPE),
+        "pipeline": gm.meta[PIPELINE],
         "records": [r.record for r in report.passes] if report else [],
         "report": report.to_dict() if report else [],
-        "capture": _json_safe(gm.meta.get(CAPTURE_META, {})),
+        "capture": _json_safe(gm.meta.get(CAPTURE, {})),
         "quantizers": quantizers,
-        "versions": {"fxquant": __version__, "torch": torch.__version__, "timm": timm.__version__,
+        "versions": {"fxquant": version("fxquant"), "torch": torch.__version__, "timm": timm.__version__,
                      "python": platform.python_version()},
         **(extra or {}),
     }
@@ -104,8 +103,6 @@ def load(path: str | Path, model: nn.Module | None = None, *, example_inputs: tu
     Raises:
         ArtifactError: when the saved tensors do not match the rebuilt graph (names or shapes).
     """
-    from .models import load_model
-
     path = Path(path)
     meta = read_meta(path)
     if model is None:
@@ -138,9 +135,9 @@ def load(path: str | Path, model: nn.Module | None = None, *, example_inputs: tu
         lines.append("Load it with the float model it was made from (fxquant.artifact.load(path, model=...)).")
         raise ArtifactError("\n".join(lines))
     gm.load_state_dict(state, strict=True)
-    gm.meta[PIPELINE_META] = meta["pipeline"]
-    gm.meta[RECIPE_META] = meta.get("recipe")
-    gm.meta[REPORT_META] = report
-    gm.meta["fxquant.artifact"] = {k: meta.get(k) for k in ("model", "recipe", "eval", "calib_images", "calib_seconds", "seed")}
+    gm.meta[PIPELINE] = meta["pipeline"]
+    gm.meta[RECIPE] = meta.get("recipe")
+    gm.meta[REPORT] = report
+    gm.meta[ARTIFACT] = {k: meta.get(k) for k in ("model", "recipe", "eval", "calib_images", "calib_seconds", "seed")}
     gm.eval()
     return gm

@@ -3,7 +3,7 @@
 ``calib=`` accepts an iterable of batches (a ``DataLoader``, a list of tensors, a tensor of
 images that is split into batches) or a callable ``forward_loop(model)`` that runs the model
 itself (torch.ao convention). Batches are tensors, ``(inputs, labels)`` tuples or dicts of model
-keyword arguments. Nothing is stored: each batch flows through the observers and is dropped.
+keyword arguments (``fxquant.batches``). Nothing is stored: each batch flows through the observers and is dropped.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from .errors import CalibrationError
-from .graph import run_model
+from .batches import batch_size, call_model, graph_inputs, slice_batch
 
 
 class Calibration:
@@ -68,9 +68,9 @@ class Calibration:
         for batch in batches:
             if left <= 0:
                 return
-            n = _batch_size(batch)
+            n = batch_size(batch)
             if n is not None and n > left:
-                batch = _slice_batch(batch, left)
+                batch = slice_batch(batch, left)
                 n = left
             yield batch
             left -= n if n is not None else 1
@@ -102,46 +102,11 @@ class Calibration:
             for batch in tqdm(batches, total=total, desc=self.desc, disable=not self.progress, leave=False):
                 if on_batch:
                     on_batch(n, batch)
-                run_model(model, batch)
+                call_model(model, batch)
                 n += 1
         if n == 0:
             raise CalibrationError("the calibration data is empty (no batches); pass at least one batch of images")
         return n
-
-
-def _batch_size(batch: Any) -> int | None:
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.dim() else None
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0].shape[0]
-    if isinstance(batch, dict):
-        for v in batch.values():
-            if isinstance(v, torch.Tensor) and v.dim():
-                return v.shape[0]
-    return None
-
-
-def _slice_batch(batch: Any, n: int) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch[:n]
-    if isinstance(batch, (tuple, list)):
-        size = _batch_size(batch)
-        return type(batch)(b[:n] if isinstance(b, torch.Tensor) and b.dim() and b.shape[0] == size else b for b in batch)
-    if isinstance(batch, dict):
-        size = _batch_size(batch)
-        return {k: v[:n] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == size else v for k, v in batch.items()}
-    return batch
-
-
-def batch_args(batch: Any) -> tuple[tuple, dict]:
-    """Positional and keyword model arguments of a batch (see ``graph.run_model``)."""
-    if isinstance(batch, torch.Tensor):
-        return (batch,), {}
-    if isinstance(batch, dict):
-        return (), dict(batch)
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return (batch[0],), {}
-    raise TypeError(f"a batch must be a tensor, a (inputs, labels) tuple or a dict of model kwargs; got {type(batch).__name__}")
 
 
 def locate_nonfinite(gm: fx.GraphModule, batch: Any) -> tuple[str, str] | None:
@@ -168,12 +133,7 @@ def locate_nonfinite(gm: fx.GraphModule, batch: Any) -> tuple[str, str] | None:
     finder = _Finder(gm)
     with torch.no_grad():
         try:
-            if isinstance(batch, dict):
-                finder.run(*batch.values())
-            elif isinstance(batch, (tuple, list)):
-                finder.run(batch[0])
-            else:
-                finder.run(batch)
+            finder.run(*graph_inputs(gm, batch))
         except _Stop:
             pass
     return finder.found

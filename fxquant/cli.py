@@ -12,6 +12,8 @@ import torch
 
 from . import artifact
 from .api import compile as fx_compile
+from .api import report
+from .export import run_onnx, to_onnx
 from .data import load_data
 from .errors import FxQuantError
 from .evaluate import top1
@@ -86,14 +88,10 @@ def cmd_quantize(args) -> int:
 
 
 def fx_report_text(qmodel) -> str:
-    from .api import report
-
     return str(report(qmodel))
 
 
 def cmd_export(args) -> int:
-    from .export import run_onnx, to_onnx
-
     torch.manual_seed(args.seed)
     info, label, n_cal, data, qmodel, secs = _quantize_from_args(args, limit=16)
     x = torch.cat([b[0] for b in data.test_batches()])[:16]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import timm.data
 import torch
 
 from .errors import ConfigError
@@ -70,7 +71,7 @@ def load_cifar10(info: ModelInfo, *, calib_images: int, limit: int | None = None
 
 def load_image_folder(info: ModelInfo, path: str | Path, *, calib_images: int, limit: int | None = None,
                       batch_size: int = 50, seed: int = 0) -> EvalData:
-    import timm.data
+    # torchvision is imported only for ImageFolder data (heavy, and unused by the CIFAR path)
     from torchvision.datasets import ImageFolder
 
     path = Path(path)

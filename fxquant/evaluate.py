@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .batches import call_model
 from .graph import logits_of
 
 
-def top1(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, total: int | None = None,
+def top1(model: nn.Module, batches: Iterable[tuple[Any, torch.Tensor]], *, total: int | None = None,
          progress: bool = True, desc: str = "eval") -> float:
-    """Top-1 accuracy in percent over ``(images, labels)`` batches."""
+    """Top-1 accuracy in percent over ``(inputs, labels)`` batches (inputs: a tensor or a dict of
+    model keyword arguments, as ``fxquant.batches``)."""
     correct = seen = 0
     model.eval()
     with torch.no_grad(), tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for x, y in batches:
-            pred = logits_of(model(x)).argmax(dim=-1)
+            pred = logits_of(call_model(model, x)).argmax(dim=-1)
             correct += int((pred == y).sum())
             seen += len(y)
             bar.update(len(y))
@@ -43,5 +45,3 @@ def compare_outputs(fp: nn.Module, q: nn.Module, inputs: tuple, ) -> dict[str, f
     return {"sqnr_db": sqnr_db(a, b), "max_abs_diff": (a - b).abs().max().item(),
             "rel_err": ((a - b).abs().max() / a.abs().max().clamp(min=1e-12)).item()}
 
-
-Metric = Callable[[torch.Tensor, torch.Tensor], float]

@@ -21,21 +21,18 @@ from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.layers import _fx as timm_fx
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import TraceError
 from .match import op_kind
-
-CAPTURE_META = "fxquant.capture"
+from .meta import CAPTURE, SUBGRAPH_INPUTS
+from .quant import FakeQuantize, QuantConv2d, QuantLinear
 
 
 def _timm_fx_registry() -> tuple[set[type], set]:
-    try:
-        from timm.layers import _fx as timm_fx
-
-        return set(getattr(timm_fx, "_leaf_modules", set())), set(getattr(timm_fx, "_autowrap_functions", set()))
-    except Exception:  # pragma: no cover - timm without FX registry
-        return set(), set()
+    return set(getattr(timm_fx, "_leaf_modules", set())), set(getattr(timm_fx, "_autowrap_functions", set()))
 
 
 class _Tracer(fx.Tracer):
@@ -77,7 +74,7 @@ def _disable_fused_attention(model: nn.Module) -> int:
 
 
 def _is_hf_model(model: nn.Module) -> bool:
-    try:
+    try:  # transformers is heavy: imported only when a model could be one of its models
         from transformers import PreTrainedModel
     except Exception:  # pragma: no cover
         return False
@@ -97,8 +94,6 @@ def _concrete_args_for(model: nn.Module, n_inputs: int, given: dict | None) -> d
 
 
 def _symbolic_trace(model: nn.Module, n_inputs: int, leaf_modules: Sequence[type], concrete_args: dict | None) -> fx.GraphModule:
-    from .quant.modules import FakeQuantize, QuantConv2d, QuantLinear
-
     timm_leaves, timm_wrapped = _timm_fx_registry()
     # fxquant's own modules stay opaque if a model that already holds them is traced again
     own = (FakeQuantize, QuantLinear, QuantConv2d)
@@ -208,8 +203,6 @@ def _modularize(gm: fx.GraphModule) -> int:
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
     """Record ``tensor_meta`` (shape, dtype) on every node by running ``example_inputs``."""
-    from torch.fx.passes.shape_prop import ShapeProp
-
     with torch.no_grad():
         ShapeProp(gm).propagate(*example_inputs)
 
@@ -218,8 +211,8 @@ def extract_subgraph(gm: fx.GraphModule, inputs: Sequence[fx.Node], outputs: Seq
     """A GraphModule computing ``outputs`` from ``inputs`` (a backward slice of ``gm``).
 
     Graph placeholders that the slice needs and that are not in ``inputs`` are appended as further
-    inputs, in graph order. Submodules are shared with ``gm`` (not copied), so switching a quantizer
-    on or off affects both."""
+    inputs, in graph order; ``sub.meta[SUBGRAPH_INPUTS]`` names the node of ``gm`` behind each input.
+    Submodules are shared with ``gm`` (not copied), so switching a quantizer on or off affects both."""
     inputs = list(inputs)
     needed: set[fx.Node] = set()
     stack = list(outputs)
@@ -239,7 +232,9 @@ def extract_subgraph(gm: fx.GraphModule, inputs: Sequence[fx.Node], outputs: Seq
         if n in needed and n not in env:
             env[n] = g.node_copy(n, lambda a: env[a])
     g.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[o] for o in outputs))
-    return fx.GraphModule(gm, g, "Subgraph")
+    sub = fx.GraphModule(gm, g, "Subgraph")
+    sub.meta[SUBGRAPH_INPUTS] = [n.name for n in inputs + extra]
+    return sub
 
 
 def logits_of(out: Any) -> torch.Tensor:
@@ -253,21 +248,6 @@ def logits_of(out: Any) -> torch.Tensor:
     if isinstance(out, (tuple, list)):
         return logits_of(out[0])
     raise TypeError(f"cannot find logits in model output of type {type(out).__name__}")
-
-
-def run_model(model: nn.Module, batch: Any) -> Any:
-    """Call a model on one batch: a tensor, a tuple/list whose first item is the input (images,
-    labels), or a dict of keyword arguments."""
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return model(batch[0])
-    raise TypeError(
-        f"a calibration/eval batch must be a tensor, a (inputs, labels) tuple or a dict of model kwargs; "
-        f"got {type(batch).__name__}"
-    )
 
 
 def trace(
@@ -303,7 +283,7 @@ def trace(
         gm = _symbolic_trace(m, max(1, len(example_inputs)), leaf_modules, concrete_args)
     modularized = _modularize(gm)
     gm.eval()
-    gm.meta[CAPTURE_META] = {
+    gm.meta[CAPTURE] = {
         "method": "torch.export(strict=False)" if hf else "torch.fx.symbolic_trace",
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "fused_attention_disabled": fused_off,
@@ -314,7 +294,7 @@ def trace(
             ref = logits_of(m(*example_inputs))
             got = logits_of(gm(*example_inputs))
         err = (ref - got).abs().max().item() / max(ref.abs().max().item(), 1e-12)
-        gm.meta[CAPTURE_META]["check_rel_err"] = err
+        gm.meta[CAPTURE]["check_rel_err"] = err
         if err > 1e-4:
             raise TraceError(
                 f"the captured graph of {type(model).__name__} does not reproduce the model (relative error {err:.2e}); "

@@ -24,11 +24,15 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from torch import fx, nn
+
+from .quant.modules import FakeQuantize
 
 aten = torch.ops.aten
 
 _MODULE_KINDS: list[tuple[type, str]] = [
+    (FakeQuantize, "quantize"),
     (nn.Linear, "linear"),
     (nn.Conv2d, "conv"),
     (nn.LayerNorm, "layer_norm"),
@@ -37,18 +41,8 @@ _MODULE_KINDS: list[tuple[type, str]] = [
     (nn.Identity, "passthrough"),
     (nn.Dropout, "passthrough"),
     (nn.Flatten, "reshuffle"),
+    (DropPath, "passthrough"),  # timm's DropPath is the identity in eval mode
 ]
-
-from .quant.modules import FakeQuantize as _FakeQuantize  # noqa: E402
-
-_MODULE_KINDS.insert(0, (_FakeQuantize, "quantize"))
-
-try:  # timm's DropPath is the identity in eval mode
-    from timm.layers import DropPath as _TimmDropPath
-
-    _MODULE_KINDS.append((_TimmDropPath, "passthrough"))
-except Exception:  # pragma: no cover - timm is a dependency, but keep matching usable without it
-    pass
 
 
 def _ops(*names: str) -> list:

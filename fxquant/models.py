@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import timm
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -123,8 +124,6 @@ def load_model(spec: str, *, pretrained: bool = False) -> ModelInfo:
             return info
         raise ConfigError(f"'{spec}' needs shared/models/{folder_name}; set FXQUANT_SHARED to the folder holding models/ and data/")
     if spec.startswith("timm:"):
-        import timm
-
         name = spec[len("timm:"):]
         if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
             raise ConfigError(f"timm has no model {name!r} (timm.list_models() lists them)")

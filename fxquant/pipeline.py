@@ -21,6 +21,7 @@ import torch
 from torch import fx
 
 from .errors import ConfigError, FxQuantError, PassError
+from .quant import QuantSpec
 
 PASS_REGISTRY: dict[str, type["Pass"]] = {}
 
@@ -53,7 +54,6 @@ class PassContext:
         facts: graph facts established so far (``requires``/``provides``).
         replay: rebuilding from an artifact: no data, values come from the saved tensors.
         records: per-pass records of a replayed pipeline, in pass order.
-        stash: free-form cross-pass data (e.g. calibration statistics).
     """
 
     calib: Any = None
@@ -63,7 +63,6 @@ class PassContext:
     facts: set[str] = field(default_factory=set)
     replay: bool = False
     records: list[dict] = field(default_factory=list)
-    stash: dict[str, Any] = field(default_factory=dict)
     _index: int = 0
 
     def record(self) -> dict:
@@ -112,8 +111,6 @@ def _to_json(v: Any) -> Any:
 
 
 def _from_json(typ: Any, v: Any) -> Any:
-    from .quant import QuantSpec
-
     if isinstance(v, dict) and "bits" in v and "scheme" in v:
         return QuantSpec.from_dict(v)
     if isinstance(v, list):

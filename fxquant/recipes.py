@@ -1,17 +1,41 @@
-"""Named recipes: a frozen, validated, JSON round-trippable config that builds a list of passes.
+"""Named recipes: a frozen, validated, JSON round-trippable declaration of a pass pipeline.
 
-``get_recipe("w4a4", calib_images=64)`` returns the ``w4a4`` recipe with one field changed;
-``list_recipes()`` names them all. Later methods register their recipes with ``register_recipe``.
+A recipe is a *composition*: a base pipeline (``base_passes``), named ``Stage``\\ s inserted
+before or after a pass *named* in it (or appended), and per-pass option overrides. Options keep
+the pass's own names::
+
+    get_recipe("repq-qwt-w4a4", comp_weight_bits=8)          # QwTCompensate.comp_weight_bits
+    get_recipe("repq-qwt-w4a4", **{"calibrate.max_images": 64})  # a name several passes share
+    get_recipe("w4a4", a_bits=6)                              # a field of the recipe itself
+
+A name resolves to the recipe's own field first, then to the one pass of the pipeline that has an
+option of that name (``pass.option`` when several do). ``None`` means "none" (no magic 0).
+
+A new method is a few lines: its passes registered with ``register_pass``, then e.g.::
+
+    register_recipe("mymethod-w4a4", RepQRecipe, "…", w_bits=4, a_bits=4,
+                    stages=(Stage(MyPass(), after="repq_reparam"),))
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
-from typing import Any, Callable, ClassVar
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
 
 from .errors import ConfigError
-from .pipeline import Pass
+from .passes import (
+    AnnotateRepQ,
+    AnnotateUniform,
+    BitLog2Attention,
+    Calibrate,
+    InsertQuantizers,
+    QwTCompensate,
+    ReparameterizeLayerNorm,
+)
+from .pipeline import Pass, pass_from_config
 from .quant import PerAxis, PerTensor, QuantSpec, estimator_from_name
 
 _RECIPES: dict[str, tuple[type["Recipe"], dict, str]] = {}
@@ -19,11 +43,13 @@ _RECIPE_CLASSES: dict[str, type["Recipe"]] = {}
 
 
 def register_recipe(name: str, cls: type["Recipe"], description: str, **defaults: Any) -> None:
-    """Register ``name`` as ``cls(name=name, **defaults)``."""
+    """Register ``name`` as ``cls(name=name, **defaults)`` (validated now, so a bad default fails
+    at import, not at a user's first call)."""
     if name in _RECIPES:
         raise ConfigError(f"recipe {name!r} is already registered")
-    _RECIPES[name] = (cls, defaults, description)
     _RECIPE_CLASSES[cls.__name__] = cls
+    cls(name=name, **defaults).build_passes()
+    _RECIPES[name] = (cls, defaults, description)
 
 
 def list_recipes() -> dict[str, str]:
@@ -31,63 +57,165 @@ def list_recipes() -> dict[str, str]:
     return {k: v[2] for k, v in _RECIPES.items()}
 
 
-def _coerce(f: dataclasses.Field, value: Any) -> Any:
-    """Convert a CLI string (``--set key=value``) to the field's type."""
+# ------------------------------------------------------------------------------------------
+# Composition helpers
+# ------------------------------------------------------------------------------------------
+
+
+def _index(passes: list[Pass], name: str, what: str) -> int:
+    names = [p.name for p in passes]
+    if names.count(name) != 1:
+        raise ConfigError(f"{what}: the pipeline {names} has {names.count(name)} passes named {name!r}; "
+                          f"anchor on a pass that occurs exactly once")
+    return names.index(name)
+
+
+def insert_pass(passes: list[Pass], new: Pass, *, after: str | None = None, before: str | None = None) -> list[Pass]:
+    """A copy of ``passes`` with ``new`` right after (or before) the pass named ``after``
+    (``before``); at the end when neither is given."""
+    if after is not None and before is not None:
+        raise ConfigError(f"stage {new.name!r}: give after= or before=, not both")
+    out = list(passes)
+    if after is not None:
+        out.insert(_index(out, after, f"stage {new.name!r}") + 1, new)
+    elif before is not None:
+        out.insert(_index(out, before, f"stage {new.name!r}"), new)
+    else:
+        out.append(new)
+    return out
+
+
+def configure_pass(passes: list[Pass], name: str, **options: Any) -> list[Pass]:
+    """A copy of ``passes`` with the options of the pass named ``name`` replaced (validated by the
+    pass's own constructor)."""
+    out = list(passes)
+    i = _index(out, name, f"options for {name!r}")
+    known = {f.name for f in fields(out[i])}
+    bad = sorted(set(options) - known)
+    if bad:
+        raise ConfigError(f"pass {name!r} has no option {bad[0]!r}; its options: {sorted(known)}")
+    out[i] = dataclasses.replace(out[i], **options)
+    return out
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A pass a recipe adds to its base pipeline: right after the pass named ``after``, right
+    before the one named ``before``, or at the end."""
+
+    pass_: Pass
+    after: str | None = None
+    before: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"pass": self.pass_.name, "config": self.pass_.config(), "after": self.after, "before": self.before}
+
+    @staticmethod
+    def from_dict(d: dict) -> "Stage":
+        return Stage(pass_from_config(d["pass"], d["config"]), after=d.get("after"), before=d.get("before"))
+
+
+# ------------------------------------------------------------------------------------------
+# Option values from strings (CLI --set key=value)
+# ------------------------------------------------------------------------------------------
+
+
+def _type_names(annotation: Any) -> set[str]:
+    """The base type names an annotation (or its string form) admits: ``"int | None"`` → {int, None}."""
+    if isinstance(annotation, str):
+        return {t.strip().split("[")[0] for t in annotation.split("|")}
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return set().union(*(_type_names(a) for a in typing.get_args(annotation)))
+    if annotation is type(None):
+        return {"None"}
+    return {getattr(typing.get_origin(annotation) or annotation, "__name__", str(annotation))}
+
+
+def _coerce(name: str, annotation: Any, value: Any) -> Any:
+    """Convert a CLI string to the option's type (``none`` → None where the option admits it)."""
     if not isinstance(value, str):
         return tuple(value) if isinstance(value, list) else value
-    typ = str(f.type)
-    if typ == "bool":
+    kinds = _type_names(annotation)
+    if "None" in kinds and value.lower() in ("none", "null"):
+        return None
+    if "bool" in kinds:
         if value.lower() in ("1", "true", "yes", "on"):
             return True
         if value.lower() in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"option {f.name!r} takes true/false, got {value!r}")
-    if typ == "int":
-        return int(value)
-    if typ == "float":
-        return float(value)
-    if typ.startswith("tuple"):
+        raise ConfigError(f"option {name!r} takes true/false, got {value!r}")
+    try:
+        if "int" in kinds:
+            return int(value)
+        if "float" in kinds:
+            return float(value)
+    except ValueError:
+        raise ConfigError(f"option {name!r} takes a number{' or none' if 'None' in kinds else ''}, got {value!r}") from None
+    if "tuple" in kinds:
         return tuple(v for v in value.split(",") if v)
     return value
 
 
-def get_recipe(name: str, **overrides: Any) -> "Recipe":
-    """The recipe registered as ``name``, with fields overridden (values may be strings)."""
-    if name not in _RECIPES:
-        raise ConfigError(f"unknown recipe {name!r}; known recipes: {sorted(_RECIPES)}")
-    cls, defaults, _ = _RECIPES[name]
-    known = {f.name: f for f in fields(cls)}
-    kwargs = dict(defaults)
-    for k, v in overrides.items():
-        if k not in known or k == "name":
-            raise ConfigError(f"recipe {name!r} has no option {k!r}; options: {sorted(set(known) - {'name'})}")
-        try:
-            kwargs[k] = _coerce(known[k], v)
-        except ValueError as e:
-            raise ConfigError(f"recipe {name!r}: bad value {v!r} for {k!r}: {e}") from None
-    return cls(name=name, **kwargs)
+# ------------------------------------------------------------------------------------------
+# Recipes
+# ------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """Base recipe: a name, the number of calibration images, and ``build_passes``."""
+    """A declared pipeline. Subclasses define ``base_passes`` from their fields; ``stages`` and
+    ``options`` (``{pass name: {option: value}}``) compose on top of it.
 
-    kind: ClassVar[str] = "recipe"
+    Attributes:
+        name: the registered name.
+        calib_images: how many calibration images the caller should provide (the CLI loads them).
+        stages: passes added to the base pipeline (``Stage``).
+        options: option overrides of passes in the pipeline, under the passes' own option names.
+    """
+
     name: str = "custom"
     calib_images: int = 32
+    stages: tuple[Stage, ...] = ()
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.calib_images < 0:
             raise ConfigError(f"recipe {self.name!r}: calib_images must be >= 0, got {self.calib_images}")
 
-    def build_passes(self) -> list[Pass]:
+    def base_passes(self) -> list[Pass]:
         return []
+
+    def build_passes(self) -> list[Pass]:
+        """The pipeline: base passes, stages inserted by anchor name, then the option overrides."""
+        passes = self.base_passes()
+        for st in self.stages:
+            passes = insert_pass(passes, st.pass_, after=st.after, before=st.before)
+        for pass_name, opts in self.options.items():
+            if pass_name not in [p.name for p in passes]:
+                raise ConfigError(f"recipe {self.name!r}: options for {pass_name!r}, which is not in its pipeline "
+                                  f"{[p.name for p in passes]}")
+            passes = configure_pass(passes, pass_name, **opts)
+        return passes
+
+    def option(self, key: str) -> Any:
+        """The value of a recipe field or of a pass option (same names as ``get_recipe`` takes)."""
+        field_names = {f.name for f in fields(self)}
+        if key in field_names:
+            return getattr(self, key)
+        p, opt = _resolve_pass_option(self, key)
+        return getattr(p, opt)
 
     def to_dict(self) -> dict:
         d = {"class": type(self).__name__}
         for f in fields(self):
             v = getattr(self, f.name)
-            d[f.name] = list(v) if isinstance(v, tuple) else v
+            if f.name == "stages":
+                v = [s.to_dict() for s in v]
+            elif f.name == "options":
+                v = {k: {o: list(x) if isinstance(x, tuple) else x for o, x in opts.items()} for k, opts in v.items()}
+            elif isinstance(v, tuple):
+                v = list(v)
+            d[f.name] = v
         return d
 
     @staticmethod
@@ -97,7 +225,53 @@ class Recipe:
         if cls_name not in _RECIPE_CLASSES:
             raise ConfigError(f"unknown recipe class {cls_name!r}; known: {sorted(_RECIPE_CLASSES)}")
         cls = _RECIPE_CLASSES[cls_name]
+        d["stages"] = tuple(Stage.from_dict(s) for s in d.get("stages", ()))
+        d["options"] = {k: {o: tuple(x) if isinstance(x, list) else x for o, x in opts.items()}
+                        for k, opts in d.get("options", {}).items()}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def _resolve_pass_option(recipe: Recipe, key: str) -> tuple[Pass, str]:
+    """The pass of ``recipe``'s pipeline and option that ``key`` (``option`` or ``pass.option``) names."""
+    passes = recipe.build_passes()
+    pass_name, _, opt = key.rpartition(".")
+    candidates = [p for p in passes if (not pass_name or p.name == pass_name) and opt in {f.name for f in fields(p)}]
+    if len(candidates) == 1:
+        return candidates[0], opt
+    own = sorted(f.name for f in fields(recipe) if f.name not in ("name", "stages", "options"))
+    pass_opts = sorted(f"{p.name}.{f.name}" for p in passes for f in fields(p))
+    if len(candidates) > 1:
+        raise ConfigError(f"recipe {recipe.name!r}: option {key!r} belongs to several passes; say which: "
+                          f"{[f'{p.name}.{opt}' for p in candidates]}")
+    raise ConfigError(f"recipe {recipe.name!r} has no option {key!r}; options: {own}; pass options: {pass_opts}")
+
+
+def get_recipe(name: str, **overrides: Any) -> Recipe:
+    """The recipe registered as ``name`` with options overridden (values may be CLI strings):
+    recipe fields by name, pass options by their own name or as ``pass.option``."""
+    if name not in _RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; known recipes: {sorted(_RECIPES)}")
+    cls, defaults, _ = _RECIPES[name]
+    known = {f.name: f for f in fields(cls)}
+    kwargs = dict(defaults)
+    pass_overrides: dict[str, Any] = {}
+    for k, v in overrides.items():
+        if k in ("name", "stages", "options"):
+            raise ConfigError(f"recipe {name!r}: {k!r} cannot be overridden by name; build a Recipe object instead")
+        if k in known:
+            kwargs[k] = _coerce(k, known[k].type, v)
+        else:
+            pass_overrides[k] = v
+    recipe = cls(name=name, **kwargs)
+    if pass_overrides:
+        options = {p: dict(o) for p, o in recipe.options.items()}
+        for k, v in pass_overrides.items():
+            p, opt = _resolve_pass_option(recipe, k)
+            ftype = next(f.type for f in fields(p) if f.name == opt)
+            options.setdefault(p.name, {})[opt] = _coerce(k, ftype, v)
+        recipe = dataclasses.replace(recipe, options=options)
+    recipe.build_passes()  # validate now, with the passes' own error messages
+    return recipe
 
 
 @dataclass(frozen=True)
@@ -109,10 +283,11 @@ class FloatRecipe(Recipe):
 
 @dataclass(frozen=True)
 class UniformRecipe(Recipe):
-    """Uniform affine quantization of weights (per output channel) and activations (per tensor).
+    """Uniform affine quantization of weights (per output channel) and activations (per tensor):
+    ``annotate_uniform → insert_quantizers → calibrate``.
 
     Range estimators by name: ``minmax``, ``percentile[:p]``, ``pctmse`` (RepQ-ViT's search),
-    ``omse[:grid]``.
+    ``omse[:grid]``. ``calibrate`` options (``order``, ``max_images``) are pass options.
     """
 
     w_bits: int = 8
@@ -124,13 +299,9 @@ class UniformRecipe(Recipe):
     head_stem_8bit: bool = False
     quantize_attention: bool = True
     skip: tuple[str, ...] = ()
-    calib_order: str = "parallel"
-    quant_calib_images: int = 0  # images for quantizer calibration; 0 = all calib_images
 
     def __post_init__(self):
         super().__post_init__()
-        if self.calib_order not in ("parallel", "sequential"):
-            raise ConfigError(f"recipe {self.name!r}: calib_order must be 'parallel' or 'sequential', got {self.calib_order!r}")
         self.weight_spec(), self.act_spec()  # validate early, with the spec's error messages
 
     def weight_spec(self) -> QuantSpec:
@@ -141,82 +312,41 @@ class UniformRecipe(Recipe):
         return QuantSpec(bits=self.a_bits, symmetric=self.a_symmetric, granularity=PerTensor(),
                          estimator=estimator_from_name(self.a_estimator))
 
-    def build_passes(self) -> list[Pass]:
-        from .passes import AnnotateUniform, Calibrate, InsertQuantizers
-
+    def base_passes(self) -> list[Pass]:
         return [
             AnnotateUniform(weight=self.weight_spec(), act=self.act_spec(), head_stem_8bit=self.head_stem_8bit,
                             quantize_attention=self.quantize_attention, skip=self.skip),
             InsertQuantizers(),
-            Calibrate(order=self.calib_order, max_images=self.quant_calib_images or None),
+            Calibrate(),
         ]
 
 
 @dataclass(frozen=True)
 class RepQRecipe(UniformRecipe):
-    """RepQ-ViT (METHODS.md §1): per-row PctMSE asymmetric weights; per-channel post-LayerNorm
-    activation scales folded into the LayerNorm and next Linear; log√2 softmax output; 8-bit
-    patch-embedding input; everything else layer-wise PctMSE at ``a_bits``. Calibration is
-    sequential, as in RepQ-ViT's reference (each quantizer sees already-quantized inputs)."""
+    """RepQ-ViT (METHODS.md §1) on the uniform pipeline: ``annotate_repq`` after
+    ``annotate_uniform`` (per-channel post-LayerNorm activation scales, log√2 softmax output,
+    8-bit patch-embedding input), sequential calibration as in RepQ-ViT's reference (each quantizer
+    sees already-quantized inputs), then ``repq_reparam`` folds the scales into the LayerNorm and
+    the next Linear(s)."""
 
-    calib_order: str = "sequential"
-    round_target_zero_point: bool = True
-    head_site: bool = True
-    log_softmax: bool = True
-    stem_input_bits: int = 8
-
-    def build_passes(self) -> list[Pass]:
-        from .passes import AnnotateRepQ, ReparameterizeLayerNorm
-
-        uniform = super().build_passes()
-        annotate, rest = uniform[0], uniform[1:]
-        return [annotate,
-                AnnotateRepQ(log_softmax=self.log_softmax, stem_input_bits=self.stem_input_bits, head_site=self.head_site),
-                *rest,
-                ReparameterizeLayerNorm(round_target_zero_point=self.round_target_zero_point)]
+    def base_passes(self) -> list[Pass]:
+        passes = insert_pass(super().base_passes(), AnnotateRepQ(), after="annotate_uniform")
+        passes = configure_pass(passes, "calibrate", order="sequential")
+        return insert_pass(passes, ReparameterizeLayerNorm())
 
 
-@dataclass(frozen=True)
-class BitLog2Recipe(RepQRecipe):
-    """BitLog2: RepQ-ViT with the attention-map quantizer replaced by an integer log2 quantizer.
-    ``scheme``: half17 (default, the paper's best), half16, single17, single16, sqrt2_17, sqrt2_16."""
-
-    scheme: str = "half17"
-
-    def __post_init__(self):
-        super().__post_init__()
-        from .passes.bitlog2 import SCHEMES
-
-        if self.scheme not in SCHEMES:
-            raise ConfigError(f"recipe {self.name!r}: unknown scheme {self.scheme!r}; known: {list(SCHEMES)}")
-
-    def build_passes(self) -> list[Pass]:
-        from .passes import BitLog2Attention
-
-        passes = super().build_passes()
-        return passes[:2] + [BitLog2Attention(scheme=self.scheme)] + passes[2:]
+def _bitlog2(scheme: str = "half17") -> Stage:
+    """BitLog2 attention maps: replaces the attention-map quantizer chosen by ``annotate_repq``."""
+    return Stage(BitLog2Attention(scheme=scheme), after="annotate_repq")
 
 
-@dataclass(frozen=True)
-class QwTRecipe(BitLog2Recipe):
-    """RepQ-ViT (``scheme="sqrt2_17"``, RepQ's own log√2) or BitLog2 (another scheme), then QwT's
-    closed-form compensation after every block. The quantizers calibrate on the first
-    ``quant_calib_images`` (32) images, the regression on all ``calib_images`` (512)."""
+def _qwt() -> tuple[Stage, ...]:
+    """QwT compensation after every block, regressed on all the recipe's calibration images."""
+    return (Stage(QwTCompensate(max_images=None)),)
 
-    calib_images: int = 512
-    quant_calib_images: int = 32
-    scheme: str = "sqrt2_17"
-    qwt_start_block: int = 0
-    qwt_comp_dtype: str = "float16"
-    qwt_comp_weight_bits: int = 0  # 0: floating-point compensation weights
 
-    def build_passes(self) -> list[Pass]:
-        from .passes import QwTCompensate
-
-        base = RepQRecipe.build_passes(self) if self.scheme == "sqrt2_17" else BitLog2Recipe.build_passes(self)
-        return base + [QwTCompensate(max_images=self.calib_images, start_block=self.qwt_start_block,
-                                     comp_dtype=self.qwt_comp_dtype, comp_weight_bits=self.qwt_comp_weight_bits or None)]
-
+# QwT recipes: quantizers calibrate on the first 32 images, the regression on all 512
+_QWT_CALIB = {"calib_images": 512, "options": {"calibrate": {"max_images": 32}}}
 
 register_recipe("fp32", FloatRecipe, "no quantization (the captured float graph)")
 register_recipe("w8a8", UniformRecipe, "uniform W8A8: symmetric per-channel weights, asymmetric per-tensor activations (PctMSE)",
@@ -232,11 +362,11 @@ register_recipe("repq-w6a6", RepQRecipe, "RepQ-ViT W6A6: LayerNorm scale reparam
                 w_bits=6, a_bits=6)
 register_recipe("repq-w8a8", RepQRecipe, "RepQ-ViT passes at W8A8 (reparameterization where legal + log√2 softmax)",
                 w_bits=8, a_bits=8)
-register_recipe("bitlog2-w4a4", BitLog2Recipe, "BitLog2 W4A4: RepQ-ViT + integer log2 attention maps (--set scheme=half17|half16|"
-                "single17|single16|sqrt2_17|sqrt2_16)", w_bits=4, a_bits=4)
-register_recipe("repq-qwt-w4a4", QwTRecipe, "RepQ-ViT W4A4 + QwT block compensation (32 + 512 calibration images)",
-                w_bits=4, a_bits=4)
-register_recipe("repq-qwt-w6a6", QwTRecipe, "RepQ-ViT W6A6 + QwT block compensation (32 + 512 calibration images)",
-                w_bits=6, a_bits=6)
-register_recipe("bitlog2-qwt-w4a4", QwTRecipe, "BitLog2 (half17) W4A4 + QwT block compensation (32 + 512 calibration images)",
-                w_bits=4, a_bits=4, scheme="half17")
+register_recipe("bitlog2-w4a4", RepQRecipe, "BitLog2 W4A4: RepQ-ViT + integer log2 attention maps (--set scheme=half17|half16|"
+                "single17|single16|sqrt2_17|sqrt2_16)", w_bits=4, a_bits=4, stages=(_bitlog2(),))
+register_recipe("repq-qwt-w4a4", RepQRecipe, "RepQ-ViT W4A4 + QwT block compensation (32 + 512 calibration images)",
+                w_bits=4, a_bits=4, stages=_qwt(), **_QWT_CALIB)
+register_recipe("repq-qwt-w6a6", RepQRecipe, "RepQ-ViT W6A6 + QwT block compensation (32 + 512 calibration images)",
+                w_bits=6, a_bits=6, stages=_qwt(), **_QWT_CALIB)
+register_recipe("bitlog2-qwt-w4a4", RepQRecipe, "BitLog2 (half17) W4A4 + QwT block compensation (32 + 512 calibration images)",
+                w_bits=4, a_bits=4, stages=(_bitlog2(), *_qwt()), **_QWT_CALIB)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from torch import fx
 
 from fxquant import match
-from fxquant.annotations import ROLE, set_input_spec, set_weight_spec
+from fxquant.meta import ROLE, set_input_spec, set_weight_spec
 from fxquant.errors import ConfigError
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import PctMSE, PerAxis, PerTensor, QuantSpec

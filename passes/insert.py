@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from torch import fx, nn
 
 from fxquant import match
-from fxquant.annotations import QUANTIZER, ROLE, input_specs, weight_spec
+from fxquant.meta import QUANTIZER, ROLE, input_specs, weight_spec
 from fxquant.errors import PassError
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import FakeQuantize, QuantConv2d, QuantLinear

@@ -12,7 +12,7 @@ the block input cancels the block's quantization error in closed form:
 * when ``R² > 0`` (and ``l ≥ start_block``) the graph becomes ``out = B_l(X) + linear(X, W, b)``;
   the next block's input is computed with it in place.
 
-The compensation is a ``CompensationLinear`` module under ``qwt.<block>`` (fp16 compute by
+The compensation is a ``fxquant.quant.CompensationLinear`` module under ``qwt.<block>`` (fp16 compute by
 default, as the reference; fp32 or 8-bit weights as options), saved with the artifact.
 """
 
@@ -23,20 +23,18 @@ import operator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from tqdm.auto import tqdm
 
 from fxquant import match
-from fxquant.annotations import ROLE
-from fxquant.calibration import batch_args
+from fxquant.meta import ROLE, SUBGRAPH_INPUTS
+from fxquant.batches import graph_inputs, placeholder_names
 from fxquant.errors import ConfigError, PassError
 from fxquant.graph import extract_subgraph, propagate_shapes
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.quant import FakeQuantize, PerAxis, QuantConv2d, QuantLinear, QuantSpec
+from fxquant.quant import COMPUTE_DTYPES, CompensationLinear, FakeQuantize, QuantConv2d, QuantLinear
 
 COMP_ROOT = "qwt"
-_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 class LinearRegressionAccumulator:
@@ -73,28 +71,6 @@ class LinearRegressionAccumulator:
         sst = (self.sum_y2 - self.sum_y**2 / max(self.rows, 1)).sum().item()
         r2 = 1.0 - max(sse, 0.0) / sst if sst > 0 else 0.0
         return beta[:-1].T.contiguous(), beta[-1].contiguous(), r2
-
-
-class CompensationLinear(nn.Linear):
-    """``linear(x, W, b)`` computed in ``compute_dtype`` (QwT runs it in fp16); with
-    ``weight_bits`` the weight is fake-quantized per output row, symmetric."""
-
-    def __init__(self, c_in: int, c_out: int, compute_dtype: str = "float16", weight_bits: int | None = None):
-        super().__init__(c_in, c_out, bias=True, dtype=_DTYPES[compute_dtype])
-        nn.init.zeros_(self.weight)
-        nn.init.zeros_(self.bias)
-        self.compute_dtype = compute_dtype
-        self.weight_fake_quant = FakeQuantize(QuantSpec(bits=weight_bits, symmetric=True, granularity=PerAxis(0)),
-                                              weight=True, label="qwt.weight") if weight_bits else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dt = _DTYPES[self.compute_dtype]
-        w = self.weight_fake_quant(self.weight) if self.weight_fake_quant is not None else self.weight
-        return F.linear(x.to(dt), w.to(dt), self.bias.to(dt)).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", compute_dtype={self.compute_dtype}" + (
-            f", weight_bits={self.weight_fake_quant.spec.bits}" if self.weight_fake_quant is not None else "")
 
 
 def _block_quantizers(gm: fx.GraphModule, blk: match.Block, modules: dict) -> list[FakeQuantize]:
@@ -152,8 +128,8 @@ class QwTCompensate(Pass):
     blocks: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if self.comp_dtype not in _DTYPES:
-            raise ConfigError(f"qwt: comp_dtype must be one of {sorted(_DTYPES)}, got {self.comp_dtype!r}")
+        if self.comp_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"qwt: comp_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {self.comp_dtype!r}")
         if self.comp_weight_bits is not None and not 2 <= self.comp_weight_bits <= 8:
             raise ConfigError(f"qwt: comp_weight_bits must be in 2..8 or None, got {self.comp_weight_bits}")
 
@@ -208,9 +184,9 @@ class QwTCompensate(Pass):
             saved = [q.fake_quant_enabled for q in qs]
             acc = LinearRegressionAccumulator(c_in, c_out)
             for batch in calib.limited(self.max_images):
-                args, kwargs = batch_args(batch)
+                inputs = dict(zip(placeholder_names(gm), graph_inputs(gm, batch)))
                 with torch.no_grad():
-                    xs = prefix(*args, *kwargs.values())
+                    xs = prefix(*(inputs[n] for n in prefix.meta[SUBGRAPH_INPUTS]))
                     xs = xs if isinstance(xs, tuple) else (xs,)
                     for q in qs:
                         q.fake_quant_enabled = False

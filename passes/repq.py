@@ -22,7 +22,8 @@ import torch
 from torch import fx, nn
 
 from fxquant import match
-from fxquant.annotations import ROLE, input_specs, set_input_spec
+from fxquant.graph import propagate_shapes
+from fxquant.meta import ROLE, input_specs, set_input_spec
 from fxquant.errors import PassError
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import FakeQuantize, PctMSE, PerAxis, PerTensor, QuantSpec
@@ -78,8 +79,6 @@ class AnnotateRepQ(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         modules = match.modules_of(gm)
         if ctx.example_inputs and any(match.tensor_shape(n) is None for n in gm.graph.nodes if n.op == "call_module"):
-            from fxquant.graph import propagate_shapes
-
             propagate_shapes(gm, ctx.example_inputs)
         heads = set(match.head_layers(gm, modules))
         folded, skipped = [], {}

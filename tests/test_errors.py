@@ -66,7 +66,7 @@ def test_missing_calibration_data():
 
 
 def test_bad_batch_type():
-    with pytest.raises(PassError, match="batch must be a tensor"):
+    with pytest.raises(CalibrationError, match="batch must be a tensor"):
         fxquant.compile(toy_vit(), recipe="w8a8", calib=["not a tensor"], example_inputs=(torch.randn(1, 3, 8, 8),), progress=False)
 
 

@@ -2,7 +2,7 @@
 place rounding rules live), streaming observers, range estimators and fake-quant modules."""
 
 from .granularity import Granularity, PerAxis, PerGroup, PerTensor
-from .modules import FakeQuantize, QuantConv2d, QuantLinear, quantizers
+from .modules import COMPUTE_DTYPES, CompensationLinear, FakeQuantize, QuantConv2d, QuantLinear, quantizers
 from .observers import Observer
 from .primitives import (
     OMSE,
@@ -27,4 +27,5 @@ __all__ = [
     "QuantSpec", "Estimator", "MinMax", "Percentile", "PctMSE", "OMSE",
     "choose_qparams", "estimator_from_name", "quantize", "dequantize", "fake_quantize", "expand_params", "grid_values",
     "log_zero_code", "round_ste", "Observer", "FakeQuantize", "QuantLinear", "QuantConv2d", "quantizers",
+    "CompensationLinear", "COMPUTE_DTYPES",
 ]

@@ -1,5 +1,6 @@
-"""``nn.Module`` wrappers around the quantizer math: the fake-quantizer node and quantized-weight
-Linear/Conv2d (torch.ao QAT convention: the float module plus a ``weight_fake_quant`` child)."""
+"""``nn.Module`` wrappers around the quantizer math: the fake-quantizer node, quantized-weight
+Linear/Conv2d (torch.ao QAT convention: the float module plus a ``weight_fake_quant`` child) and
+QwT's compensation Linear. Passes create these modules; they are defined here, where they run."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from torch import nn
 
 from ..errors import CalibrationError
 from .observers import NonFiniteError, Observer, exact_distribution_qparams, make_observer
+from .granularity import PerAxis
 from .primitives import QuantSpec, fake_quantize
+
+COMPUTE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 class NonFiniteInput(CalibrationError):
@@ -126,6 +130,29 @@ class QuantConv2d(_WeightQuantized, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.weight_fake_quant(self.weight), self.bias)
+
+
+class CompensationLinear(nn.Linear):
+    """QwT's compensation layer (created by ``fxquant.passes.qwt``): ``linear(x, W, b)`` computed in
+    ``compute_dtype`` (QwT runs it in fp16); with ``weight_bits`` the weight is fake-quantized per
+    output row, symmetric."""
+
+    def __init__(self, c_in: int, c_out: int, compute_dtype: str = "float16", weight_bits: int | None = None):
+        super().__init__(c_in, c_out, bias=True, dtype=COMPUTE_DTYPES[compute_dtype])
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+        self.compute_dtype = compute_dtype
+        self.weight_fake_quant = FakeQuantize(QuantSpec(bits=weight_bits, symmetric=True, granularity=PerAxis(0)),
+                                              weight=True, label="qwt.weight") if weight_bits else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = COMPUTE_DTYPES[self.compute_dtype]
+        w = self.weight_fake_quant(self.weight) if self.weight_fake_quant is not None else self.weight
+        return F.linear(x.to(dt), w.to(dt), self.bias.to(dt)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", compute_dtype={self.compute_dtype}" + (
+            f", weight_bits={self.weight_fake_quant.spec.bits}" if self.weight_fake_quant is not None else "")
 
 
 def quantizers(module: nn.Module):

@@ -404,12 +404,18 @@ def bitlog2_level_table(variant: str) -> torch.Tensor:
     return bitlog2_levels(torch.arange(_bitlog2_max_code(variant) + 1), variant)
 
 
+def log_code_of_count(count: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The log code of ``r = x / Δ`` from ``count = #{j : r ≤ T_j}`` (module doc): all ``2^b``
+    midpoints reached (or ``r ≤ 0``) is the zero code, otherwise ``min(count, qmax)``. fxquant counts
+    with ``bucketize``; the ONNX exporter counts with ``LessOrEqual`` + ``ReduceSum``; both end here."""
+    return torch.where(count >= 2**spec.bits, torch.full_like(count, spec.zero_code), count.clamp(max=spec.qmax))
+
+
 def log_codes(ratio: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Codes (int64) of ``r = x / Δ``: the count of midpoints ``T_j ≥ r``, capped (see module doc)."""
     t = log_thresholds(spec).to(ratio.device)
-    k = t.numel()
-    count = k - torch.bucketize(ratio.contiguous(), t.flip(0))  # = #{j : r <= T_j}
-    return torch.where(count >= k, torch.full_like(count, spec.zero_code), count.clamp(max=spec.qmax))
+    count = t.numel() - torch.bucketize(ratio.contiguous(), t.flip(0))  # = #{j : r <= T_j}
+    return log_code_of_count(count, spec)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec, *, ste: bool = False) -> torch.Tensor:

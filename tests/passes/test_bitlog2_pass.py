@@ -40,7 +40,7 @@ def test_each_scheme_replaces_the_softmax_quantizer(scheme):
 
 
 def test_default_scheme_is_half17_and_unknown_rejected():
-    assert fxquant.get_recipe("bitlog2-w4a4").scheme == "half17"
+    assert fxquant.get_recipe("bitlog2-w4a4").option("scheme") == "half17"
     with pytest.raises(ConfigError, match="unknown scheme 'half18'"):
         fxquant.get_recipe("bitlog2-w4a4", scheme="half18")
 

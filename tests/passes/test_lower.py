@@ -9,7 +9,7 @@ import torch
 import fxquant
 from fxquant import artifact
 from fxquant.errors import ConfigError
-from fxquant.passes.lower import LoweredLinear, LoweredMatmul
+from fxquant.kernels.lowered import LoweredLinear, LoweredMatmul
 from fxquant.quant import QuantLinear
 from toy_models import toy_calib, toy_vit
 

@@ -13,7 +13,8 @@ import fxquant
 from fxquant import artifact, match
 from fxquant.graph import propagate_shapes
 from fxquant.passes import AnnotateUniform, Calibrate, InsertQuantizers, QwTCompensate
-from fxquant.passes.qwt import CompensationLinear, LinearRegressionAccumulator
+from fxquant.passes.qwt import LinearRegressionAccumulator
+from fxquant.quant import CompensationLinear
 from fxquant.pipeline import Pass, PassResult
 from fxquant.quant import FakeQuantize, QuantSpec
 from toy_models import toy_calib, toy_vit
@@ -160,12 +161,12 @@ def test_rewrite_structure_and_options():
     (blk,) = match.find_blocks(q)  # the compensated block: comp reads its input, the add is its output
     assert cnode.args[0] is blk.input and blk.output is add and add.args[1] is cnode
     assert [u.op for u in add.users] == ["call_module"] and next(iter(add.users)).target == "norm"
-    q8 = fxquant.compile(toy_vit(), recipe="repq-qwt-w4a4", calib=toy_calib(), progress=False, qwt_comp_weight_bits=8,
-                         qwt_comp_dtype="float32")
+    q8 = fxquant.compile(toy_vit(), recipe="repq-qwt-w4a4", calib=toy_calib(), progress=False, comp_weight_bits=8,
+                         comp_dtype="float32")
     c8 = q8.get_submodule("qwt.block")
     wq = c8.weight_fake_quant(c8.weight)
     assert c8.weight.dtype == torch.float32 and all(row.unique().numel() <= 256 for row in wq)
-    skip = fxquant.compile(toy_vit(), recipe="repq-qwt-w4a4", calib=toy_calib(), progress=False, qwt_start_block=1)
+    skip = fxquant.compile(toy_vit(), recipe="repq-qwt-w4a4", calib=toy_calib(), progress=False, start_block=1)
     assert fxquant.report(skip)["qwt"].record["applied"] == []
 
 

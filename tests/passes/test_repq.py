@@ -62,7 +62,7 @@ def test_reparam_is_exact_in_float_timm_and_hf(name):
     model = make().eval()
     g = torch.Generator().manual_seed(0)
     calib = [torch.randn(4, 3, res, res, generator=g)]
-    q = fxquant.compile(model, recipe="repq-w4a4", calib=calib, progress=False, calib_order="parallel")
+    q = fxquant.compile(model, recipe="repq-w4a4", calib=calib, progress=False, order="parallel")
     assert len(fxquant.report(q)["repq_reparam"].record["sites"]) == n_sites
     assert _float_rel_change(model, q, torch.randn(2, 3, res, res, generator=g)) < 1e-5
 
@@ -71,7 +71,7 @@ def test_swin_reduction_gets_a_bias_and_window_attention_is_log_quantized():
     torch.manual_seed(0)
     model = timm.create_model("swin_tiny_patch4_window7_224").eval()
     assert model.layers[1].downsample.reduction.bias is None
-    q = fxquant.compile(model, recipe="repq-w4a4", calib=[torch.randn(2, 3, 224, 224)], progress=False, calib_order="parallel")
+    q = fxquant.compile(model, recipe="repq-w4a4", calib=[torch.randn(2, 3, 224, 224)], progress=False, order="parallel")
     red = q.get_submodule("layers.1.downsample.reduction")
     assert isinstance(red, QuantLinear) and isinstance(red.bias, nn.Parameter)
     assert "layers.1.downsample.norm" in fxquant.report(q)["repq_reparam"].record["sites"]

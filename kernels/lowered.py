@@ -1,0 +1,132 @@
+"""Runtime modules of lowered graphs: ``LoweredLinear`` and ``LoweredMatmul``.
+
+``fxquant.passes.lower.LowerToKernels`` creates them from fake-quantized layers; they are defined
+here, beside the kernels they dispatch to. On CUDA with Triton they run the Triton kernels of
+``int_linear`` / ``int_attention`` / ``bitlog2``; elsewhere (CPU, CI) the exact integer CPU paths.
+Both give the same integers, so a lowered graph computes the same function on either device up to
+the float epilogue.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fxquant.quant import FakeQuantize, QuantLinear, QuantSpec
+
+from .bitlog2 import bitlog2_av
+from .int_attention import bitlog2_av_int, int_bmm, int_bmm_cpu, log_av, log_codes_of
+from .int_linear import (
+    HAS_TRITON, code_offset, int_linear, int_linear_cpu, pack_int4, quantize_act, to_signed_codes, unpack_int4,
+)
+
+
+class LoweredLinear(nn.Module):
+    """An integer Linear: ``y = s_a·s_w·Σ(a - z_a)(w - z_w) + bias`` (see ``kernels/int_linear.py``)."""
+
+    def __init__(self, in_features: int, out_features: int, act_spec: QuantSpec, weight_spec: QuantSpec, has_bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.act_spec, self.weight_spec = act_spec, weight_spec
+        self.w_packed = weight_spec.bits <= 4 and in_features % 2 == 0
+        k_store = in_features // 2 if self.w_packed else in_features
+        self.register_buffer("w_codes", torch.zeros(out_features, k_store, dtype=torch.uint8 if self.w_packed else torch.int8))
+        self.register_buffer("w_scale", torch.zeros(out_features))
+        self.register_buffer("w_zp", torch.zeros(out_features, dtype=torch.int32))
+        self.register_buffer("w_colsum", torch.zeros(out_features, dtype=torch.int32))
+        self.register_buffer("a_scale", torch.zeros(()))
+        self.register_buffer("a_zp", torch.zeros(()))
+        self.register_buffer("bias", torch.zeros(out_features) if has_bias else None)
+
+    @classmethod
+    def from_quantized(cls, linear: QuantLinear, act: FakeQuantize) -> "LoweredLinear":
+        wq = linear.weight_fake_quant
+        new = cls(linear.in_features, linear.out_features, act.spec, wq.spec, linear.bias is not None)
+        with torch.no_grad():
+            codes = to_signed_codes(linear.weight.float(), wq.scale, wq.zero_point, wq.spec)
+            new.w_codes = pack_int4(codes) if new.w_packed else codes
+            new.w_scale = wq.scale.reshape(-1).float().expand(linear.out_features).clone()
+            new.w_zp = (wq.zero_point.reshape(-1).expand(linear.out_features) - code_offset(wq.spec)).to(torch.int32).clone()
+            new.w_colsum = codes.to(torch.int32).sum(1)
+            new.a_scale = act.scale.reshape(()).float().clone()
+            new.a_zp = act.zero_point.reshape(()).float().clone()
+            if linear.bias is not None:
+                new.bias = linear.bias.detach().float().clone()
+        return new
+
+    def weight_codes(self) -> torch.Tensor:
+        return unpack_int4(self.w_codes) if self.w_packed else self.w_codes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.is_cuda and HAS_TRITON:
+            pack_a = self.act_spec.bits <= 4 and self.w_packed
+            a, s_a, z_a = quantize_act(x2, self.act_spec, self.a_scale, self.a_zp, pack=pack_a)
+            y = int_linear(a, s_a, z_a, self.w_codes, self.w_scale, self.w_zp, self.bias, k=self.in_features,
+                           a_packed=pack_a, w_packed=self.w_packed, w_colsum=self.w_colsum, out_dtype=x.dtype)
+        else:
+            a = to_signed_codes(x2.float(), self.a_scale, self.a_zp, self.act_spec)
+            a_zp = (self.a_zp - code_offset(self.act_spec)).round().to(torch.int32)
+            y = int_linear_cpu(a, self.a_scale, a_zp, self.weight_codes(), self.w_scale,
+                               self.w_zp, self.bias, w_colsum=self.w_colsum).to(x.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, w={self.weight_spec.short()}"
+                f"{' (int4 packed)' if self.w_packed else ''}, a={self.act_spec.short()}")
+
+
+class LoweredMatmul(nn.Module):
+    """An integer attention matmul ``a @ b`` on quantized operands (``kernels/int_attention.py``).
+
+    ``kind`` follows ``a``'s quantizer: ``"uniform"`` (q·kᵀ, or A·v with a uniform A: integer
+    GEMM), ``"log"`` (RepQ-ViT's log2/log√2 A: shift accumulators) or ``"bitlog2"`` (integer
+    levels D). ``b`` is always uniform, per tensor, with an integer zero point."""
+
+    def __init__(self, a_spec: QuantSpec, b_spec: QuantSpec):
+        super().__init__()
+        self.a_spec, self.b_spec = a_spec, b_spec
+        self.kind = "uniform" if a_spec.scheme == "uniform" else ("bitlog2" if a_spec.scheme == "bitlog2" else "log")
+        for name in ("a_scale", "a_zp", "b_scale", "b_zp"):
+            self.register_buffer(name, torch.zeros(()))
+
+    @classmethod
+    def from_quantizers(cls, a_fq: FakeQuantize, b_fq: FakeQuantize) -> "LoweredMatmul":
+        new = cls(a_fq.spec, b_fq.spec)
+        with torch.no_grad():
+            for side, fq in (("a", a_fq), ("b", b_fq)):
+                setattr(new, f"{side}_scale", fq.scale.reshape(()).float().clone())
+                setattr(new, f"{side}_zp", fq.zero_point.reshape(()).float().clone())
+        return new
+
+    def _signed(self, x: torch.Tensor, side: str) -> tuple[torch.Tensor, int]:
+        """int8 codes of one uniform operand and its signed zero point."""
+        spec = self.a_spec if side == "a" else self.b_spec
+        scale, zp = getattr(self, f"{side}_scale"), getattr(self, f"{side}_zp")
+        return to_signed_codes(x.float(), scale, zp, spec), int(zp.item()) - code_offset(spec)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        vb, zb = self._signed(b, "b")
+        gpu = a.is_cuda and HAS_TRITON
+        if self.kind == "uniform":
+            va, za = self._signed(a, "a")
+            if gpu:
+                lead = torch.broadcast_shapes(va.shape[:-2], vb.shape[:-2])
+                return int_bmm(va.expand(*lead, *va.shape[-2:]), self.a_scale, za, vb.expand(*lead, *vb.shape[-2:]),
+                               self.b_scale, zb, out_dtype=a.dtype)
+            return int_bmm_cpu(va, self.a_scale, za, vb, self.b_scale, zb,
+                               bits=(self.a_spec.bits, self.b_spec.bits)).to(a.dtype)
+        codes = log_codes_of(a, self.a_scale, self.a_spec)
+        v = vb.to(torch.int32) - zb
+        if self.kind == "log":
+            return log_av(codes, self.a_scale, v, self.b_scale, self.a_spec).to(a.dtype)
+        variant = self.a_spec.bitlog2_variant
+        if gpu and codes.shape[-1] == codes.shape[-2] and codes.shape[:-2] == v.shape[:-2]:
+            acc = bitlog2_av(codes.to(torch.int8), v, variant, packed=False)
+        else:
+            acc = bitlog2_av_int(codes, v, variant)
+        return (acc.to(torch.float32) * (self.b_scale / self.a_scale)).to(a.dtype)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, a={self.a_spec.short()}, b={self.b_spec.short()}"
