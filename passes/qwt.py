@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from fxquant import match
 from fxquant.meta import ROLE, SUBGRAPH_INPUTS
-from fxquant.batches import graph_inputs, placeholder_names
+from fxquant.batches import graph_inputs
 from fxquant.errors import ConfigError, PassError
 from fxquant.graph import extract_subgraph, propagate_shapes
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
@@ -168,6 +168,7 @@ class QwTCompensate(Pass):
         if calib.is_loop:
             raise PassError("qwt needs calib as an iterable of batches (it runs each block on each batch itself), "
                             "not a forward_loop callable")
+        placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         r2s: dict[str, float] = {}
         norms: dict[str, dict] = {}
         applied: list[str] = []
@@ -178,22 +179,26 @@ class QwTCompensate(Pass):
             if idx < self.start_block:
                 continue
             c_in, c_out = tensor_channels(blk)
-            prefix = extract_subgraph(gm, [], [blk.input, *blk.extra_inputs])
-            body = extract_subgraph(gm, [blk.input, *blk.extra_inputs], [blk.output])
+            block_inputs = [blk.input, *blk.extra_inputs]
+            prefix = extract_subgraph(gm, [], block_inputs)
+            body = extract_subgraph(gm, block_inputs, [blk.output])  # may also read graph inputs (masks)
             qs = _block_quantizers(gm, blk, modules)
             saved = [q.fake_quant_enabled for q in qs]
             acc = LinearRegressionAccumulator(c_in, c_out)
             for batch in calib.limited(self.max_images):
-                inputs = dict(zip(placeholder_names(gm), graph_inputs(gm, batch)))
+                # values by source node name: the graph inputs, then the block inputs the prefix computes
+                values = dict(zip(placeholders, graph_inputs(gm, batch)))
                 with torch.no_grad():
-                    xs = prefix(*(inputs[n] for n in prefix.meta[SUBGRAPH_INPUTS]))
+                    xs = prefix(*(values[n] for n in prefix.meta[SUBGRAPH_INPUTS]))
                     xs = xs if isinstance(xs, tuple) else (xs,)
+                    values.update(zip((n.name for n in block_inputs), xs))
+                    body_args = [values[n] for n in body.meta[SUBGRAPH_INPUTS]]
                     for q in qs:
                         q.fake_quant_enabled = False
-                    y_fp = body(*xs)
+                    y_fp = body(*body_args)
                     for q, s in zip(qs, saved):
                         q.fake_quant_enabled = s
-                    y_q = body(*xs)
+                    y_q = body(*body_args)
                 acc.update(xs[0], y_fp - y_q)
             if acc.rows == 0:
                 raise PassError("qwt: the calibration data is empty")

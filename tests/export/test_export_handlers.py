@@ -1,0 +1,57 @@
+"""The exporter dispatches through one handler per runtime module kind: every kind fxquant's
+passes create has one, a kind without one is an error naming the module, and lowered graphs
+(``compile(..., lower=True)``) export to the same QDQ model as their fake-quant form."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from torch import nn
+
+import fxquant
+from fxquant.errors import ConfigError
+from fxquant.export import EXPORT_HANDLERS, export_handler, prepare_for_export, run_onnx, to_onnx
+from fxquant.kernels import lowered
+from fxquant.quant import modules as quant_modules
+from toy_models import toy_calib, toy_vit
+
+
+def _runtime_module_kinds() -> list[type]:
+    """Every public nn.Module class defined where fxquant's runtime modules live."""
+    return [c for m in (quant_modules, lowered) for _, c in inspect.getmembers(m, inspect.isclass)
+            if issubclass(c, nn.Module) and c.__module__ == m.__name__ and not c.__name__.startswith("_")]
+
+
+def test_every_runtime_module_kind_has_a_handler():
+    kinds = _runtime_module_kinds()
+    assert {k.__name__ for k in kinds} >= {"FakeQuantize", "QuantLinear", "QuantConv2d", "CompensationLinear",
+                                          "LoweredLinear", "LoweredMatmul"}
+    assert [k.__name__ for k in kinds if export_handler(k.__new__(k)) is None] == []
+
+
+def test_a_kind_without_handler_is_an_error_naming_it(monkeypatch):
+    q = fxquant.compile(toy_vit(), recipe="repq-qwt-w4a4", calib=toy_calib(), progress=False)
+    monkeypatch.delitem(EXPORT_HANDLERS, quant_modules.CompensationLinear)
+    with pytest.raises(ConfigError, match=r"no export handler for 'qwt.block' \(CompensationLinear\); register one "
+                                          r"with fxquant.export.register_export_handler\(CompensationLinear\)"):
+        prepare_for_export(q)
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "repq-w4a4", "bitlog2-w4a4"])
+def test_lowered_graph_exports_like_its_fake_quant_form(recipe, tmp_path):
+    """A lowered Linear already holds the signed integer codes QDQ needs: the export of the
+    lowered model computes what the export of the fake-quant model computes, in onnxruntime."""
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    fake = fxquant.compile(toy_vit(), recipe=recipe, calib=toy_calib(), progress=False)
+    low = fxquant.compile(toy_vit(), recipe=recipe, calib=toy_calib(), progress=False, lower=True)
+    assert any(isinstance(m, lowered.LoweredLinear) for m in low.modules())
+    got_fake = run_onnx(to_onnx(fake, (x[:2],), tmp_path / "fake.onnx").path, (x,))
+    got_low = run_onnx(to_onnx(low, (x[:2],), tmp_path / "low.onnx").path, (x,))
+    assert torch.equal(got_low, got_fake)
+    with torch.no_grad():
+        ref = low(x)
+    # onnxruntime's float kernels vs PyTorch's integer path + float epilogue: ulps, and a rare code
+    # step where an ulp crosses a rounding boundary (see test_onnx_qdq.py for the whole-model bounds)
+    assert (got_low - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
