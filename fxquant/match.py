@@ -128,9 +128,7 @@ def op_kind(node: fx.Node, modules: dict[str, nn.Module] | None = None) -> str |
 
 def _is_tensor_node(node: fx.Node) -> bool:
     """False for nodes that produce shapes/sizes (``x.shape``, ``size()``) rather than tensors."""
-    if node.op == "call_function" and node.target is getattr:
-        return False
-    if node.op == "call_method" and node.target in ("size", "dim"):
+    if _is_shape_query(node):
         return False
     val = node.meta.get("val", node.meta.get("tensor_meta"))
     if val is not None and not isinstance(val, (torch.Tensor, list, tuple)) and not hasattr(val, "shape"):
