@@ -313,7 +313,7 @@ class ExportResult:
 def to_onnx(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor] | torch.Tensor, path: str | Path, *,
             act_dtype: str = "int8", opset: int = DEFAULT_OPSET, dynamic_batch: bool = True) -> ExportResult:
     """Export a quantized GraphModule (any fxquant recipe, or ``fp32``) to ONNX QDQ at ``path``."""
-    import onnx
+    import onnx  # heavy, and needed only when exporting
 
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -353,7 +353,7 @@ def to_onnx(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor] | tor
 
 def run_onnx(path: str | Path, inputs: Sequence[torch.Tensor], *, threads: int | None = None) -> torch.Tensor:
     """Run an exported model with onnxruntime's CPU provider."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy, and needed only to run an exported model
 
     opts = ort.SessionOptions()
     if threads:
