@@ -5,7 +5,7 @@ export-ready modules and runs ``torch.onnx.export(dynamo=True)``:
 
 * **weights** (``QuantLinear``/``QuantConv2d``, per output channel): integer initializers +
   ``DequantizeLinear(axis=0)``. The codes are the quantizer core's signed codes
-  (``fxquant.quant`` code rule: ``q - 2^(b-1)`` for asymmetric specs, zero point shifted with them),
+  (``fxquant.quant.codes``: ``q - 2^(b-1)`` for asymmetric specs, zero point shifted with them),
   int8 for every width (onnxruntime's QDQ fusions take int8/uint8; opset-21 int4 is left out).
 * **uniform activations** (per tensor): ``QuantizeLinear`` → ``DequantizeLinear``, int8 by default
   (the same signed-code rule), uint8 (unsigned codes) on request. Below 8 bits a ``Clip`` to the
@@ -52,10 +52,14 @@ from torch import fx, nn
 
 from fxquant.errors import ConfigError
 from fxquant.graph import logits_of
-from fxquant.kernels.int_linear import code_offset, to_signed_codes
 from fxquant.kernels.lowered import LoweredLinear, LoweredMatmul
-from fxquant.quant import CompensationLinear, FakeQuantize, PerTensor, QuantConv2d, QuantLinear, QuantSpec
-from fxquant.quant.primitives import bitlog2_input, bitlog2_level_table, log_code_of_count, log_level_table, log_thresholds
+from fxquant.quant import (
+    CompensationLinear, FakeQuantize, PerTensor, QuantConv2d, QuantLinear, QuantSpec, code_offset, to_signed_codes,
+)
+from fxquant.quant.primitives import (
+    bitlog2_codes_by_compare, bitlog2_compare_levels, bitlog2_input, bitlog2_level_table, log_code_of_count,
+    log_count_by_compare, log_level_table, log_thresholds,
+)
 
 try:  # registers torch.ops.quantized_decomposed (the ops the ONNX exporter maps to Q/DQ)
     import torch.ao.quantization.fx._decomposed  # noqa: F401
@@ -96,7 +100,7 @@ class ExportActQuant(nn.Module):
             self.hi = float(((spec.qmax - zp) * self.scale).item())
             self.narrow = spec.bits < 8
         elif spec.scheme == "bitlog2":
-            self.register_buffer("thresholds", bitlog2_level_table(spec.bitlog2_variant)[1:].float())  # code = #levels <= n
+            self.register_buffer("thresholds", bitlog2_compare_levels(spec.bitlog2_variant))  # code = #levels <= n
             self.register_buffer("table", bitlog2_level_table(spec.bitlog2_variant).float() / self.scale)
         else:
             self.register_buffer("thresholds", log_thresholds(spec))
@@ -115,9 +119,8 @@ class ExportActQuant(nn.Module):
             return _qd.dequantize_per_tensor(q, self.s, self.zp8, self.qlo, self.qhi, self.dtype)
         if spec.scheme == "bitlog2":
             n = bitlog2_input(x, spec.bitlog2_variant)
-            code = (n.unsqueeze(-1) >= self.thresholds).sum(-1)
-            return self.table[code]
-        count = ((x / self.scale).unsqueeze(-1) <= self.thresholds).sum(-1)
+            return self.table[bitlog2_codes_by_compare(n, self.thresholds)]
+        count = log_count_by_compare(x / self.scale, self.thresholds)
         return self.scale * self.table[log_code_of_count(count, spec)]
 
 

@@ -5,11 +5,14 @@ The story, as in the Triton tutorials:
 1. **Reference** (plain PyTorch, integer arithmetic; the spec and the CPU path):
    ``bitlog2_codes_ref`` = softmax → ``n = floor(p·M)`` → MSB code (``fxquant.quant.primitives``,
    the only copy of the rule); ``bitlog2_av_ref`` = ``Σ_j (v_j << k_j) + h_j·(v_j << (k_j - 1))``
-   on integer ``v`` (int64 accumulator), i.e. ``Σ_j D_j·v_j`` with shifts only.
+   on integer ``v`` (int64 accumulator), i.e. ``Σ_j D_j·v_j`` with shifts only, ``(k, h)`` decoded
+   from the codes by ``primitives.bitlog2_shifts``. Packed codes use ``fxquant.quant.codes``'
+   ``pack_int4(signed=False)`` layout (even index in the low nibble, odd tail padded with 0).
 2. **Kernels**: ``_softmax_codes_kernel`` (one program per attention row: max, exp, sum, then the
    code of each probability, written as int8 codes or packed two 4-bit codes per byte for the
    16-level schemes) and ``_bitlog2_av_kernel`` (one program per (row block, head-dim block):
-   decode ``k, h`` from the codes and accumulate shifted ``v`` in int32).
+   decode ``k, h`` from the codes and accumulate shifted ``v`` in int32). They restate the rules
+   in ``tl`` code; the tests hold them bit-exact to the references.
 3. **Host wrappers** check dtypes/shapes and launch; ``tests/kernels/test_bitlog2.py`` compares
    them with the references under ``TRITON_INTERPRET=1`` on CPU, ``tools/bench_bitlog2.py``
    times them on a GPU.
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.quant.primitives import BITLOG2_VARIANTS, bitlog2_codes_from_int, bitlog2_input, bitlog2_levels
+from fxquant.quant.primitives import BITLOG2_VARIANTS, bitlog2_codes_from_int, bitlog2_input, bitlog2_levels, bitlog2_shifts
 
 try:
     import triton
@@ -43,38 +46,14 @@ def bitlog2_codes_ref(x: torch.Tensor, variant: str, *, from_logits: bool = True
     return bitlog2_codes_from_int(bitlog2_input(p, variant), variant)
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Pack codes in [0, 15] two per byte along the last dim (low nibble first; odd tail padded 0)."""
-    if codes.numel() and (codes.min() < 0 or codes.max() > 15):
-        raise ValueError("pack_int4 needs codes in [0, 15] (use a 16-level scheme)")
-    c = codes.to(torch.uint8)
-    if c.shape[-1] % 2:
-        c = torch.nn.functional.pad(c, (0, 1))
-    return c[..., 0::2] | (c[..., 1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of ``pack_int4`` for a last dimension of ``n`` codes (int32)."""
-    lo = (packed & 0xF).to(torch.int32)
-    hi = (packed >> 4).to(torch.int32)
-    return torch.stack([lo, hi], dim=-1).flatten(-2)[..., :n]
-
-
 def bitlog2_av_ref(codes: torch.Tensor, v: torch.Tensor, variant: str) -> torch.Tensor:
     """``Σ_j D_j·v_j`` with shifts only: codes ``[..., N, N]``, integer ``v`` ``[..., N, d]`` → int64."""
     if v.is_floating_point():
         raise TypeError("bitlog2_av_ref takes integer v (quantized values minus zero point)")
-    _, half = BITLOG2_VARIANTS[variant]
-    c = codes.to(torch.int64)
-    if half:
-        k = torch.where(c >= 2, c >> 1, torch.zeros_like(c))
-        h = torch.where(c >= 2, c & 1, torch.zeros_like(c))
-    else:
-        k = (c - 1).clamp(min=0)
-        h = torch.zeros_like(c)
-    nz = (c > 0).unsqueeze(-1)
+    k, h = bitlog2_shifts(codes, variant)
+    nz = (codes > 0).unsqueeze(-1)
     vv = v.to(torch.int64).unsqueeze(-3)  # [..., 1, N, d]
-    k_, h_ = k.unsqueeze(-1), h.unsqueeze(-1)
+    k_, h_ = k.to(torch.int64).unsqueeze(-1), h.to(torch.int64).unsqueeze(-1)
     term = (vv << k_) + h_ * (vv << (k_ - 1).clamp(min=0))
     return torch.where(nz, term, torch.zeros_like(term)).sum(dim=-2)
 

@@ -8,8 +8,9 @@ Three operand kinds meet in a quantized attention block:
   cast fused in the epilogue); ``int_bmm_cpu`` is the exact CPU path (an integer ``matmul`` of the
   zero-point-shifted codes); ``int_bmm_ref`` / ``int_bmm_float64_ref`` are the references.
 * **log2 / log√2 A × uniform v** (RepQ-ViT's post-softmax quantizer): a code ``c`` stands for
-  ``Δ·2^(-t·c)`` (t = 1 or 1/2). With ``E`` the largest shift, the even and odd codes give two
-  integer accumulators of shifted values, ``acc_p = Σ_j [c_j ≡ p] (v_j << (E - ⌈t·c_j⌉))``, and
+  ``Δ·2^(-t·c)`` (t = 1 or 1/2, ``primitives.log_step``) = ``Δ·2^(-⌈t·c⌉)·√2^h`` (``h = 1`` for odd
+  log√2 codes, ``primitives.log_shifts``). With ``E`` the largest shift, the even and odd codes give
+  two integer accumulators of shifted values, ``acc_p = Σ_j [c_j ≡ p] (v_j << (E - ⌈t·c_j⌉))``, and
   ``A·v = Δ·s_v·2^(-E)·(acc_0 + √2·acc_1)`` (log2: ``acc_1 = 0``). ``log_av_int`` computes the
   accumulators (int64; the ``1 << shift`` weights make the products exact shifts), ``log_av``
   applies the float epilogue, ``log_av_float64_ref`` is the float reference.
@@ -17,8 +18,8 @@ Three operand kinds meet in a quantized attention block:
   ``fxquant.quant.primitives`` and ``A·v = (s_v/δ)·Σ``; the Triton kernel is
   ``fxquant.kernels.bitlog2.bitlog2_av``; ``bitlog2_av_int`` is the CPU path.
 
-No rounding rule lives here: codes come from ``fxquant.quant.primitives.quantize`` (through
-``to_signed_codes``) and levels from its tables.
+No rounding or code rule lives here: codes come from ``fxquant.quant.primitives.quantize``
+(through ``fxquant.quant.codes.to_signed_codes``) and levels from its decoders and tables.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import math
 
 import torch
 
-from fxquant.quant.primitives import QuantSpec, bitlog2_levels, quantize
+from fxquant.quant.primitives import QuantSpec, bitlog2_levels, log_shifts, log_step, quantize
 
 try:
     import triton
@@ -150,10 +151,11 @@ def int_bmm(a: torch.Tensor, a_scale, a_zp, b: torch.Tensor, b_scale, b_zp, *, o
 
 
 def log_max_shift(spec: QuantSpec) -> int:
-    """``E``: the shift of the smallest non-zero level (log2: ``qmax``; log√2: ``⌈qmax/2⌉``)."""
+    """``E``: the shift of the smallest non-zero level, ``⌈t·qmax⌉`` (log2: ``qmax``; log√2:
+    ``⌈qmax/2⌉``), from ``primitives.log_shifts``."""
     if spec.scheme not in ("log2", "log_sqrt2"):
         raise ValueError(f"log_max_shift takes a log2/log_sqrt2 spec, got {spec.scheme}")
-    return spec.qmax if spec.scheme == "log2" else (spec.qmax + 1) // 2
+    return int(log_shifts(torch.tensor(spec.qmax), spec)[0])
 
 
 def log_av_int(codes: torch.Tensor, v: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,12 +169,9 @@ def log_av_int(codes: torch.Tensor, v: torch.Tensor, spec: QuantSpec) -> tuple[t
         raise ValueError(f"{spec.short()}: levels down to 2^-{e} need shifts beyond {MAX_LOG_SHIFT} bits")
     c = codes.to(torch.int64)
     live = c <= spec.qmax
-    if spec.scheme == "log2":
-        odd = torch.zeros_like(live)
-        shift = e - c
-    else:  # 2^(-c/2) = 2^(-(c+1)/2)·√2 for odd c
-        odd = (c & 1).bool()
-        shift = e - (c + odd.long()) // 2
+    s, h = log_shifts(c, spec)  # 2^(-t·c) = 2^(-s)·√2^h
+    odd = h.bool()
+    shift = e - s
     weight = torch.where(live, torch.bitwise_left_shift(torch.ones_like(c), shift.clamp(min=0)), torch.zeros_like(c))
     # CUDA has no integer matmul: there the sums run in float64, exact because every partial sum
     # is an integer below N·2^E·2^8 ≤ 2^53 (checked)
@@ -194,7 +193,7 @@ def log_av(codes: torch.Tensor, log_scale, v: torch.Tensor, v_scale, spec: Quant
 
 def log_av_float64_ref(codes: torch.Tensor, log_scale, v: torch.Tensor, v_scale, spec: QuantSpec) -> torch.Tensor:
     """Float64 ``Â @ v̂`` with ``Â = Δ·2^(-t·c)`` (zero code → 0), independent of the shifts."""
-    step = 1.0 if spec.scheme == "log2" else 0.5
+    step = log_step(spec)
     c = codes.double()
     a = torch.where(codes <= spec.qmax, torch.exp2(-step * c), torch.zeros_like(c)) * float(log_scale)
     return a @ (v.double() * float(v_scale))

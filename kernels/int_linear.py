@@ -1,9 +1,12 @@
 """Integer linear layers: activation quantization and W8A8 / W4A8 / W4A4 GEMMs with fused epilogue.
 
-Integer representation (shared by references, kernels and the lowering pass): a uniform
-quantizer's codes ``q`` (``quant.primitives.quantize``) are stored *signed*, ``c = q - offset``
-with ``offset = 2^(b-1)`` for asymmetric specs (0 for symmetric), so 8-bit codes fit int8 and
-4-bit codes fit a signed nibble; the zero point moves with them (``z_c = z - offset``). Then
+Integer representation (``fxquant.quant.codes``, shared by references, kernels, the lowering pass
+and the ONNX exporter): a uniform quantizer's codes ``q`` (``quant.primitives.quantize``) are stored
+*signed*, ``c = q - offset`` with ``offset = 2^(b-1)`` for asymmetric specs (0 for symmetric)
+(``code_offset`` / ``to_signed_codes``), so 8-bit codes fit int8 and 4-bit codes fit a signed nibble,
+packed two per byte by ``pack_int4(signed=True)``; the zero point moves with them
+(``z_c = z - offset``). The Triton kernels apply the same rules in ``tl`` code (``_rint``, the
+nibble shifts), checked bit for bit against ``to_signed_codes`` / ``pack_int4`` by the tests. Then
 
     y[m, n] = s_a · s_w[n] · Σ_k (a[m,k] - z_a)(w[n,k] - z_w[n]) + bias[n]
             = s_a · s_w[n] · (acc - z_a·Σ_k w[n,k] - z_w[n]·Σ_k a[m,k] + K·z_a·z_w[n]) + bias[n],
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.quant import QuantSpec, choose_qparams, quantize
+from fxquant.quant import QuantSpec, choose_qparams, code_offset, unpack_int4
 
 try:
     import triton
@@ -35,18 +38,8 @@ except Exception:  # pragma: no cover
 
 
 # ------------------------------------------------------------------------------------------
-# Integer representation and references
+# References
 # ------------------------------------------------------------------------------------------
-
-
-def code_offset(spec: QuantSpec) -> int:
-    """What is subtracted from a spec's codes to store them signed."""
-    return 0 if spec.symmetric else 2 ** (spec.bits - 1)
-
-
-def to_signed_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Signed integer codes (int8) of ``x`` under ``spec`` (the rounding rule of ``quant.primitives``)."""
-    return (quantize(x, scale, zero_point, spec) - code_offset(spec)).to(torch.int8)
 
 
 def per_token_qparams(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,25 +47,6 @@ def per_token_qparams(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.T
     amax = x.abs().amax(dim=-1)
     scale, zp = choose_qparams(-amax, amax, QuantSpec(bits=bits, symmetric=True))
     return scale, zp
-
-
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Pack signed 4-bit codes ``[-8, 7]`` two per byte along the last dim (even index in the low nibble)."""
-    if codes.shape[-1] % 2:
-        raise ValueError(f"pack_int4 needs an even last dimension, got {codes.shape[-1]}")
-    if codes.numel() and (codes.min() < -8 or codes.max() > 7):
-        raise ValueError("pack_int4 needs codes in [-8, 7]")
-    c = codes.to(torch.int16) & 0xF
-    return (c[..., 0::2] | (c[..., 1::2] << 4)).to(torch.uint8)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``pack_int4`` (int8, sign-extended)."""
-    p = packed.to(torch.int16)
-    lo, hi = p & 0xF, (p >> 4) & 0xF
-    lo = torch.where(lo >= 8, lo - 16, lo)
-    hi = torch.where(hi >= 8, hi - 16, hi)
-    return torch.stack([lo, hi], dim=-1).flatten(-2).to(torch.int8)
 
 
 def _vec(v, n: int, dtype) -> torch.Tensor:
@@ -316,7 +290,7 @@ def int_linear(a: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor, w: to
     w_scale = w_scale.reshape(-1).float().to(dev).expand(n).contiguous()
     w_zp = w_zp.reshape(-1).to(torch.int32).to(dev).expand(n).contiguous()
     if w_colsum is None:
-        w_colsum = (unpack_int4(w) if w_packed else w).to(torch.int32).sum(1)
+        w_colsum = (unpack_int4(w, signed=True) if w_packed else w).to(torch.int32).sum(1)
     w_colsum = w_colsum.to(torch.int32).to(dev).contiguous()
     c = torch.empty(m, n, dtype=out_dtype, device=dev)
     a, w = a.contiguous(), w.contiguous()

@@ -12,13 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fxquant.quant import FakeQuantize, QuantLinear, QuantSpec
+from fxquant.quant import FakeQuantize, QuantLinear, QuantSpec, code_offset, pack_int4, to_signed_codes, unpack_int4
 
 from .bitlog2 import bitlog2_av
 from .int_attention import bitlog2_av_int, int_bmm, int_bmm_cpu, log_av, log_codes_of
-from .int_linear import (
-    HAS_TRITON, code_offset, int_linear, int_linear_cpu, pack_int4, quantize_act, to_signed_codes, unpack_int4,
-)
+from .int_linear import HAS_TRITON, int_linear, int_linear_cpu, quantize_act
 
 
 class LoweredLinear(nn.Module):
@@ -44,7 +42,7 @@ class LoweredLinear(nn.Module):
         new = cls(linear.in_features, linear.out_features, act.spec, wq.spec, linear.bias is not None)
         with torch.no_grad():
             codes = to_signed_codes(linear.weight.float(), wq.scale, wq.zero_point, wq.spec)
-            new.w_codes = pack_int4(codes) if new.w_packed else codes
+            new.w_codes = pack_int4(codes, signed=True) if new.w_packed else codes
             new.w_scale = wq.scale.reshape(-1).float().expand(linear.out_features).clone()
             new.w_zp = (wq.zero_point.reshape(-1).expand(linear.out_features) - code_offset(wq.spec)).to(torch.int32).clone()
             new.w_colsum = codes.to(torch.int32).sum(1)
@@ -55,7 +53,7 @@ class LoweredLinear(nn.Module):
         return new
 
     def weight_codes(self) -> torch.Tensor:
-        return unpack_int4(self.w_codes) if self.w_packed else self.w_codes
+        return unpack_int4(self.w_codes, signed=True) if self.w_packed else self.w_codes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

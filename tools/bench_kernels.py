@@ -36,7 +36,8 @@ def main() -> int:
         return 0
     import triton.testing
 
-    from fxquant.kernels.int_linear import int_linear, pack_int4
+    from fxquant.kernels.int_linear import int_linear
+    from fxquant.quant import pack_int4
 
     dev = "cuda"
     rows = []
@@ -49,8 +50,8 @@ def main() -> int:
             g = torch.Generator(device=dev).manual_seed(0)
             a8 = torch.randint(-128, 127, (m, k), device=dev, dtype=torch.int8, generator=g)
             w8 = torch.randint(-128, 127, (n, k), device=dev, dtype=torch.int8, generator=g)
-            a4 = pack_int4(torch.randint(-8, 8, (m, k), device=dev, dtype=torch.int8, generator=g))
-            w4 = pack_int4(torch.randint(-8, 8, (n, k), device=dev, dtype=torch.int8, generator=g))
+            a4 = pack_int4(torch.randint(-8, 8, (m, k), device=dev, dtype=torch.int8, generator=g), signed=True)
+            w4 = pack_int4(torch.randint(-8, 8, (n, k), device=dev, dtype=torch.int8, generator=g), signed=True)
             ah, wh = a8.half(), w8.half().T.contiguous()
             s_a, z_a = torch.tensor(0.01, device=dev), torch.tensor(0, device=dev)
             s_w, z_w = torch.full((n,), 0.01, device=dev), torch.zeros(n, dtype=torch.int32, device=dev)

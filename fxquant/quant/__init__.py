@@ -1,6 +1,8 @@
 """Quantizer core: granularity objects, specs and the quantize/dequantize primitives (the only
-place rounding rules live), streaming observers, range estimators and fake-quant modules."""
+place rounding rules live), the integer storage of codes (signed offset, int4 packing), streaming
+observers, range estimators and fake-quant modules."""
 
+from .codes import code_offset, pack_int4, to_signed_codes, unpack_int4
 from .granularity import Granularity, PerAxis, PerGroup, PerTensor
 from .modules import COMPUTE_DTYPES, CompensationLinear, FakeQuantize, QuantConv2d, QuantLinear, quantizers
 from .observers import Observer
@@ -17,7 +19,7 @@ from .primitives import (
     expand_params,
     fake_quantize,
     grid_values,
-    log_zero_code,
+    log_step,
     quantize,
     round_ste,
 )
@@ -26,6 +28,6 @@ __all__ = [
     "Granularity", "PerTensor", "PerAxis", "PerGroup",
     "QuantSpec", "Estimator", "MinMax", "Percentile", "PctMSE", "OMSE",
     "choose_qparams", "estimator_from_name", "quantize", "dequantize", "fake_quantize", "expand_params", "grid_values",
-    "log_zero_code", "round_ste", "Observer", "FakeQuantize", "QuantLinear", "QuantConv2d", "quantizers",
-    "CompensationLinear", "COMPUTE_DTYPES",
+    "log_step", "round_ste", "code_offset", "to_signed_codes", "pack_int4", "unpack_int4",
+    "Observer", "FakeQuantize", "QuantLinear", "QuantConv2d", "quantizers", "CompensationLinear", "COMPUTE_DTYPES",
 ]

@@ -19,11 +19,17 @@ Conventions (METHODS.md §0):
   So a ``b``-bit log quantizer has ``2^b + 1`` output values (RepQ-ViT's 4-bit log√2 has 17).
   With ``fit_bits=True`` it has exactly ``2^b`` (BitLog2's Sqrt2_16): codes clamp to
   ``0..2^b - 2`` and zero takes code ``2^b - 1``.
+  For integer arithmetic a non-zero level is a shift and a √2 factor: ``2^(-t·c) = 2^(-⌈t·c⌉)·√2^h``
+  (``h = 1`` for odd log√2 codes; ``log_shifts``).
 * BitLog2 (integer log2 of an attention probability ``x ∈ [0, 1]``, METHODS.md §2), variant
   ``(M, half)``: ``n = clamp(floor(x·M), 0, M - 1)``; ``n = 0`` is the zero code; else ``k`` = the
   MSB index of ``n`` and (half variants) ``h`` = the bit below it. Integer level ``D = 2^k
   (+ h·2^(k-1))``, value ``x̂ = D / δ`` with an integer ``δ`` (stored as the scale). Codes are level
-  indices: 0 = zero, single: ``c = k + 1``, half: ``c = 1`` for ``k = 0`` else ``2k + h``.
+  indices: 0 = zero, single: ``c = k + 1``, half: ``c = 1`` for ``k = 0`` else ``2k + h``; decoding
+  a code back to ``(k, h)`` is ``bitlog2_shifts``. The same code is ``#{j : n ≥ D_j}`` over the
+  non-zero levels (``bitlog2_codes_by_compare``, the form the ONNX exporter runs).
+
+How codes are *stored* (signed offset, int4 packing) is ``fxquant.quant.codes``.
 """
 
 from __future__ import annotations
@@ -313,9 +319,23 @@ def choose_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple
 # --------------------------------------------------------------------------------------------
 
 
-def log_zero_code(bits: int) -> int:
-    """The special code of a (2^b + 1)-level log quantizer that decodes to 0."""
-    return 2**bits
+def log_step(spec: QuantSpec) -> float:
+    """The exponent step ``t`` of a log scheme: 1 for log2, 1/2 for log√2 (code ``c`` stands for
+    ``Δ·2^(-t·c)``)."""
+    if spec.scheme not in _LOG_STEP:
+        raise ValueError(f"log_step takes a log2/log_sqrt2 spec, got {spec.scheme!r}")
+    return _LOG_STEP[spec.scheme]
+
+
+def log_shifts(codes: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The level ``2^(-t·c)`` of non-zero log codes as an integer shift and a √2 factor:
+    ``2^(-t·c) = 2^(-s)·√2^h`` with ``s = ⌈t·c⌉`` and ``h = 1`` for odd log√2 codes (else 0).
+    Returns ``(s, h)`` (int64); the zero code (``c > qmax``) is the caller's to mask."""
+    c = codes.to(torch.int64)
+    if log_step(spec) == 1.0:
+        return c, torch.zeros_like(c)
+    h = torch.bitwise_and(c, 1)
+    return torch.bitwise_right_shift(c + h, 1), h
 
 
 def _bitlog2_max_code(variant: str) -> int:
@@ -352,17 +372,25 @@ def bitlog2_codes_from_int(n: torch.Tensor, variant: str) -> torch.Tensor:
     return torch.where(n > 0, c, torch.zeros_like(c))
 
 
-def bitlog2_levels(codes: torch.Tensor, variant: str) -> torch.Tensor:
-    """Integer level ``D`` (int32) of BitLog2 codes, shifts only."""
+def bitlog2_shifts(codes: torch.Tensor, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode BitLog2 codes to ``(k, h)`` (int32), ``D = 2^k + h·2^(k-1)``: single variants
+    ``k = c - 1``, ``h = 0``; half variants ``k = c >> 1``, ``h = c & 1`` for ``c ≥ 2`` and
+    ``(0, 0)`` (D = 1) for ``c = 1``. Code 0 (zero) gives ``(0, 0)`` too: the caller masks it."""
     _, half = BITLOG2_VARIANTS[variant]
     c = codes.to(torch.int32)
-    one = torch.ones_like(c)
+    zero = torch.zeros_like(c)
     if not half:
-        return torch.where(c > 0, torch.bitwise_left_shift(one, (c - 1).clamp(min=0)), torch.zeros_like(c))
-    k = torch.bitwise_right_shift(c, 1)
-    h = torch.bitwise_and(c, 1)
+        return (c - 1).clamp(min=0), zero
+    two = c >= 2
+    return torch.where(two, torch.bitwise_right_shift(c, 1), zero), torch.where(two, torch.bitwise_and(c, 1), zero)
+
+
+def bitlog2_levels(codes: torch.Tensor, variant: str) -> torch.Tensor:
+    """Integer level ``D`` (int32) of BitLog2 codes, shifts only (``bitlog2_shifts``)."""
+    k, h = bitlog2_shifts(codes, variant)
+    one = torch.ones_like(k)
     d = torch.bitwise_left_shift(one, k) + h * torch.bitwise_left_shift(one, (k - 1).clamp(min=0))
-    return torch.where(c >= 2, d, torch.where(c == 1, one, torch.zeros_like(c)))
+    return torch.where(codes.to(torch.int32) > 0, d, torch.zeros_like(d))
 
 
 def bitlog2_delta(sum_xd: float, sum_dd: float, sum_xx: float, max_level: int, variant: str) -> int:
@@ -387,14 +415,14 @@ def bitlog2_delta(sum_xd: float, sum_dd: float, sum_xx: float, max_level: int, v
 def log_thresholds(spec: QuantSpec) -> torch.Tensor:
     """Rounding midpoints ``T_j = 2^(-t·(j - 1/2))``, j = 1..2^b (descending, float32): ``r ≤ T_j``
     means the code of ``r = x/Δ`` is at least ``j``; reaching ``T_{2^b}`` means zero."""
-    step = _LOG_STEP[spec.scheme]
+    step = log_step(spec)
     j = torch.arange(1, 2**spec.bits + 1, dtype=torch.float64)
     return torch.exp2(-step * (j - 0.5)).float()
 
 
 def log_level_table(spec: QuantSpec) -> torch.Tensor:
     """Value of each log code at Δ = 1 (float32), the zero code last: ``x̂ = Δ·table[c]``."""
-    step = _LOG_STEP[spec.scheme]
+    step = log_step(spec)
     vals = torch.exp2(-step * torch.arange(spec.qmax + 1, dtype=torch.float32))
     return torch.cat([vals, torch.zeros(spec.zero_code - spec.qmax)])
 
@@ -404,11 +432,29 @@ def bitlog2_level_table(variant: str) -> torch.Tensor:
     return bitlog2_levels(torch.arange(_bitlog2_max_code(variant) + 1), variant)
 
 
+def bitlog2_compare_levels(variant: str) -> torch.Tensor:
+    """The non-zero levels ``D_1 < D_2 < ...`` (float32) that ``bitlog2_codes_by_compare`` counts."""
+    return bitlog2_level_table(variant)[1:].float()
+
+
+def bitlog2_codes_by_compare(n: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """``bitlog2_codes_from_int`` by compares (int64): the code of ``n`` is ``#{j : n ≥ D_j}`` over
+    ``levels = bitlog2_compare_levels(variant)``. The ONNX exporter's form (``GreaterOrEqual`` +
+    ``ReduceSum``, no bit operations); equal to the shift form on every ``n`` in ``[0, M)``."""
+    return (n.unsqueeze(-1) >= levels).sum(-1)
+
+
 def log_code_of_count(count: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """The log code of ``r = x / Δ`` from ``count = #{j : r ≤ T_j}`` (module doc): all ``2^b``
     midpoints reached (or ``r ≤ 0``) is the zero code, otherwise ``min(count, qmax)``. fxquant counts
-    with ``bucketize``; the ONNX exporter counts with ``LessOrEqual`` + ``ReduceSum``; both end here."""
+    with ``bucketize``; the ONNX exporter with ``log_count_by_compare``; both end here."""
     return torch.where(count >= 2**spec.bits, torch.full_like(count, spec.zero_code), count.clamp(max=spec.qmax))
+
+
+def log_count_by_compare(ratio: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """``count = #{j : r ≤ T_j}`` by compares (``thresholds = log_thresholds(spec)``): the ONNX
+    exporter's form (``LessOrEqual`` + ``ReduceSum``) of ``log_codes``' ``bucketize`` count."""
+    return (ratio.unsqueeze(-1) <= thresholds).sum(-1)
 
 
 def log_codes(ratio: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from fxquant.kernels.bitlog2 import (
-    bitlog2_av, bitlog2_av_float64_ref, bitlog2_av_ref, bitlog2_codes_ref, pack_int4, softmax_bitlog2_codes, unpack_int4,
+    bitlog2_av, bitlog2_av_float64_ref, bitlog2_av_ref, bitlog2_codes_ref, softmax_bitlog2_codes,
 )
+from fxquant.quant import pack_int4, unpack_int4
 from fxquant.quant.primitives import BITLOG2_VARIANTS
 from kernel_device import on_device
 
@@ -31,14 +32,15 @@ def test_codes_bit_identical(variant, shape):
     if variant.endswith("16"):
         packed = on_device(softmax_bitlog2_codes, scores, variant)
         assert packed.dtype == torch.uint8 and packed.shape[-1] == (n + 1) // 2
-        assert torch.equal(packed, pack_int4(ref)) and torch.equal(unpack_int4(packed, n), ref)
+        assert torch.equal(packed, pack_int4(ref, signed=False))
+        assert torch.equal(unpack_int4(packed, n, signed=False).to(torch.int32), ref)
 
 
 def test_pack_round_trip_and_range_check():
     c = torch.randint(0, 16, (3, 7, 11), dtype=torch.int32)
-    assert torch.equal(unpack_int4(pack_int4(c), 11), c)
-    with pytest.raises(ValueError, match="16-level"):
-        pack_int4(torch.tensor([16]))
+    assert torch.equal(unpack_int4(pack_int4(c, signed=False), 11, signed=False).to(torch.int32), c)
+    with pytest.raises(ValueError, match=r"\[0, 15\]"):
+        pack_int4(torch.tensor([16]), signed=False)
     with pytest.raises(ValueError, match="17 levels"):
         on_device(softmax_bitlog2_codes, torch.randn(2, 4), "half17", pack=True)
 
@@ -56,7 +58,7 @@ def test_integer_av_equals_reference(variant, shape):
     got = on_device(bitlog2_av, codes.to(torch.int8), v, variant, packed=False)
     assert got.dtype == torch.int32 and torch.equal(got.to(torch.int64), ref)
     if variant.endswith("16"):
-        assert torch.equal(on_device(bitlog2_av, pack_int4(codes), v, variant).to(torch.int64), ref)
+        assert torch.equal(on_device(bitlog2_av, pack_int4(codes, signed=False), v, variant).to(torch.int64), ref)
 
 
 def test_av_rejects_float_v_and_bad_shapes():

@@ -11,8 +11,7 @@ from fxquant.kernels.int_attention import (
     bitlog2_av_int, int_bmm, int_bmm_cpu, int_bmm_float64_ref, int_bmm_ref, log_av, log_av_float64_ref, log_av_int,
     log_codes_of, log_max_shift,
 )
-from fxquant.kernels.int_linear import code_offset, to_signed_codes
-from fxquant.quant import QuantSpec, choose_qparams
+from fxquant.quant import QuantSpec, choose_qparams, code_offset, to_signed_codes
 from fxquant.quant.primitives import bitlog2_input, bitlog2_codes_from_int, fake_quantize
 from kernel_device import on_device
 

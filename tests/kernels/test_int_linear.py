@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from fxquant.kernels.int_linear import (
-    int_linear, int_linear_cpu, int_linear_float64_ref, int_linear_ref, pack_int4, per_token_qparams, quantize_act,
-    to_signed_codes, unpack_int4,
+    int_linear, int_linear_cpu, int_linear_float64_ref, int_linear_ref, per_token_qparams, quantize_act,
 )
-from fxquant.quant import QuantSpec, choose_qparams
+from fxquant.quant import QuantSpec, choose_qparams, pack_int4, to_signed_codes, unpack_int4
 from kernel_device import on_device
 
 SHAPES = [(1, 16, 8), (33, 48, 40), (65, 130, 17)]  # (M, K, N)
@@ -28,7 +27,8 @@ def test_activation_quantization_bit_identical(bits, symmetric, pack, m, k):
     codes, _, zp = on_device(quantize_act, x, spec, s, z, pack=pack)
     ref = to_signed_codes(x, s, z, spec)
     if pack:
-        assert codes.dtype == torch.uint8 and torch.equal(codes, pack_int4(ref)) and torch.equal(unpack_int4(codes), ref)
+        assert codes.dtype == torch.uint8 and torch.equal(codes, pack_int4(ref, signed=True))
+        assert torch.equal(unpack_int4(codes, k, signed=True), ref)
     else:
         assert codes.dtype == torch.int8 and torch.equal(codes, ref)
     assert zp.item() == z.item() - (0 if symmetric else 2 ** (bits - 1))
@@ -62,8 +62,8 @@ def test_int_gemm_equals_integer_reference(kind, m, k, n, weight_zp):
     if weight_zp == "symmetric":
         wz = torch.zeros_like(wz)
     a_scale, a_zp = torch.tensor(0.037), torch.tensor(5)
-    a_in = pack_int4(a) if a_bits == 4 else a
-    w_in = pack_int4(w) if w_bits == 4 else w
+    a_in = pack_int4(a, signed=True) if a_bits == 4 else a
+    w_in = pack_int4(w, signed=True) if w_bits == 4 else w
     got = on_device(int_linear, a_in, a_scale, a_zp, w_in, ws, wz, bias, k=k, a_packed=a_bits == 4, w_packed=w_bits == 4)
     ref = int_linear_ref(a, a_scale, a_zp, w, ws, wz, bias)
     assert torch.equal(got, ref), (got - ref).abs().max()  # int32 accumulation is exact; same float epilogue
@@ -89,9 +89,13 @@ def test_cpu_integer_path_equals_reference():
 
 def test_pack_round_trip_and_errors():
     c = torch.randint(-8, 8, (5, 6, 10), dtype=torch.int8)
-    assert torch.equal(unpack_int4(pack_int4(c)), c)
-    with pytest.raises(ValueError, match="even"):
-        pack_int4(torch.zeros(3, 5, dtype=torch.int8))
+    assert torch.equal(unpack_int4(pack_int4(c, signed=True), signed=True), c)
+    with pytest.raises(ValueError, match=r"\[-8, 7\]"):
+        pack_int4(torch.tensor([8]), signed=True)
+    odd = pack_int4(torch.zeros(3, 5, dtype=torch.int8), signed=True)  # packs (tail padded), but the GEMM needs an even K
+    with pytest.raises(ValueError, match="inner dimensions|even K"):
+        on_device(int_linear, odd, torch.tensor(1.0), torch.tensor(0), odd, torch.ones(3), torch.zeros(3), k=5,
+                  a_packed=True, w_packed=True)
     with pytest.raises(ValueError, match="inner dimensions"):
         on_device(int_linear, torch.zeros(2, 16, dtype=torch.int8), torch.tensor(1.0), torch.tensor(0), torch.zeros(4, 32, dtype=torch.int8),
                    torch.ones(4), torch.zeros(4))

@@ -11,7 +11,10 @@ import torch
 from fxquant.errors import ConfigError
 from fxquant.quant import QuantSpec, fake_quantize, grid_values
 from fxquant.quant.observers import BitLog2Observer
-from fxquant.quant.primitives import BITLOG2_VARIANTS, bitlog2_codes_from_int, bitlog2_input, bitlog2_levels, msb_index
+from fxquant.quant.primitives import (
+    BITLOG2_VARIANTS, bitlog2_codes_by_compare, bitlog2_codes_from_int, bitlog2_compare_levels, bitlog2_input, bitlog2_levels,
+    bitlog2_shifts, msb_index,
+)
 
 LEVELS = {"single16": 16, "single17": 17, "half16": 16, "half17": 17}
 
@@ -115,11 +118,25 @@ def test_bitlog2_spec_validation():
 
 @pytest.mark.parametrize("variant", list(BITLOG2_VARIANTS))
 def test_compare_form_used_for_onnx_equals_shift_codes_on_all_inputs(variant):
-    """The ONNX export computes the code as #levels <= n; it equals the MSB/shift code for every n."""
-    from fxquant.quant.primitives import bitlog2_level_table
-
+    """The ONNX export computes the code as #levels <= n (``bitlog2_codes_by_compare``, on the
+    float32 levels it exports); it equals the MSB/shift code for every n in [0, M)."""
     m, _ = BITLOG2_VARIANTS[variant]
     n = torch.arange(0, m, dtype=torch.int32)
-    levels = bitlog2_level_table(variant)
-    by_compare = (n.unsqueeze(-1) >= levels[1:]).sum(-1)
+    by_compare = bitlog2_codes_by_compare(n, bitlog2_compare_levels(variant))
     assert torch.equal(by_compare.to(torch.int32), bitlog2_codes_from_int(n, variant))
+
+
+@pytest.mark.parametrize("variant", list(BITLOG2_VARIANTS))
+def test_shift_decoding_inverts_the_code(variant):
+    """``bitlog2_shifts`` gives back the (k, h) the code was made from: for every n in [1, M),
+    k = MSB index of n and (half variants) h = the bit below it, except that c = 1 is D = 1."""
+    m, half = BITLOG2_VARIANTS[variant]
+    n = torch.arange(1, m, dtype=torch.int32)
+    c = bitlog2_codes_from_int(n, variant)
+    k, h = bitlog2_shifts(c, variant)
+    msb = torch.tensor([int(v).bit_length() - 1 for v in n])
+    below = torch.tensor([(int(v) >> (b - 1)) & 1 if b >= 1 else 0 for v, b in zip(n, msb.tolist())])
+    assert torch.equal(k.long(), msb)
+    assert torch.equal(h.long(), below if half else torch.zeros_like(below))
+    assert torch.equal(bitlog2_levels(c, variant).long(), (1 << msb) + h.long() * (1 << (msb - 1).clamp(min=0)))
+    assert bitlog2_levels(torch.zeros(3, dtype=torch.int32), variant).tolist() == [0, 0, 0]

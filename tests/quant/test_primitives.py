@@ -10,9 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxquant.errors import ConfigError
+from fxquant.quant.primitives import (
+    log_code_of_count, log_count_by_compare, log_level_table, log_shifts, log_thresholds,
+)
 from fxquant.quant import (
     PerAxis, PerGroup, PerTensor, QuantSpec, choose_qparams, dequantize, expand_params, fake_quantize,
-    grid_values, log_zero_code, quantize, round_ste,
+    grid_values, log_step, quantize, round_ste,
 )
 
 bits_st = st.integers(2, 8)
@@ -46,7 +49,7 @@ def test_codes_in_range_and_outputs_on_grid(case):
     q = quantize(x, scale, zp, spec)
     assert torch.equal(q, q.round())
     if spec.is_log:
-        assert ((q >= 0) & (q <= log_zero_code(spec.bits))).all()
+        assert ((q >= 0) & (q <= spec.zero_code)).all()
     else:
         assert ((q >= spec.qmin) & (q <= spec.qmax)).all()
     grid = grid_values(scale.item(), zp.item(), spec)
@@ -196,13 +199,47 @@ def test_spec_json_round_trip():
 def test_log_codes_by_midpoints_equal_the_rounding_formula(scheme, bits):
     """c = #{j : r <= T_j} equals clamp(round(-log2 r / t)) wherever r is not within float
     precision of a midpoint (the midpoints are irrational, so no exact ties exist)."""
-    from fxquant.quant.primitives import _LOG_STEP, log_thresholds
-
     spec = QuantSpec(bits=bits, scheme=scheme)
     r = torch.rand(200_000, generator=torch.Generator().manual_seed(bits)) ** 6 * 1.5
-    t = _LOG_STEP[scheme]
+    t = log_step(spec)
     c = torch.round(-torch.log2(r.double()) / t)
     formula = torch.where(c >= 2**bits, torch.full_like(c, spec.zero_code), c.clamp(0, spec.qmax))
     got = quantize(r, torch.tensor(1.0), torch.tensor(0.0), spec).double()
     near = ((r[:, None].double() / log_thresholds(spec).double()[None, :] - 1).abs() < 1e-6).any(dim=1)
     assert torch.equal(got[~near], formula[~near])
+
+
+def test_log_step():
+    assert log_step(QuantSpec(bits=4, scheme="log2")) == 1.0
+    assert log_step(QuantSpec(bits=4, scheme="log_sqrt2", fit_bits=True)) == 0.5
+    for spec in (QuantSpec(bits=4), QuantSpec(bits=4, scheme="bitlog2", bitlog2_variant="half16")):
+        with pytest.raises(ValueError, match="log2/log_sqrt2"):
+            log_step(spec)
+
+
+@pytest.mark.parametrize("scheme", ["log2", "log_sqrt2"])
+@pytest.mark.parametrize("bits,fit", [(2, False), (4, False), (4, True), (6, False), (8, False)])
+def test_log_shifts_decode_the_level_table(scheme, bits, fit):
+    """2^(-t·c) = 2^(-s)·√2^h with s = ⌈t·c⌉ for every non-zero code: the integer paths' decoding
+    of a log code names the same level as the float32 table fake quantization gathers from."""
+    spec = QuantSpec(bits=bits, scheme=scheme, fit_bits=fit)
+    c = torch.arange(spec.qmax + 1)
+    s, h = log_shifts(c, spec)
+    t = log_step(spec)
+    assert torch.equal(s, torch.tensor([math.ceil(t * int(ci)) for ci in c])) and torch.equal(h, ((t * c) != s).long())
+    level = torch.exp2(-s.double()) * math.sqrt(2.0) ** h.double()
+    normal = level >= torch.finfo(torch.float32).tiny  # 8-bit levels leave float32's normal range
+    assert normal.sum() >= min(spec.qmax + 1, 126)
+    assert torch.allclose(level[normal], log_level_table(spec)[: spec.qmax + 1].double()[normal], rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("scheme,bits,fit", [("log2", 3, False), ("log_sqrt2", 4, False), ("log_sqrt2", 4, True),
+                                             ("log_sqrt2", 8, False)])
+def test_log_count_by_compare_equals_bucketize(scheme, bits, fit):
+    """The exporter's compare count gives the codes of ``log_codes`` (bucketize), ties included."""
+    spec = QuantSpec(bits=bits, scheme=scheme, fit_bits=fit)
+    t = log_thresholds(spec)
+    r = torch.cat([torch.rand(5000, generator=torch.Generator().manual_seed(bits)) ** 8 * 1.5, t, t.nextafter(t + 1),
+                   t.nextafter(torch.zeros_like(t)), torch.tensor([0.0, -1.0, 2.0, float("inf")])])
+    by_bucketize = quantize(r, torch.tensor(1.0), torch.tensor(0.0), spec)
+    assert torch.equal(log_code_of_count(log_count_by_compare(r, t), spec).to(by_bucketize.dtype), by_bucketize)
