@@ -11,8 +11,18 @@ from hypothesis import strategies as st
 
 from fxquant.errors import ConfigError
 from fxquant.quant import (
-    PerAxis, PerGroup, PerTensor, QuantSpec, choose_qparams, dequantize, expand_params, fake_quantize,
-    grid_values, log_zero_code, quantize, round_ste,
+    PerAxis,
+    PerGroup,
+    PerTensor,
+    QuantSpec,
+    choose_qparams,
+    dequantize,
+    expand_params,
+    fake_quantize,
+    grid_values,
+    log_zero_code,
+    quantize,
+    round_ste,
 )
 
 bits_st = st.integers(2, 8)
