@@ -54,11 +54,24 @@ from fxquant.errors import ConfigError
 from fxquant.graph import logits_of
 from fxquant.kernels.lowered import LoweredLinear, LoweredMatmul
 from fxquant.quant import (
-    CompensationLinear, FakeQuantize, PerTensor, QuantConv2d, QuantLinear, QuantSpec, code_offset, to_signed_codes,
+    CompensationLinear,
+    FakeQuantize,
+    PerTensor,
+    QuantConv2d,
+    QuantLinear,
+    QuantSpec,
+    code_offset,
+    to_signed_codes,
 )
 from fxquant.quant.primitives import (
-    bitlog2_codes_by_compare, bitlog2_compare_levels, bitlog2_input, bitlog2_level_table, log_code_of_count,
-    log_count_by_compare, log_level_table, log_thresholds,
+    bitlog2_codes_by_compare,
+    bitlog2_compare_levels,
+    bitlog2_input,
+    bitlog2_level_table,
+    log_code_of_count,
+    log_count_by_compare,
+    log_level_table,
+    log_thresholds,
 )
 
 try:  # registers torch.ops.quantized_decomposed (the ops the ONNX exporter maps to Q/DQ)
@@ -84,7 +97,8 @@ class ExportActQuant(nn.Module):
     def __init__(self, spec: QuantSpec, scale: torch.Tensor, zero_point: torch.Tensor, label: str, act_dtype: str = "int8"):
         super().__init__()
         self.spec = spec
-        self.register_buffer("scale", scale.detach().float().clone().reshape(()) if scale.numel() == 1 else scale.detach().clone())
+        scale = scale.detach().float().clone()
+        self.register_buffer("scale", scale.reshape(()) if scale.numel() == 1 else scale)
         if spec.scheme == "uniform":
             if not isinstance(spec.granularity, PerTensor) or scale.numel() != 1:
                 raise ConfigError(f"ONNX export: activation quantizer '{label}' is not per-tensor ({spec.short()}); "

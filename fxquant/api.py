@@ -17,7 +17,8 @@ from .pipeline import PASS_REGISTRY, Pass, PassContext, PassManager, PipelineRep
 from .recipes import Recipe, get_recipe
 
 
-def _resolve_passes(passes: Sequence[Pass | str] | None, recipe: Recipe | str | None, overrides: dict) -> tuple[list[Pass], Recipe | None]:
+def _resolve_passes(passes: Sequence[Pass | str] | None, recipe: Recipe | str | None,
+                    overrides: dict) -> tuple[list[Pass], Recipe | None]:
     if passes is not None and recipe is not None:
         raise ConfigError("give either passes=[...] or recipe=..., not both")
     if passes is None and recipe is None:
@@ -26,7 +27,8 @@ def _resolve_passes(passes: Sequence[Pass | str] | None, recipe: Recipe | str | 
         if isinstance(recipe, str):
             recipe = get_recipe(recipe, **overrides)
         elif overrides:
-            raise ConfigError(f"options {sorted(overrides)} apply to a recipe given by name; use dataclasses.replace on a Recipe object")
+            raise ConfigError(f"options {sorted(overrides)} apply to a recipe given by name; "
+                              f"use dataclasses.replace on a Recipe object")
         return recipe.build_passes(), recipe
     if overrides:
         raise ConfigError(f"unknown keyword arguments {sorted(overrides)}: options go to the passes' constructors")

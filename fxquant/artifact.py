@@ -11,8 +11,8 @@ file, checking names and shapes.
 from __future__ import annotations
 
 import json
-from importlib.metadata import version
 import platform
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,8 @@ from torch import fx, nn
 
 from .errors import ArtifactError
 from .graph import trace
-from .models import load_model
 from .meta import ARTIFACT, CAPTURE, EXAMPLE_INPUTS, PIPELINE, RECIPE, REPORT
+from .models import load_model
 from .pipeline import PassContext, PassManager, pass_from_config
 from .quant import FakeQuantize
 

@@ -14,8 +14,8 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from .errors import CalibrationError
 from .batches import batch_size, call_model, graph_inputs, slice_batch
+from .errors import CalibrationError
 
 
 class Calibration:
@@ -92,7 +92,8 @@ class Calibration:
             finally:
                 handle.remove()
             if calls[0] == 0:
-                raise CalibrationError("the calibration forward_loop(model) never called the model; it must run calibration batches through it")
+                raise CalibrationError("the calibration forward_loop(model) never called the model; "
+                                       "it must run calibration batches through it")
             return calls[0]
         batches = self.batches()
         total = len(batches) if hasattr(batches, "__len__") and max_images is None else None
@@ -119,7 +120,8 @@ def locate_nonfinite(gm: fx.GraphModule, batch: Any) -> tuple[str, str] | None:
         def run_node(self, n):
             out = super().run_node(n)
             if self.found is None:
-                ts = [out] if isinstance(out, torch.Tensor) else [t for t in (out if isinstance(out, (tuple, list)) else []) if isinstance(t, torch.Tensor)]
+                outs = out if isinstance(out, (tuple, list)) else [out]
+                ts = [t for t in outs if isinstance(t, torch.Tensor)]
                 for t in ts:
                     if t.is_floating_point() and not torch.isfinite(t).all():
                         what = f"{n.op} {n.target if n.op != 'call_function' else getattr(n.target, '__name__', n.target)}"

@@ -13,10 +13,10 @@ import torch
 from . import artifact
 from .api import compile as fx_compile
 from .api import report
-from .export import run_onnx, to_onnx
 from .data import load_data
 from .errors import FxQuantError
 from .evaluate import top1
+from .export import run_onnx, to_onnx
 from .models import load_model
 from .pipeline import PASS_REGISTRY
 from .recipes import get_recipe, list_recipes
@@ -60,7 +60,8 @@ def _recipe_label(name: str, overrides: dict) -> str:
 def cmd_recipes(args) -> int:
     print(_table([(k, v) for k, v in list_recipes().items()], ("recipe", "description")))
     print()
-    print(_table([(k, (v.__doc__ or "").strip().splitlines()[0]) for k, v in sorted(PASS_REGISTRY.items())], ("pass", "description")))
+    passes = [(k, (v.__doc__ or "").strip().splitlines()[0]) for k, v in sorted(PASS_REGISTRY.items())]
+    print(_table(passes, ("pass", "description")))
     return 0
 
 

@@ -73,7 +73,8 @@ class ModelInfo:
 def _build_from_config(cfg: dict) -> nn.Module:
     arch = cfg.get("architecture", "")
     if not arch.startswith("timm."):
-        raise ConfigError(f"config.json names architecture {arch!r}; fxquant builds timm architectures ('timm.models....') from folders")
+        raise ConfigError(f"config.json names architecture {arch!r}; "
+                          f"fxquant builds timm architectures ('timm.models....') from folders")
     mod_name, _, cls_name = arch.rpartition(".")
     cls = getattr(importlib.import_module(mod_name), cls_name)
     return cls(**cfg["model_kwargs"])
@@ -82,7 +83,8 @@ def _build_from_config(cfg: dict) -> nn.Module:
 def _from_folder(spec: str, folder: Path, source: str) -> ModelInfo:
     cfg_path, w_path = folder / "config.json", folder / "model.safetensors"
     if not cfg_path.exists() or not w_path.exists():
-        raise ConfigError(f"model folder '{folder}' needs config.json and model.safetensors (the layout of shared/models/vit_cifar10)")
+        raise ConfigError(f"model folder '{folder}' needs config.json and model.safetensors "
+                          f"(the layout of shared/models/vit_cifar10)")
     cfg = json.loads(cfg_path.read_text())
     return _with_weights(spec, cfg, load_file(str(w_path)), source)
 
@@ -122,7 +124,8 @@ def load_model(spec: str, *, pretrained: bool = False) -> ModelInfo:
             info = load_embedded()
             info.spec = spec
             return info
-        raise ConfigError(f"'{spec}' needs shared/models/{folder_name}; set FXQUANT_SHARED to the folder holding models/ and data/")
+        raise ConfigError(f"'{spec}' needs shared/models/{folder_name}; "
+                          f"set FXQUANT_SHARED to the folder holding models/ and data/")
     if spec.startswith("timm:"):
         name = spec[len("timm:"):]
         if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():

@@ -65,7 +65,8 @@ def int_bmm_float64_ref(a, a_scale, a_zp, b, b_scale, b_zp) -> torch.Tensor:
     return da @ db
 
 
-def int_bmm_cpu(a: torch.Tensor, a_scale, a_zp, b: torch.Tensor, b_scale, b_zp, *, bits: tuple[int, int] = (8, 8)) -> torch.Tensor:
+def int_bmm_cpu(a: torch.Tensor, a_scale, a_zp, b: torch.Tensor, b_scale, b_zp, *,
+                bits: tuple[int, int] = (8, 8)) -> torch.Tensor:
     """Exact integer path: integer matmul of the zero-point-shifted codes, then ``s_a·s_b`` (fp32)."""
     dt = _acc_dtype(a.shape[-1], *bits)
     acc = torch.matmul(a.to(dt) - int(a_zp), b.to(dt) - int(b_zp))

@@ -280,7 +280,8 @@ def int_linear(a: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor, w: to
     n = w.shape[0]
     k = k if k is not None else (a.shape[1] * 2 if a_packed else a.shape[1])
     if (w.shape[1] * 2 if w_packed else w.shape[1]) != k or (a.shape[1] * 2 if a_packed else a.shape[1]) != k:
-        raise ValueError(f"inner dimensions differ: a {tuple(a.shape)} (packed={a_packed}), w {tuple(w.shape)} (packed={w_packed})")
+        raise ValueError(f"inner dimensions differ: a {tuple(a.shape)} (packed={a_packed}), "
+                         f"w {tuple(w.shape)} (packed={w_packed})")
     if (a_packed or w_packed) and k % 2:
         raise ValueError("packed int4 operands need an even K")
     dev = a.device

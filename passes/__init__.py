@@ -9,4 +9,5 @@ from .lower import LowerToKernels
 from .qwt import QwTCompensate
 from .repq import AnnotateRepQ, ReparameterizeLayerNorm
 
-__all__ = ["AnnotateUniform", "InsertQuantizers", "Calibrate", "AnnotateRepQ", "ReparameterizeLayerNorm", "BitLog2Attention", "QwTCompensate", "LowerToKernels"]
+__all__ = ["AnnotateUniform", "InsertQuantizers", "Calibrate", "AnnotateRepQ", "ReparameterizeLayerNorm", "BitLog2Attention",
+           "QwTCompensate", "LowerToKernels"]

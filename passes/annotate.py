@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from torch import fx
 
 from fxquant import match
-from fxquant.meta import ROLE, set_input_spec, set_weight_spec
 from fxquant.errors import ConfigError
+from fxquant.meta import ROLE, set_input_spec, set_weight_spec
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import PctMSE, PerAxis, PerTensor, QuantSpec
 

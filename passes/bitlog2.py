@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from torch import fx
 
 from fxquant import match
-from fxquant.meta import input_specs, set_input_spec
 from fxquant.errors import ConfigError, PassError
+from fxquant.meta import input_specs, set_input_spec
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import FakeQuantize, PctMSE, QuantSpec
 from fxquant.quant.primitives import BITLOG2_VARIANTS

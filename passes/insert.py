@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from torch import fx, nn
 
 from fxquant import match
-from fxquant.meta import QUANTIZER, ROLE, input_specs, weight_spec
 from fxquant.errors import PassError
+from fxquant.meta import QUANTIZER, ROLE, input_specs, weight_spec
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import FakeQuantize, QuantConv2d, QuantLinear
 
@@ -62,7 +62,8 @@ class InsertQuantizers(Pass):
             elif isinstance(mod, nn.Conv2d):
                 new = QuantConv2d.from_float(mod, spec, label=str(node.target))
             else:
-                raise PassError(f"insert_quantizers: node '{node.name}' ({type(mod).__name__}) has a weight spec but is not a Linear or Conv2d")
+                raise PassError(f"insert_quantizers: node '{node.name}' ({type(mod).__name__}) has a weight spec "
+                                f"but is not a Linear or Conv2d")
             _set_module(gm, node.target, new)
             n_w += 1
 

@@ -132,7 +132,8 @@ class LowerToKernels(Pass):
             lowered.append(str(node.target))
         lowered_mm = self._lower_matmuls(gm, kept, set(ctx.record().get("lowered_matmuls", [])) if ctx.replay else None)
         if not lowered and not lowered_mm and replay is None:
-            raise ConfigError("lower_to_kernels: no Linear or attention matmul could be lowered: " + "; ".join(f"{k}: {v}" for k, v in kept.items())[:500])
+            why = "; ".join(f"{k}: {v}" for k, v in kept.items())[:500]
+            raise ConfigError(f"lower_to_kernels: no Linear or attention matmul could be lowered: {why}")
         summary = (f"{len(lowered)} Linears and {len(lowered_mm)} attention matmuls lowered to integer kernels; "
                    f"{len(kept)} kept: " + ", ".join(sorted(set(kept.values())))[:300])
         return PassResult(gm, summary=summary, record={"lowered": lowered, "lowered_matmuls": lowered_mm, "kept": kept})

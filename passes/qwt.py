@@ -27,10 +27,10 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from fxquant import match
-from fxquant.meta import ROLE, SUBGRAPH_INPUTS
 from fxquant.batches import graph_inputs
 from fxquant.errors import ConfigError, PassError
 from fxquant.graph import extract_subgraph, propagate_shapes
+from fxquant.meta import ROLE, SUBGRAPH_INPUTS
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import COMPUTE_DTYPES, CompensationLinear, FakeQuantize, QuantConv2d, QuantLinear
 

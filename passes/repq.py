@@ -22,9 +22,9 @@ import torch
 from torch import fx, nn
 
 from fxquant import match
+from fxquant.errors import PassError
 from fxquant.graph import propagate_shapes
 from fxquant.meta import ROLE, input_specs, set_input_spec
-from fxquant.errors import PassError
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import FakeQuantize, PctMSE, PerAxis, PerTensor, QuantSpec
 
@@ -85,10 +85,10 @@ class AnnotateRepQ(Pass):
         if self.reparameterize:
             for site in match.layer_norm_sites(gm, modules):
                 reason = site.reason
-                if site.legal and not self.head_site and any(l in heads for l in site.linears):
+                if site.legal and not self.head_site and any(lin in heads for lin in site.linears):
                     reason = "final LayerNorm -> head (head_site=False)"
                 if site.legal and not reason:
-                    specs = [input_specs(l).get(0) for l in site.linears]
+                    specs = [input_specs(lin).get(0) for lin in site.linears]
                     if any(s is None for s in specs) or len(set(specs)) != 1:
                         reason = "its Linear consumers are not all quantized with one input spec"
                 if reason:
@@ -98,7 +98,7 @@ class AnnotateRepQ(Pass):
                 per_channel = base.with_(granularity=PerAxis(-1), estimator=PctMSE(), zero_in_range=False)
                 for lin in site.linears:
                     set_input_spec(lin, 0, per_channel)
-                site.ln.meta[SITE] = {"linears": [l.name for l in site.linears]}
+                site.ln.meta[SITE] = {"linears": [lin.name for lin in site.linears]}
                 folded.append(site.name)
         n_log = 0
         if self.log_softmax:
@@ -153,7 +153,8 @@ class ReparameterizeLayerNorm(Pass):
             qnode = qnodes.pop()
             fq = modules.get(qnode.target) if qnode.op == "call_module" else None
             if not isinstance(fq, FakeQuantize) or not isinstance(fq.spec.granularity, PerAxis):
-                raise PassError(f"repq_reparam: '{ln.name}' expects a per-channel quantizer before {[l.name for l in linears]}")
+                raise PassError(f"repq_reparam: '{ln.name}' expects a per-channel quantizer before "
+                                f"{[lin.name for lin in linears]}")
             target_spec = fq.spec.with_(granularity=PerTensor(), integer_zero_point=self.round_target_zero_point)
             if ctx.replay:
                 fq.spec = target_spec
@@ -164,7 +165,8 @@ class ReparameterizeLayerNorm(Pass):
                 done.append(match.node_fqn(ln) or ln.name)
                 continue
             if not fq.calibrated:
-                raise PassError(f"repq_reparam: the quantizer '{qnode.target}' after '{ln.name}' is not calibrated; run calibrate first")
+                raise PassError(f"repq_reparam: the quantizer '{qnode.target}' after '{ln.name}' is not calibrated; "
+                                f"run calibrate first")
             s = fq.scale.flatten().double()
             z = fq.zero_point.flatten().double()
             s_t = s.mean()

@@ -1,5 +1,5 @@
 """Shared fixtures: the reference CIFAR ViT (shared folder or embedded copy), real CIFAR images,
-and small random-init models."""
+and the tiny random-init ViT (models themselves: fxquant.testing)."""
 
 from __future__ import annotations
 
@@ -40,16 +40,8 @@ def cifar_w8a8(cifar_info, cifar_data):
     return fxquant.compile(cifar_info.model, recipe="w8a8", calib=[calib], progress=False)
 
 
-def tiny_vit(**kw):
-    """A tiny timm VisionTransformer (random init) for fast structural tests."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
-    args.update(kw)
-    return VisionTransformer(**args).eval()
-
-
 @pytest.fixture
 def tiny_vit_model():
+    from fxquant.testing import tiny_vit
+
     return tiny_vit()

@@ -11,7 +11,7 @@ import torch
 import fxquant
 from fxquant import artifact
 from fxquant.errors import ArtifactError
-from toy_models import toy_calib, toy_vit
+from fxquant.testing import toy_calib, toy_vit
 
 
 def test_round_trip_identical_outputs(tmp_path, cifar_info, cifar_data):
@@ -39,7 +39,7 @@ def test_round_trip_with_user_model(tmp_path):
 
 
 def test_mismatched_model_is_rejected(tmp_path):
-    from toy_models import ToyViT
+    from fxquant.testing import ToyViT
 
     q = fxquant.compile(toy_vit(), recipe="w8a8", calib=toy_calib(), progress=False)
     artifact.save(q, tmp_path / "toy")

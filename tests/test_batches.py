@@ -12,6 +12,7 @@ from fxquant.batches import batch_args, batch_size, call_model, graph_inputs, sl
 from fxquant.calibration import locate_nonfinite
 from fxquant.errors import CalibrationError
 from fxquant.evaluate import top1
+from fxquant.testing import hf_vit
 
 
 class TwoInputs(nn.Module):
@@ -55,9 +56,7 @@ def test_hf_model_with_dict_batches_through_repq_and_qwt():
     """A Hugging Face ViT calibrated with ``{"pixel_values": x}`` batches gives exactly the model
     calibrated with the same images as tensors, through RepQ-ViT + QwT (prefix subgraphs, sequential
     calibration), and evaluates with ``(dict, labels)`` batches."""
-    from test_graph import _hf_vit
-
-    model = _hf_vit()
+    model = hf_vit()
     g = torch.Generator().manual_seed(0)
     images = [torch.randn(4, 3, 32, 32, generator=g) for _ in range(3)]
     kw = dict(recipe="repq-qwt-w4a4", example_inputs=(images[0][:2],), progress=False, calib_images=12)

@@ -30,7 +30,8 @@ def test_eval_json_has_exactly_the_documented_keys(tmp_path, capsys):
 
 def test_quantize_then_eval_artifact(tmp_path, capsys):
     out = tmp_path / "q"
-    assert main(["quantize", "--model", "embedded", "--recipe", "w4a4", "--out", str(out), "--quiet", "--calib-images", "16"]) == 0
+    assert main(["quantize", "--model", "embedded", "--recipe", "w4a4", "--out", str(out), "--quiet",
+                 "--calib-images", "16"]) == 0
     direct = tmp_path / "direct.json"
     saved = tmp_path / "saved.json"
     assert main(["eval", "--model", "embedded", "--recipe", "w4a4", "--calib-images", "16", "--limit", "100", "--quiet",

@@ -8,7 +8,7 @@ from torch import nn
 
 import fxquant
 from fxquant.errors import CalibrationError, ConfigError, PassError
-from toy_models import toy_calib, toy_vit
+from fxquant.testing import toy_calib, toy_vit
 
 
 class _LogNet(nn.Module):
@@ -67,7 +67,8 @@ def test_missing_calibration_data():
 
 def test_bad_batch_type():
     with pytest.raises(CalibrationError, match="batch must be a tensor"):
-        fxquant.compile(toy_vit(), recipe="w8a8", calib=["not a tensor"], example_inputs=(torch.randn(1, 3, 8, 8),), progress=False)
+        fxquant.compile(toy_vit(), recipe="w8a8", calib=["not a tensor"], example_inputs=(torch.randn(1, 3, 8, 8),),
+                        progress=False)
 
 
 def test_bits_outside_range_via_recipe():

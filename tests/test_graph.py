@@ -4,40 +4,33 @@ visible as q·kᵀ → softmax → A·v, and the user's model untouched."""
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 from torch import nn
 
 import fxquant
 from fxquant import match
 from fxquant.errors import TraceError
-from conftest import tiny_vit
+from fxquant.testing import REDUCED_FAMILIES, family_model, hf_vit, tiny_vit
 
-
-def _hf_vit():
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    cfg = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                    image_size=32, patch_size=8, num_labels=10)
-    return ViTForImageClassification(cfg).eval()
-
-
-FAMILIES = {
-    # name: (constructor, input shape, attention blocks, layer norms)
-    "vit_tiny_patch16_224": (lambda: timm.create_model("vit_tiny_patch16_224"), (2, 3, 224, 224), 12, 25),
-    "deit_small_patch16_224": (lambda: timm.create_model("deit_small_patch16_224"), (2, 3, 224, 224), 12, 25),
-    "deit_tiny_distilled_patch16_224": (lambda: timm.create_model("deit_tiny_distilled_patch16_224"), (2, 3, 224, 224), 12, 25),
-    "swin_tiny_patch4_window7_224": (lambda: timm.create_model("swin_tiny_patch4_window7_224"), (2, 3, 224, 224), 12, 29),
-    "hf_vit": (_hf_vit, (2, 3, 32, 32), 2, 5),
+STRUCTURE = {
+    # name: (attention blocks, layer norms)
+    "vit_tiny_patch16_224": (12, 25),
+    "deit_small_patch16_224": (12, 25),
+    "deit_tiny_distilled_patch16_224": (12, 25),
+    "swin_tiny_patch4_window7_224": (12, 29),
+    "hf_vit": (2, 5),
 }
+# default run: one model per family at reduced size (same class and depth at 64 px;
+# fxquant.testing.family_model); pytest -m slow: every family here at 224 px
+CASES = [pytest.param(name, True, id=name if name == "hf_vit" else f"{name}-64px") for name in REDUCED_FAMILIES] + [
+    pytest.param(name, False, id=f"{name}-224px", marks=pytest.mark.slow) for name in STRUCTURE if name != "hf_vit"]
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_capture_reproduces_model_and_exposes_attention(family):
-    make, shape, n_attn, n_ln = FAMILIES[family]
-    torch.manual_seed(0)
-    model = make().eval()
+@pytest.mark.parametrize("family,reduced", CASES)
+def test_capture_reproduces_model_and_exposes_attention(family, reduced):
+    n_attn, n_ln = STRUCTURE[family]
+    model, res = family_model(family, reduced)
+    shape = (2, 3, res, res)
     x = torch.randn(*shape)
     gm = fxquant.trace(model, (x,))
     with torch.no_grad():
@@ -55,9 +48,11 @@ def test_capture_reproduces_model_and_exposes_attention(family):
         assert fxquant.graph.logits_of(gm(torch.randn(3, *shape[1:]))).shape[0] == 3
 
 
-def test_layer_norm_found_as_function_and_as_module():
+@pytest.mark.parametrize("reduced", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["swin-64px", "swin-224px"])
+def test_layer_norm_found_as_function_and_as_module(reduced):
     vit = fxquant.trace(tiny_vit(), (torch.randn(1, 3, 32, 32),))
-    swin = fxquant.trace(timm.create_model("swin_tiny_patch4_window7_224").eval(), (torch.randn(1, 3, 224, 224),))
+    swin_model, res = family_model("swin_tiny_patch4_window7_224", reduced)
+    swin = fxquant.trace(swin_model, (torch.randn(1, 3, res, res),))
     vit_lns = match.nodes_of_kind(vit, "layer_norm")
     swin_lns = match.nodes_of_kind(swin, "layer_norm")
     assert vit_lns and all(n.op == "call_function" for n in vit_lns)  # timm LayerNorm is traced through
@@ -83,7 +78,7 @@ def test_trace_does_not_mutate_user_model(tiny_vit_model):
 
 
 def test_hf_linears_become_modules_with_original_names():
-    gm = fxquant.trace(_hf_vit(), (torch.randn(2, 3, 32, 32),))
+    gm = fxquant.trace(hf_vit(), (torch.randn(2, 3, 32, 32),))
     linears = [n.target for n in match.nodes_of_kind(gm, "linear")]
     assert any(t.endswith("attention.q_proj") or t.endswith("attention.query") for t in linears)
     assert all(isinstance(gm.get_submodule(t), nn.Linear) for t in linears)

@@ -12,7 +12,7 @@ import fxquant
 from fxquant.errors import ConfigError, PassError
 from fxquant.passes import AnnotateUniform, Calibrate, InsertQuantizers
 from fxquant.pipeline import Pass, PassContext, PassManager, PassResult
-from toy_models import toy_calib, toy_vit
+from fxquant.testing import toy_calib, toy_vit
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,8 @@ def test_compile_with_pass_list_and_report():
                         progress=False)
     rep = fxquant.report(q)
     assert [r.name for r in rep.passes] == ["annotate_uniform", "insert_quantizers", "calibrate", "count_nodes"]
-    assert rep["insert_quantizers"].nodes_added == len([m for m in q.modules() if type(m).__name__ == "FakeQuantize" and not m.weight])
+    act_quantizers = [m for m in q.modules() if type(m).__name__ == "FakeQuantize" and not m.weight]
+    assert rep["insert_quantizers"].nodes_added == len(act_quantizers)
     assert rep["count_nodes"].record["n"] == len(q.graph.nodes)
     assert "count_nodes" in str(rep) and "seconds" in str(rep)
 
@@ -56,7 +57,8 @@ def test_failing_pass_is_named_with_history():
 
 
 def test_pass_names_and_unknown_pass():
-    q = fxquant.compile(toy_vit(), passes=["annotate_uniform", "insert_quantizers", "calibrate"], calib=toy_calib(), progress=False)
+    q = fxquant.compile(toy_vit(), passes=["annotate_uniform", "insert_quantizers", "calibrate"], calib=toy_calib(),
+                        progress=False)
     assert len(fxquant.report(q).passes) == 3
     with pytest.raises(ConfigError, match=r"unknown pass 'nope'; known passes: \[.*'calibrate'"):
         fxquant.compile(toy_vit(), passes=["nope"])

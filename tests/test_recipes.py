@@ -64,7 +64,8 @@ def test_pass_options_resolve_by_their_own_names():
 
 
 def test_option_errors_say_what_to_write():
-    with pytest.raises(ConfigError, match=r"'max_images' belongs to several passes; say which: \['calibrate.max_images', 'qwt.max_images'\]"):
+    several = r"'max_images' belongs to several passes; say which: \['calibrate.max_images', 'qwt.max_images'\]"
+    with pytest.raises(ConfigError, match=several):
         fxquant.get_recipe("repq-qwt-w4a4", max_images=64)
     with pytest.raises(ConfigError, match="recipe 'w4a4' has no option 'scheme'.*pass options:.*calibrate.order"):
         fxquant.get_recipe("w4a4", scheme="half17")
@@ -89,7 +90,7 @@ def test_a_new_method_is_a_few_lines():
 
 
 def test_compile_takes_pass_options_as_keywords():
-    from toy_models import toy_calib, toy_vit
+    from fxquant.testing import toy_calib, toy_vit
 
     q = fxquant.compile(toy_vit(), recipe="repq-w4a4", order="parallel", calib=toy_calib(), progress=False)
     assert fxquant.report(q)["calibrate"].record["stages"] == 1

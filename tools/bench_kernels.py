@@ -72,7 +72,7 @@ def main() -> int:
                   f"{tops['w4a4']:8.1f} {t['fp16'] / t['w8a8']:8.2f}x")
     from fxquant.kernels.int_attention import int_bmm
 
-    print(f"\nattention matmuls, ViT-B/16 (12 heads, 197 tokens, head dim 64)")
+    print("\nattention matmuls, ViT-B/16 (12 heads, 197 tokens, head dim 64)")
     print(f"{'batch':>6} {'op':>6} {'fp16 TF':>8} {'int8 TOPS':>9} {'int8/fp16':>9}")
     for b in batches:
         g = torch.Generator(device=dev).manual_seed(0)

@@ -1,4 +1,5 @@
-"""W8A8 SQNR (dB) of every supported model family against FP32 (random init, random inputs).
+"""W8A8 SQNR (dB) of every supported model family against FP32 (random init, random inputs; the
+same models and inputs as tests/test_families.py -m slow: full size, 224 px).
 
     python tools/family_sqnr.py [--json out.json]
 """
@@ -7,19 +8,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import torch
 
-import torch  # noqa: E402
+import fxquant
+from fxquant.data import load_data
+from fxquant.evaluate import compare_outputs
+from fxquant.models import load_model
+from fxquant.testing import FAMILIES, family_data, family_model
 
-import fxquant  # noqa: E402
-from fxquant.data import load_data  # noqa: E402
-from fxquant.evaluate import compare_outputs  # noqa: E402
-from fxquant.models import load_model  # noqa: E402
-from test_families import FAMILIES, family_w8a8_sqnr  # noqa: E402
+
+def family_w8a8_sqnr(name: str, seed: int = 0) -> float:
+    """W8A8 SQNR of family ``name`` at full size (the steps of tests/test_families.py)."""
+    model, res = family_model(name, seed=seed)
+    calib, x = family_data(res, seed=seed)
+    q = fxquant.compile(model, recipe="w8a8", calib=calib, example_inputs=(x[:2],), progress=False)
+    return compare_outputs(model, q, (x,))["sqnr_db"]
 
 
 def main() -> None:
@@ -29,7 +35,7 @@ def main() -> None:
     rows = []
     for name in FAMILIES:
         t0 = time.perf_counter()
-        sqnr, _ = family_w8a8_sqnr(name)
+        sqnr = family_w8a8_sqnr(name)
         rows.append({"family": name, "init": "random", "sqnr_db": round(sqnr, 2), "seconds": round(time.perf_counter() - t0, 1)})
         print(f"{name:34s} {sqnr:6.2f} dB  ({rows[-1]['seconds']} s)", flush=True)
     info = load_model("cifar-vit")

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import fxquant
+from fxquant.testing import EVAL_SENTENCES, embedding_cosine, minilm_setup
 
-from test_minilm import EVAL_SENTENCES, minilm_w8a8_cosine  # noqa: E402
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
@@ -21,7 +22,10 @@ def main() -> None:
     ap.add_argument("--recipe", default="repq-w8a8")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    cos, rep = minilm_w8a8_cosine(args.recipe)
+    # the same steps as tests/test_minilm.py
+    model, forward_loop, example_inputs, eval_inputs = minilm_setup()
+    q = fxquant.compile(model, recipe=args.recipe, calib=forward_loop, example_inputs=example_inputs, progress=False)
+    cos, rep = embedding_cosine(model, q, eval_inputs), fxquant.report(q)
     rec = rep["annotate_repq"].record if any(p.name == "annotate_repq" for p in rep.passes) else {"sites": [], "skipped": {}}
     print(rep)
     print(f"\n{len(EVAL_SENTENCES)} sentences, recipe {args.recipe}: cosine mean {cos.mean():.5f}, min {cos.min():.5f}")

@@ -60,7 +60,8 @@ def main() -> None:
         print(f"{r['images']:6d}  {r['peak_rss_mib']:12.1f}  {r['growth_mib']:10.1f}  {r['regression_rows_per_block']:10d}  "
               f"{r['compile_seconds']:9.1f}")
     if len(rows) >= 2:
-        print(f"peak RSS ratio {rows[-1]['images']} vs {rows[0]['images']} images: {rows[-1]['peak_rss_mib'] / rows[0]['peak_rss_mib']:.3f}")
+        ratio = rows[-1]['peak_rss_mib'] / rows[0]['peak_rss_mib']
+        print(f"peak RSS ratio {rows[-1]['images']} vs {rows[0]['images']} images: {ratio:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -14,22 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "passes"))
+import torch
 
-import timm  # noqa: E402
-import torch  # noqa: E402
+import fxquant
+from fxquant.data import load_data
+from fxquant.models import load_model
+from fxquant.passes import AnnotateRepQ, AnnotateUniform, Calibrate, InsertQuantizers, ReparameterizeLayerNorm
+from fxquant.quant import PctMSE, QuantSpec
+from fxquant.testing import codes_and_output, family_model, float_rel_change, outlier_ln_two_linears
 
-import fxquant  # noqa: E402
-from fxquant.data import load_data  # noqa: E402
-from fxquant.models import load_model  # noqa: E402
-from fxquant.passes import ReparameterizeLayerNorm  # noqa: E402
-from test_graph import _hf_vit  # noqa: E402
-from test_repq import _codes_and_output, _float_rel_change, _ln_pipeline  # noqa: E402
-from toy_models import outlier_ln_two_linears  # noqa: E402
+
+def _ln_pipeline(reparam: ReparameterizeLayerNorm | None):
+    """The pipeline of tests/passes/test_repq.py's LayerNorm → two Linears toy tests."""
+    act = QuantSpec(bits=4, estimator=PctMSE())
+    passes = [AnnotateUniform(act=act), AnnotateRepQ(stem_input_bits=None, log_softmax=False), InsertQuantizers(), Calibrate()]
+    return passes + ([reparam] if reparam else [])
 
 
 def main() -> None:
@@ -41,23 +42,22 @@ def main() -> None:
     data = load_data(info, "cifar10", calib_images=32, limit=32)
     x = next(iter(data.test_batches()))[0]
     q = fxquant.compile(info.model, recipe="repq-w4a4", calib=[data.calib], progress=False)
-    out["float_rel_change"]["cifar-vit"] = _float_rel_change(info.model, q, x)
+    out["float_rel_change"]["cifar-vit"] = float_rel_change(info.model, q, x)
     g = torch.Generator().manual_seed(0)
-    for name, make, res in [("deit_small_patch16_224", lambda: timm.create_model("deit_small_patch16_224"), 224),
-                            ("swin_tiny_patch4_window7_224", lambda: timm.create_model("swin_tiny_patch4_window7_224"), 224),
-                            ("hf_vit (small ViTConfig)", _hf_vit, 32)]:
-        torch.manual_seed(0)
-        model = make().eval()
+    for name, family in [("deit_small_patch16_224", "deit_small_patch16_224"),
+                         ("swin_tiny_patch4_window7_224", "swin_tiny_patch4_window7_224"),
+                         ("hf_vit (small ViTConfig)", "hf_vit")]:
+        model, res = family_model(family)
         q = fxquant.compile(model, recipe="repq-w4a4", calib=[torch.randn(4, 3, res, res, generator=g)], progress=False)
-        out["float_rel_change"][name] = _float_rel_change(model, q, torch.randn(2, 3, res, res, generator=g))
+        out["float_rel_change"][name] = float_rel_change(model, q, torch.randn(2, 3, res, res, generator=g))
     model = outlier_ln_two_linears()
     g = torch.Generator().manual_seed(7)
     calib, xt = [torch.randn(64, 7, 12, generator=g)], torch.randn(32, 7, 12, generator=g)
-    codes_c, y_c, _ = _codes_and_output(fxquant.compile(model, passes=_ln_pipeline(None), calib=calib, progress=False), xt)
+    codes_c, y_c, _ = codes_and_output(fxquant.compile(model, passes=_ln_pipeline(None), calib=calib, progress=False), xt)
     for rnd in (True, False):
         q = fxquant.compile(model, passes=_ln_pipeline(ReparameterizeLayerNorm(round_target_zero_point=rnd)), calib=calib,
                             progress=False)
-        codes_t, y_t, fq = _codes_and_output(q, xt)
+        codes_t, y_t, fq = codes_and_output(q, xt)
         out["toy_codes"]["integer z̃" if rnd else "fractional z̃"] = {
             "z_target": fq.zero_point.item(), "codes_equal_fraction": (codes_t == codes_c).float().mean().item(),
             "output_rel_diff": ((y_c - y_t).abs().max() / y_c.abs().max()).item()}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .primitives import OMSE, MinMax, Percentile, PctMSE, QuantSpec, choose_qparams, fake_quantize
+from .primitives import OMSE, MinMax, PctMSE, Percentile, QuantSpec, choose_qparams, fake_quantize
 
 
 @dataclass

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CalibrationError
-from .observers import NonFiniteError, Observer, exact_distribution_qparams, make_observer
 from .granularity import PerAxis
+from .observers import NonFiniteError, Observer, exact_distribution_qparams, make_observer
 from .primitives import QuantSpec, fake_quantize
 
 COMPUTE_DTYPES = {"float16": torch.float16, "float32": torch.float32}

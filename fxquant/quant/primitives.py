@@ -41,7 +41,7 @@ from typing import Literal
 import torch
 
 from ..errors import ConfigError
-from .granularity import Granularity, PerAxis, PerGroup, PerTensor
+from .granularity import Granularity, PerAxis, PerTensor
 
 Scheme = Literal["uniform", "log2", "log_sqrt2"]
 SCHEMES: tuple[str, ...] = ("uniform", "log2", "log_sqrt2", "bitlog2")
@@ -251,7 +251,8 @@ def expand_params(p: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch
     for d, (ps, s) in enumerate(zip(p.shape, shape)):
         if ps != 1 and ps != s:
             if s % ps:
-                raise ConfigError(f"quantization parameters of shape {tuple(p.shape)} do not fit a tensor of shape {tuple(shape)}")
+                raise ConfigError(f"quantization parameters of shape {tuple(p.shape)} do not fit a tensor of "
+                                  f"shape {tuple(shape)}")
             p = p.repeat_interleave(s // ps, dim=d)
     return p
 
@@ -464,7 +465,8 @@ def log_codes(ratio: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return log_code_of_count(count, spec)
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec, *, ste: bool = False) -> torch.Tensor:
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec, *,
+             ste: bool = False) -> torch.Tensor:
     """Integer codes (as a float tensor holding integers) of ``x``; parameters in granularity layout.
     (``ste`` applies to uniform rounding; log and BitLog2 codes are piecewise constant.)"""
     if spec.scheme == "bitlog2":
@@ -487,7 +489,8 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, s
     return (q - zero_point) * scale
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec, *, ste: bool = False) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec, *,
+                  ste: bool = False) -> torch.Tensor:
     """``dequantize(quantize(x))``; with ``ste=True`` gradients pass straight through the rounding
     (and are zero where the input is clipped)."""
     out = dequantize(quantize(x, scale, zero_point, spec, ste=ste), scale, zero_point, spec)

@@ -15,7 +15,7 @@ from fxquant.errors import ConfigError
 from fxquant.export import EXPORT_HANDLERS, export_handler, prepare_for_export, run_onnx, to_onnx
 from fxquant.kernels import lowered
 from fxquant.quant import modules as quant_modules
-from toy_models import toy_calib, toy_vit
+from fxquant.testing import toy_calib, toy_vit
 
 
 def _runtime_module_kinds() -> list[type]:

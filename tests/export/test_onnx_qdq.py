@@ -20,6 +20,7 @@ import fxquant
 from fxquant.errors import ConfigError
 from fxquant.export import run_onnx, to_onnx
 from fxquant.quant import FakeQuantize, PctMSE, QuantSpec
+from fxquant.testing import family_model
 
 TOL = {"fp32": (1e-4, 1e-5), "w8a8": (0.15, 0.01), "repq-w4a4": (1.0, 0.02), "bitlog2-w4a4": (1.0, 0.02),
        "repq-qwt-w4a4": (1.0, 0.02)}
@@ -116,15 +117,15 @@ def test_export_refuses_what_onnx_cannot_express(tmp_path, cifar_info, cifar_bat
         to_onnx(frac, (x[:2],), tmp_path / "f.onnx", act_dtype="int16")
 
 
-@pytest.mark.parametrize("name", ["deit_small_patch16_224", "swin_tiny_patch4_window7_224"])
-def test_timm_224_models_export_and_run(name, tmp_path):
-    import timm
-
-    torch.manual_seed(0)
-    model = timm.create_model(name).eval()
+@pytest.mark.parametrize("name,reduced", [
+    pytest.param(name, reduced, id=f"{name}-{'64' if reduced else '224'}px", marks=() if reduced else pytest.mark.slow)
+    for name in ["deit_small_patch16_224", "swin_tiny_patch4_window7_224"] for reduced in (True, False)])
+def test_timm_models_export_and_run(name, reduced, tmp_path):
+    """DeiT-S and Swin-T (default run: reduced, fxquant.testing.family_model; pytest -m slow: at 224 px)."""
+    model, px = family_model(name, reduced)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 224, 224, generator=g)
-    q = fxquant.compile(model, recipe="w8a8", calib=[torch.randn(4, 3, 224, 224, generator=g)], example_inputs=(x,), progress=False)
+    x = torch.randn(2, 3, px, px, generator=g)
+    q = fxquant.compile(model, recipe="w8a8", calib=[torch.randn(4, 3, px, px, generator=g)], example_inputs=(x,), progress=False)
     res = to_onnx(q, (x,), tmp_path / "t.onnx")
     with torch.no_grad():
         ref = q(x)

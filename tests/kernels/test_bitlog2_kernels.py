@@ -7,11 +7,15 @@ import pytest
 import torch
 
 from fxquant.kernels.bitlog2 import (
-    bitlog2_av, bitlog2_av_float64_ref, bitlog2_av_ref, bitlog2_codes_ref, softmax_bitlog2_codes,
+    bitlog2_av,
+    bitlog2_av_float64_ref,
+    bitlog2_av_ref,
+    bitlog2_codes_ref,
+    softmax_bitlog2_codes,
 )
 from fxquant.quant import pack_int4, unpack_int4
 from fxquant.quant.primitives import BITLOG2_VARIANTS
-from kernel_device import on_device
+from fxquant.testing import on_device
 
 VARIANTS = list(BITLOG2_VARIANTS)
 SHAPES = [(1, 1, 1), (2, 3, 13), (1, 2, 65)]  # (batch, heads, tokens): 1, odd, CIFAR ViT's 65

@@ -8,12 +8,20 @@ import torch
 
 from fxquant.kernels.bitlog2 import bitlog2_av_ref
 from fxquant.kernels.int_attention import (
-    bitlog2_av_int, int_bmm, int_bmm_cpu, int_bmm_float64_ref, int_bmm_ref, log_av, log_av_float64_ref, log_av_int,
-    log_codes_of, log_max_shift,
+    bitlog2_av_int,
+    int_bmm,
+    int_bmm_cpu,
+    int_bmm_float64_ref,
+    int_bmm_ref,
+    log_av,
+    log_av_float64_ref,
+    log_av_int,
+    log_codes_of,
+    log_max_shift,
 )
 from fxquant.quant import QuantSpec, choose_qparams, code_offset, to_signed_codes
-from fxquant.quant.primitives import bitlog2_input, bitlog2_codes_from_int, fake_quantize
-from kernel_device import on_device
+from fxquant.quant.primitives import bitlog2_codes_from_int, bitlog2_input, fake_quantize
+from fxquant.testing import on_device
 
 BMM_SHAPES = [(1, 1, 16, 16, 16), (2, 3, 17, 40, 33), (1, 4, 50, 32, 50)]  # (B, H, M, K, N)
 
@@ -33,7 +41,9 @@ def test_int_bmm_equals_integer_reference(bits, symmetric, shape, transposed_b):
     qa, sa, za, fa = _quantized(torch.randn(b_, h, m, k, generator=g), spec)
     raw_b = torch.randn(b_, h, n, k, generator=g) + 0.3  # kᵀ as a view, like q·kᵀ in timm
     qb, sb, zb, fb = _quantized(raw_b, spec)
-    qb, fb = (qb.transpose(-2, -1), fb.transpose(-2, -1)) if transposed_b else (qb.transpose(-2, -1).contiguous(), fb.transpose(-2, -1))
+    qb, fb = qb.transpose(-2, -1), fb.transpose(-2, -1)
+    if not transposed_b:
+        qb = qb.contiguous()
     ref = int_bmm_ref(qa, za, qb, zb)
     expect = ref.to(torch.float32) * (float(sa) * float(sb))  # same epilogue as the kernels
     cpu = int_bmm_cpu(qa, sa, za, qb, sb, zb, bits=(bits, bits))

@@ -8,10 +8,15 @@ import pytest
 import torch
 
 from fxquant.kernels.int_linear import (
-    int_linear, int_linear_cpu, int_linear_float64_ref, int_linear_ref, per_token_qparams, quantize_act,
+    int_linear,
+    int_linear_cpu,
+    int_linear_float64_ref,
+    int_linear_ref,
+    per_token_qparams,
+    quantize_act,
 )
 from fxquant.quant import QuantSpec, choose_qparams, pack_int4, to_signed_codes, unpack_int4
-from kernel_device import on_device
+from fxquant.testing import on_device
 
 SHAPES = [(1, 16, 8), (33, 48, 40), (65, 130, 17)]  # (M, K, N)
 
@@ -97,5 +102,5 @@ def test_pack_round_trip_and_errors():
         on_device(int_linear, odd, torch.tensor(1.0), torch.tensor(0), odd, torch.ones(3), torch.zeros(3), k=5,
                   a_packed=True, w_packed=True)
     with pytest.raises(ValueError, match="inner dimensions"):
-        on_device(int_linear, torch.zeros(2, 16, dtype=torch.int8), torch.tensor(1.0), torch.tensor(0), torch.zeros(4, 32, dtype=torch.int8),
-                   torch.ones(4), torch.zeros(4))
+        on_device(int_linear, torch.zeros(2, 16, dtype=torch.int8), torch.tensor(1.0), torch.tensor(0),
+                  torch.zeros(4, 32, dtype=torch.int8), torch.ones(4), torch.zeros(4))

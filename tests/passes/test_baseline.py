@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import fxquant
 from fxquant import match
 from fxquant.passes import AnnotateUniform, Calibrate, InsertQuantizers
-from fxquant.quant import FakeQuantize, QuantConv2d, QuantLinear, QuantSpec
-from toy_models import toy_calib, toy_vit
+from fxquant.quant import FakeQuantize, QuantConv2d, QuantLinear
+from fxquant.testing import toy_calib, toy_vit
 
 
 def _act_quantizer_nodes(gm):
@@ -55,7 +54,8 @@ def test_skip_glob_and_head_stem_8bit():
     assert isinstance(q.get_submodule("patch"), QuantConv2d)
     assert q.get_submodule("patch").weight_fake_quant.spec.bits == 8
     head_node = next(n for n in q.graph.nodes if n.op == "call_module" and n.target == "head")
-    assert not isinstance(q.get_submodule(head_node.args[0].target) if head_node.args[0].op == "call_module" else None, FakeQuantize)
+    head_in = head_node.args[0]
+    assert not isinstance(q.get_submodule(head_in.target) if head_in.op == "call_module" else None, FakeQuantize)
     stem_in = next(n for n in q.graph.nodes if n.op == "call_module" and n.target == "patch").args[0]
     assert q.get_submodule(stem_in.target).spec.bits == 8
     assert q.get_submodule("block.fc1").weight_fake_quant.spec.bits == 4

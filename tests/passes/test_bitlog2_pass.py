@@ -10,7 +10,7 @@ from fxquant import artifact, match
 from fxquant.errors import ConfigError, PassError
 from fxquant.passes import AnnotateUniform, BitLog2Attention, InsertQuantizers
 from fxquant.quant.primitives import BITLOG2_VARIANTS
-from toy_models import toy_calib, toy_vit
+from fxquant.testing import toy_calib, toy_vit
 
 
 def _attention_quantizer(q):

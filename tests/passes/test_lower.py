@@ -11,7 +11,7 @@ from fxquant import artifact
 from fxquant.errors import ConfigError
 from fxquant.kernels.lowered import LoweredLinear, LoweredMatmul
 from fxquant.quant import QuantLinear
-from toy_models import toy_calib, toy_vit
+from fxquant.testing import toy_calib, toy_vit
 
 
 def test_toy_lowering_structure_and_report():
@@ -39,7 +39,10 @@ def _matmul_io(fq: torch.fx.GraphModule, x: torch.Tensor) -> list[dict]:
             rec: dict = {"name": n.name}
             seen.append(rec)
             for key, a in zip("ab", n.args[:2]):
-                hooks.append(mods[a.target].register_forward_hook(lambda m, i, o, rec=rec, key=key: rec.update({key: i[0], key + "q": o})))
+                def hook(m, i, o, rec=rec, key=key):
+                    rec.update({key: i[0], key + "q": o})
+
+                hooks.append(mods[a.target].register_forward_hook(hook))
     with torch.no_grad():
         fq(x)
     for h in hooks:
@@ -132,6 +135,7 @@ def test_cli_eval_lower_json(tmp_path):
     from fxquant.cli import main
 
     out = tmp_path / "l.json"
-    assert main(["eval", "--model", "embedded", "--recipe", "w8a8", "--limit", "100", "--lower", "--quiet", "--json", str(out)]) == 0
+    args = ["eval", "--model", "embedded", "--recipe", "w8a8", "--limit", "100", "--lower", "--quiet", "--json", str(out)]
+    assert main(args) == 0
     res = json.loads(out.read_text())
     assert res["lowered"] is True and res["test_images"] == 100

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
-import timm
 import torch
 from torch import nn
 
@@ -14,10 +13,9 @@ from fxquant import artifact, match
 from fxquant.graph import propagate_shapes
 from fxquant.passes import AnnotateUniform, Calibrate, InsertQuantizers, QwTCompensate
 from fxquant.passes.qwt import LinearRegressionAccumulator
-from fxquant.quant import CompensationLinear
 from fxquant.pipeline import Pass, PassResult
-from fxquant.quant import FakeQuantize, QuantSpec
-from toy_models import toy_calib, toy_vit
+from fxquant.quant import CompensationLinear, FakeQuantize, QuantSpec
+from fxquant.testing import family_model, hf_vit, toy_calib, toy_vit
 
 
 def _blocks(model, x):
@@ -32,12 +30,13 @@ def test_blocks_found_from_structure_cifar_vit(cifar_info):
     assert blocks[0].input.name == "norm_pre" and all(b.input is a.output for a, b in zip(blocks, blocks[1:]))
 
 
-def test_blocks_found_swin_and_hf():
-    from test_graph import _hf_vit
-
-    swin = _blocks(timm.create_model("swin_tiny_patch4_window7_224").eval(), torch.randn(1, 3, 224, 224))
+@pytest.mark.parametrize("reduced", [pytest.param(True, id="swin-64px"),
+                                     pytest.param(False, id="swin-224px", marks=pytest.mark.slow)])
+def test_blocks_found_swin_and_hf(reduced):
+    swin_model, res = family_model("swin_tiny_patch4_window7_224", reduced)
+    swin = _blocks(swin_model, torch.randn(1, 3, res, res))
     assert [b.fqn for b in swin] == [f"layers.{i}.blocks.{j}" for i, n in enumerate((2, 2, 6, 2)) for j in range(n)]
-    hf = _blocks(_hf_vit(), torch.randn(2, 3, 32, 32))
+    hf = _blocks(hf_vit(), torch.randn(2, 3, 32, 32))
     assert len(hf) == 2 and all(b.fqn.endswith(f"layers.{i}") for i, b in enumerate(hf))
     assert all(len(b.extra_inputs) >= 1 for b in hf)  # the shared attention mask enters from outside
 

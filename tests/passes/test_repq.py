@@ -4,74 +4,62 @@ log√2 softmax quantizer, sites left alone (with reasons), composition, artifac
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 from torch import nn
 
 import fxquant
 from fxquant import artifact, match
 from fxquant.passes import AnnotateRepQ, AnnotateUniform, Calibrate, InsertQuantizers, ReparameterizeLayerNorm
-from fxquant.quant import FakeQuantize, PctMSE, PerAxis, PerTensor, QuantLinear, QuantSpec, quantize
-from toy_models import PostLNBlock, ToyViT, outlier_ln_two_linears, toy_calib, toy_vit
+from fxquant.quant import PctMSE, PerAxis, PerTensor, QuantLinear, QuantSpec
+from fxquant.testing import (
+    PostLNBlock,
+    ToyViT,
+    codes_and_output,
+    family_model,
+    float_rel_change,
+    outlier_ln_two_linears,
+    rel_max_diff,
+    toy_calib,
+    toy_vit,
+)
 
-
-def _set_all_quantizers(gm, on: bool):
-    for m in gm.modules():
-        if isinstance(m, FakeQuantize):
-            m.fake_quant_enabled = on
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / a.abs().max()).item()
-
-
-def _hf_vit():
-    from test_graph import _hf_vit as make
-
-    return make()
-
-
-REPARAM_MODELS = {
-    # name: (constructor, resolution, LayerNorm sites folded)
-    "deit_small_patch16_224": (lambda: timm.create_model("deit_small_patch16_224"), 224, 25),
-    "swin_tiny_patch4_window7_224": (lambda: timm.create_model("swin_tiny_patch4_window7_224"), 224, 27),
-    "hf_vit": (_hf_vit, 32, 5),
+REPARAM_SITES = {
+    # name: LayerNorm sites folded
+    "deit_small_patch16_224": 25,
+    "swin_tiny_patch4_window7_224": 27,
+    "hf_vit": 5,
 }
-
-
-def _float_rel_change(model, q, x) -> float:
-    _set_all_quantizers(q, False)  # reparameterized weights, no rounding anywhere
-    with torch.no_grad():
-        ref = fxquant.graph.logits_of(model(x))
-        got = fxquant.graph.logits_of(q(x))
-    _set_all_quantizers(q, True)
-    return _rel(ref, got)
+# default run: DeiT-S and Swin-T reduced (64 px, same depth; fxquant.testing.family_model);
+# pytest -m slow: at 224 px
+CASES = [pytest.param(name, True, id=name if name == "hf_vit" else f"{name}-64px") for name in REPARAM_SITES] + [
+    pytest.param(name, False, id=f"{name}-224px", marks=pytest.mark.slow) for name in REPARAM_SITES if name != "hf_vit"]
+SWIN = [pytest.param(True, id="64px"), pytest.param(False, id="224px", marks=pytest.mark.slow)]
 
 
 def test_reparam_is_exact_in_float_cifar_vit(cifar_info, cifar_data):
     calib, x, _ = cifar_data
     q = fxquant.compile(cifar_info.model, recipe="repq-w4a4", calib=[calib], progress=False)
-    assert fxquant.report(q)["repq_reparam"].record["sites"] == [f"blocks.{i}.norm{j}" for i in range(6) for j in (1, 2)] + ["norm"]
-    assert _float_rel_change(cifar_info.model, q, x[:64]) < 1e-5
+    sites = [f"blocks.{i}.norm{j}" for i in range(6) for j in (1, 2)] + ["norm"]
+    assert fxquant.report(q)["repq_reparam"].record["sites"] == sites
+    assert float_rel_change(cifar_info.model, q, x[:64]) < 1e-5
 
 
-@pytest.mark.parametrize("name", list(REPARAM_MODELS))
-def test_reparam_is_exact_in_float_timm_and_hf(name):
-    make, res, n_sites = REPARAM_MODELS[name]
-    torch.manual_seed(0)
-    model = make().eval()
+@pytest.mark.parametrize("name,reduced", CASES)
+def test_reparam_is_exact_in_float_timm_and_hf(name, reduced):
+    n_sites = REPARAM_SITES[name]
+    model, res = family_model(name, reduced)
     g = torch.Generator().manual_seed(0)
     calib = [torch.randn(4, 3, res, res, generator=g)]
     q = fxquant.compile(model, recipe="repq-w4a4", calib=calib, progress=False, order="parallel")
     assert len(fxquant.report(q)["repq_reparam"].record["sites"]) == n_sites
-    assert _float_rel_change(model, q, torch.randn(2, 3, res, res, generator=g)) < 1e-5
+    assert float_rel_change(model, q, torch.randn(2, 3, res, res, generator=g)) < 1e-5
 
 
-def test_swin_reduction_gets_a_bias_and_window_attention_is_log_quantized():
-    torch.manual_seed(0)
-    model = timm.create_model("swin_tiny_patch4_window7_224").eval()
+@pytest.mark.parametrize("reduced", SWIN)
+def test_swin_reduction_gets_a_bias_and_window_attention_is_log_quantized(reduced):
+    model, res = family_model("swin_tiny_patch4_window7_224", reduced)
     assert model.layers[1].downsample.reduction.bias is None
-    q = fxquant.compile(model, recipe="repq-w4a4", calib=[torch.randn(2, 3, 224, 224)], progress=False, order="parallel")
+    q = fxquant.compile(model, recipe="repq-w4a4", calib=[torch.randn(2, 3, res, res)], progress=False, order="parallel")
     red = q.get_submodule("layers.1.downsample.reduction")
     assert isinstance(red, QuantLinear) and isinstance(red.bias, nn.Parameter)
     assert "layers.1.downsample.norm" in fxquant.report(q)["repq_reparam"].record["sites"]
@@ -84,22 +72,10 @@ def test_swin_reduction_gets_a_bias_and_window_attention_is_log_quantized():
 
 
 def _ln_pipeline(reparam: ReparameterizeLayerNorm | None):
+    # the same pipeline is in tools/repq_exactness.py (it needs fxquant.passes: not in fxquant.testing)
     act = QuantSpec(bits=4, estimator=PctMSE())
     passes = [AnnotateUniform(act=act), AnnotateRepQ(stem_input_bits=None, log_softmax=False), InsertQuantizers(), Calibrate()]
     return passes + ([reparam] if reparam else [])
-
-
-def _codes_and_output(q, x):
-    seen = {}
-    fq = next(m for m in q.modules() if isinstance(m, FakeQuantize) and not m.weight)
-    h = fq.register_forward_hook(lambda m, i, o: seen.update(x=i[0]))
-    for m in q.modules():
-        if isinstance(m, FakeQuantize) and m.weight:
-            m.fake_quant_enabled = False  # weights in float: isolate the activation quantizer
-    with torch.no_grad():
-        y = q(x)
-    h.remove()
-    return quantize(seen["x"], fq.scale, fq.zero_point, fq.spec), y, fq
 
 
 @pytest.mark.parametrize("round_zp", [True, False])
@@ -111,15 +87,15 @@ def test_layerwise_codes_equal_per_channel_codes(round_zp):
     per_channel = fxquant.compile(model, passes=_ln_pipeline(None), calib=calib, progress=False)
     layerwise = fxquant.compile(model, passes=_ln_pipeline(ReparameterizeLayerNorm(round_target_zero_point=round_zp)),
                                 calib=calib, progress=False)
-    codes_c, y_c, fq_c = _codes_and_output(per_channel, x)
-    codes_t, y_t, fq_t = _codes_and_output(layerwise, x)
+    codes_c, y_c, fq_c = codes_and_output(per_channel, x)
+    codes_t, y_t, fq_t = codes_and_output(layerwise, x)
     assert isinstance(fq_c.spec.granularity, PerAxis) and isinstance(fq_t.spec.granularity, PerTensor)
     assert fq_t.scale.numel() == 1
     if round_zp:
         # z̃ integer: x'/s̃ + z̃ = x/s_c + z_c, so the codes are the same integers (up to fp ties at .5,
         # none here) and the outputs agree to float rounding.
         assert torch.equal(codes_t, codes_c + 0)
-        assert _rel(y_c, y_t) < 1e-5
+        assert rel_max_diff(y_c, y_t) < 1e-5
     else:
         # RepQ's fractional z̃: codes shift by frac(z_c - z̃); each input channel's dequantized value moves
         # by less than one step s_c, so |Δy_j| <= Σ_c |W'_jc / r_c| s_c = Σ_c |W_jc| s_c.
@@ -166,7 +142,7 @@ def test_repq_accepts_any_uniform_width_and_composes(bits):
     passes = recipe.build_passes() + [Calibrate()]  # a later pass after the RepQ ones
     q = fxquant.compile(m, passes=passes, calib=calib, progress=False)
     assert isinstance(q.get_submodule("head").bias, nn.Parameter)  # created by the fold into a bias-free head
-    assert _float_rel_change(m, q, calib[0]) < 1e-5
+    assert float_rel_change(m, q, calib[0]) < 1e-5
     assert torch.isfinite(q(calib[0])).all()
 
 

@@ -12,8 +12,14 @@ from fxquant.errors import ConfigError
 from fxquant.quant import QuantSpec, fake_quantize, grid_values
 from fxquant.quant.observers import BitLog2Observer
 from fxquant.quant.primitives import (
-    BITLOG2_VARIANTS, bitlog2_codes_by_compare, bitlog2_codes_from_int, bitlog2_compare_levels, bitlog2_input, bitlog2_levels,
-    bitlog2_shifts, msb_index,
+    BITLOG2_VARIANTS,
+    bitlog2_codes_by_compare,
+    bitlog2_codes_from_int,
+    bitlog2_compare_levels,
+    bitlog2_input,
+    bitlog2_levels,
+    bitlog2_shifts,
+    msb_index,
 )
 
 LEVELS = {"single16": 16, "single17": 17, "half16": 16, "half17": 17}

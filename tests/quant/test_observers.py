@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxquant.quant import OMSE, MinMax, PctMSE, Percentile, PerAxis, PerTensor, QuantSpec, fake_quantize
+from fxquant.quant import OMSE, MinMax, PctMSE, PerAxis, Percentile, PerTensor, QuantSpec, fake_quantize
 from fxquant.quant.estimators import Distribution, estimate_qparams
 from fxquant.quant.observers import NonFiniteError, Observer, exact_distribution_qparams
 

@@ -10,12 +10,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxquant.errors import ConfigError
-from fxquant.quant.primitives import (
-    log_code_of_count, log_count_by_compare, log_level_table, log_shifts, log_thresholds,
-)
 from fxquant.quant import (
-    PerAxis, PerGroup, PerTensor, QuantSpec, choose_qparams, dequantize, expand_params, fake_quantize,
-    grid_values, log_step, quantize, round_ste,
+    PerAxis,
+    PerGroup,
+    PerTensor,
+    QuantSpec,
+    choose_qparams,
+    dequantize,
+    expand_params,
+    fake_quantize,
+    grid_values,
+    log_step,
+    quantize,
+    round_ste,
+)
+from fxquant.quant.primitives import (
+    log_code_of_count,
+    log_count_by_compare,
+    log_level_table,
+    log_shifts,
+    log_thresholds,
 )
 
 bits_st = st.integers(2, 8)
