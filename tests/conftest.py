@@ -33,11 +33,29 @@ def cifar_data(cifar_info):
 
 
 @pytest.fixture(scope="session")
-def cifar_w8a8(cifar_info, cifar_data):
+def cifar_compiled(cifar_info, cifar_data):
+    """``get(recipe, **options)``: the CIFAR ViT compiled by a recipe on the 32 calibration images,
+    once per session (sequential RepQ calibration is the costly part of many tests). The models
+    are shared: tests read them and never change them (export and lowering work on copies)."""
     import fxquant
 
     calib, _, _ = cifar_data
-    return fxquant.compile(cifar_info.model, recipe="w8a8", calib=[calib], progress=False)
+    cache: dict = {}
+
+    def get(recipe: str, **options):
+        key = (recipe, tuple(sorted(options.items())))
+        if key not in cache:
+            data = [calib] if fxquant.get_recipe(recipe, **options).calib_images else None
+            cache[key] = fxquant.compile(cifar_info.model, recipe=recipe, calib=data, example_inputs=(calib[:2],),
+                                         progress=False, **options)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def cifar_w8a8(cifar_compiled):
+    return cifar_compiled("w8a8")
 
 
 @pytest.fixture

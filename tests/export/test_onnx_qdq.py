@@ -33,11 +33,9 @@ def cifar_batch(cifar_data):
 
 
 @pytest.mark.parametrize("recipe", list(TOL))
-def test_export_matches_fake_quant(recipe, tmp_path, cifar_info, cifar_batch):
+def test_export_matches_fake_quant(recipe, tmp_path, cifar_compiled, cifar_batch):
     calib, x, _ = cifar_batch
-    calib_data = None if recipe == "fp32" else [calib]
-    kw = {"calib_images": 32} if "qwt" in recipe else {}
-    q = fxquant.compile(cifar_info.model, recipe=recipe, calib=calib_data, example_inputs=(x[:2],), progress=False, **kw)
+    q = cifar_compiled(recipe, **({"calib_images": 32} if "qwt" in recipe else {}))
     res = to_onnx(q, (x[:2],), tmp_path / "m.onnx")
     model = onnx.load(str(res.path))
     onnx.checker.check_model(model)

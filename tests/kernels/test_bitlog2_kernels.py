@@ -73,15 +73,14 @@ def test_av_rejects_float_v_and_bad_shapes():
         on_device(bitlog2_av, codes, torch.zeros(1, 5, 2, dtype=torch.int32), "half17")
 
 
-def test_integer_av_matches_fake_quant_graph(cifar_info, cifar_data):
+def test_integer_av_matches_fake_quant_graph(cifar_compiled, cifar_data):
     """On the real model: the A·v matmul of the bitlog2-w4a4 graph equals the integer path
     (Σ_j D_j·(q_v,j - z_v) in integers, then × s_v/δ) within fp32 rounding of the float matmul."""
-    import fxquant
     from fxquant import match
     from fxquant.quant import quantize
 
     calib, x, _ = cifar_data
-    q = fxquant.compile(cifar_info.model, recipe="bitlog2-w4a4", calib=[calib], progress=False)
+    q = cifar_compiled("bitlog2-w4a4")
     mods = dict(q.named_modules())
     att = match.find_attention(q, mods)[2]
     a_fq, v_fq = mods[att.av.args[0].target], mods[att.av.args[1].target]

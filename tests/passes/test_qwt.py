@@ -140,10 +140,10 @@ def test_affine_error_is_recovered_exactly():
         assert torch.allclose(q(x), model(x), atol=1e-5)  # quantized block + compensation == float block
 
 
-def test_streaming_matches_single_batch_end_to_end(cifar_info, cifar_data):
+def test_streaming_matches_single_batch_end_to_end(cifar_info, cifar_data, cifar_compiled):
     calib, _, _ = cifar_data
     recipe = fxquant.get_recipe("repq-qwt-w4a4", calib_images=32)
-    one = fxquant.compile(cifar_info.model, recipe=recipe, calib=[calib], progress=False)
+    one = cifar_compiled("repq-qwt-w4a4", calib_images=32)
     four = fxquant.compile(cifar_info.model, recipe=recipe, calib=list(calib.split(8)), progress=False)
     for name in ("qwt.blocks_0", "qwt.blocks_5"):
         w1, w4 = one.get_submodule(name).weight.float(), four.get_submodule(name).weight.float()

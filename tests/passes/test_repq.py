@@ -36,9 +36,9 @@ CASES = [pytest.param(name, True, id=name if name == "hf_vit" else f"{name}-64px
 SWIN = [pytest.param(True, id="64px"), pytest.param(False, id="224px", marks=pytest.mark.slow)]
 
 
-def test_reparam_is_exact_in_float_cifar_vit(cifar_info, cifar_data):
+def test_reparam_is_exact_in_float_cifar_vit(cifar_info, cifar_data, cifar_compiled):
     calib, x, _ = cifar_data
-    q = fxquant.compile(cifar_info.model, recipe="repq-w4a4", calib=[calib], progress=False)
+    q = cifar_compiled("repq-w4a4")
     sites = [f"blocks.{i}.norm{j}" for i in range(6) for j in (1, 2)] + ["norm"]
     assert fxquant.report(q)["repq_reparam"].record["sites"] == sites
     assert float_rel_change(cifar_info.model, q, x[:64]) < 1e-5
