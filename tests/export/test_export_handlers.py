@@ -39,7 +39,7 @@ def test_a_kind_without_handler_is_an_error_naming_it(monkeypatch):
         prepare_for_export(q)
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "repq-w4a4", "bitlog2-w4a4"])
+@pytest.mark.parametrize("recipe", ["w8a8", "bitlog2-w4a4", pytest.param("repq-w4a4", marks=pytest.mark.slow)])
 def test_lowered_graph_exports_like_its_fake_quant_form(recipe, tmp_path):
     """A lowered Linear already holds the signed integer codes QDQ needs: the export of the
     lowered model computes what the export of the fake-quant model computes, in onnxruntime."""
