@@ -33,6 +33,13 @@ class NonFiniteError(ValueError):
     """An observer saw NaN or Inf (the calibration pass localizes the first graph node)."""
 
 
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """``x`` detached; every observer refuses NaN/Inf (calibration then names the node that made it)."""
+    if not torch.isfinite(x).all():
+        raise NonFiniteError("non-finite value observed")
+    return x.detach()
+
+
 class Observer:
     """Streams statistics of the tensors passed to ``update`` for one quantizer.
 
@@ -56,9 +63,7 @@ class Observer:
 
     # -- streaming ------------------------------------------------------------------------
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach()
-        if not torch.isfinite(x).all():
-            raise NonFiniteError("non-finite value observed")
+        x = _finite(x)
         pshape = tuple(self.spec.granularity.param_shape(tuple(x.shape), weight=self.weight))
         if self.param_shape is None:
             self.param_shape = pshape
@@ -186,9 +191,7 @@ class BitLog2Observer:
         self.num_updates = 0
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach()
-        if not torch.isfinite(x).all():
-            raise NonFiniteError("non-finite value observed")
+        x = _finite(x)
         v = self.spec.bitlog2_variant
         d = bitlog2_levels(bitlog2_codes_from_int(bitlog2_input(x, v), v), v).double()
         xd = x.double()
