@@ -20,6 +20,7 @@ INPUT_SPECS = PREFIX + "input_specs"  # on a consumer node: {positional arg inde
 WEIGHT_SPEC = PREFIX + "weight_spec"  # on a linear/conv call_module node: QuantSpec of its weight
 ROLE = PREFIX + "role"  # on annotated nodes: "stem", "head", "linear", "attn.qk", "attn.av", "qwt"
 QUANTIZER = PREFIX + "quantizer"  # on inserted quantizer nodes: {"uses": [(consumer, arg)], "spec": QuantSpec}
+REPQ_SITE = PREFIX + "repq_site"  # on LayerNorm nodes annotate_repq will fold: {"linears": [node names]}
 
 # gm.meta
 CAPTURE = PREFIX + "capture"  # how the graph was captured (method, model class, check error)

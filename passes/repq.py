@@ -24,13 +24,11 @@ from torch import fx, nn
 from fxquant import match
 from fxquant.errors import PassError
 from fxquant.graph import propagate_shapes
-from fxquant.meta import ROLE, input_specs, set_input_spec
+from fxquant.meta import REPQ_SITE, ROLE, input_specs, set_input_spec
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import FakeQuantize, PctMSE, PerAxis, PerTensor, QuantSpec
 
 from .calibrate import calibrate_weights
-
-SITE = "fxq.repq_site"  # on LayerNorm nodes: {"linears": [...]} when the site will be folded
 
 
 def _ln_params(gm: fx.GraphModule, ln: fx.Node, modules: dict) -> tuple[nn.Module, str, str]:
@@ -98,7 +96,7 @@ class AnnotateRepQ(Pass):
                 per_channel = base.with_(granularity=PerAxis(-1), estimator=PctMSE(), zero_in_range=False)
                 for lin in site.linears:
                     set_input_spec(lin, 0, per_channel)
-                site.ln.meta[SITE] = {"linears": [lin.name for lin in site.linears]}
+                site.ln.meta[REPQ_SITE] = {"linears": [lin.name for lin in site.linears]}
                 folded.append(site.name)
         n_log = 0
         if self.log_softmax:
@@ -144,8 +142,8 @@ class ReparameterizeLayerNorm(Pass):
         modules = match.modules_of(gm)
         by_name = {n.name: n for n in gm.graph.nodes}
         done, changed_linears = [], set()
-        for ln in [n for n in gm.graph.nodes if SITE in n.meta]:
-            linears = [by_name[name] for name in ln.meta[SITE]["linears"]]
+        for ln in [n for n in gm.graph.nodes if REPQ_SITE in n.meta]:
+            linears = [by_name[name] for name in ln.meta[REPQ_SITE]["linears"]]
             qnodes = {lin.args[0] for lin in linears}
             if len(qnodes) != 1:
                 raise PassError(f"repq_reparam: the Linears after '{ln.name}' do not share one input quantizer; "
