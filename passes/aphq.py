@@ -13,7 +13,10 @@ rest of the model is frozen) so that the ReLU MLP reproduces the GELU MLP on the
 
 ``Ĥ`` is the Average Perturbation Hessian (``fxquant.sensitivity``) of the residual add the MLP
 output enters (the block output in ViT/DeiT/HF ViT: a perturbation of the MLP output is the same
-perturbation of that add), rescaled to unit RMS. ``ub`` is the ``ub_quantile`` quantile of the
+perturbation of that add), rescaled to unit RMS. By default the APH perturbs along a seeded random
+±1 pattern (``aph_direction="rademacher"``): the paper's all-ones direction is a null direction of
+pre-LN transformers (LayerNorm ignores a per-token constant), so in float64 it measures roundoff
+(``fxquant.sensitivity``). ``ub`` is the ``ub_quantile`` quantile of the
 *positive* FP post-GELU values (0.98 in the reference's 4-bit config, 0.99 in its 3-bit config and
 in the paper). The reference sums the squared error over tokens (``Σ_tokens mean_{B,C}``); the mean
 used here differs by the constant factor N, which Adam's update ignores (up to its ε).

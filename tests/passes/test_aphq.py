@@ -14,7 +14,7 @@ from fxquant.errors import ConfigError, PassError
 from fxquant.graph import logits_of
 from fxquant.passes import AnnotateUniform, Calibrate, InsertQuantizers, MLPReconstruct
 from fxquant.quant import FakeQuantize
-from fxquant.testing import hf_vit, tiny_vit, toy_calib, toy_vit
+from fxquant.testing import ToyBlock, ToyViT, hf_vit, tiny_vit, toy_calib, toy_vit
 
 
 def _mr(model=None, calib=None, seed=0, **options):
@@ -105,6 +105,8 @@ def test_runs_on_real_models(make):
     kinds = [match.op_kind(n, mods) for n in q.graph.nodes]
     assert kinds.count("relu") == 2 and "gelu" not in kinds
     assert len(match.find_blocks(q)) == 2  # blocks are still found with ReLU MLPs
+    if make is tiny_vit:  # timm's nn.GELU modules become nn.ReLU modules at the same path
+        assert isinstance(q.get_submodule("blocks.0.mlp.act"), nn.ReLU)
     with torch.no_grad():
         assert torch.isfinite(logits_of(q(calib[0]))).all()
 
@@ -149,7 +151,29 @@ class _NoBlock(nn.Module):
         return x + self.fc2(self.act(self.fc1(x)))
 
 
+class _GeluTwiceBlock(ToyBlock):
+    """A ToyBlock whose GELU output is also read outside fc2 (not a Linear → GELU → Linear MLP)."""
+
+    def forward(self, x):
+        b, n, c = x.shape
+        h = self.norm1(x)
+        q, k, v = (lin(h).reshape(b, n, 2, c // 2).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        a = torch.softmax((q @ k.transpose(-2, -1)) * (c // 2) ** -0.5, dim=-1)
+        x = x + self.proj((a @ v).transpose(1, 2).reshape(b, n, c))
+        g = F.gelu(self.fc1(self.norm2(x)))
+        return x + self.fc2(g) + g.mean(-1, keepdim=True)
+
+
+def _gelu_twice_vit() -> ToyViT:
+    torch.manual_seed(0)
+    m = ToyViT()
+    m.block = _GeluTwiceBlock()
+    return m.eval()
+
+
 def test_errors_name_the_problem_and_the_fix():
+    with pytest.raises(PassError, match="GELU node 'gelu' in block 'block' is not a Linear → GELU → Linear MLP"):
+        _mr(_gelu_twice_vit(), iters=1)
     with pytest.raises(PassError, match="needs calibration data"):
         fxquant.compile(toy_vit(), passes=[MLPReconstruct()], example_inputs=toy_calib()[0], progress=False)
     with pytest.raises(PassError, match="iterable of batches"):
