@@ -495,9 +495,9 @@ def find_blocks(gm: fx.GraphModule, modules: dict | None = None) -> list[Block]:
 
 @dataclass(frozen=True)
 class MLPMatch:
-    """``fc1`` (Linear) → ``act`` (GELU) → ``fc2`` (Linear) → ``residual`` (the add the MLP output
-    enters) inside ``block``, stepping through passthrough ops (eval Dropout, Identity norm and
-    LayerScale). ``legal`` is False when the activation's neighbourhood is not that shape:
+    """``fc1`` (Linear) → ``act`` (the activation, GELU unless asked otherwise) → ``fc2`` (Linear) →
+    ``residual`` (the add the MLP output enters) inside ``block``, stepping through passthrough ops
+    (eval Dropout, Identity norm and LayerScale). ``legal`` is False when the activation's neighbourhood is not that shape:
     ``reason`` says why (the other fields are then None where unknown)."""
 
     block: Block
