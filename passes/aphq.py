@@ -162,7 +162,8 @@ class MLPReconstruct(Pass):
     end. Replaying an artifact only swaps GELU → ReLU; the weights come from the saved tensors.
 
     Args:
-        iters: Adam steps per block (the paper and reference: 20000; the default is a CPU budget).
+        iters: Adam steps per block (the paper and reference: 20000; the default 400 is a CPU budget:
+            about 70 s for the 6-block CIFAR ViT on 2 cores, 0.024 s per step).
             0: the plain GELU → ReLU swap (nothing is computed).
         lr: Adam learning rate (reference 4e-5), cosine-annealed to 0 over ``iters``.
         batch_size: images per step (reference 32).
@@ -181,7 +182,7 @@ class MLPReconstruct(Pass):
     name = "mlp_reconstruct"
     provides = ("mlp_reconstructed",)
 
-    iters: int = 100
+    iters: int = 400
     lr: float = 4e-5
     batch_size: int = 32
     max_images: int | None = 1024
