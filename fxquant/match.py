@@ -6,7 +6,7 @@ names: timm graphs hold ``q_norm``/``norm``/``ls1`` Identity modules and HF grap
 ATen ops, and a pass must see through both.
 
 Kinds:
-  * ``linear``, ``conv``, ``layer_norm``, ``softmax``, ``matmul``, ``add``, ``gelu``;
+  * ``linear``, ``conv``, ``layer_norm``, ``softmax``, ``matmul``, ``add``, ``gelu``, ``relu``;
   * ``passthrough``: the value is unchanged (Identity, eval Dropout, DropPath, contiguous, clone,
     dtype-preserving ``to``);
   * ``reshuffle``: elements move but values are unchanged and no element is invented (view,
@@ -38,6 +38,7 @@ _MODULE_KINDS: list[tuple[type, str]] = [
     (nn.LayerNorm, "layer_norm"),
     (nn.Softmax, "softmax"),
     (nn.GELU, "gelu"),
+    (nn.ReLU, "relu"),
     (nn.Identity, "passthrough"),
     (nn.Dropout, "passthrough"),
     (nn.Flatten, "reshuffle"),
@@ -61,6 +62,7 @@ for _fn, _kind in [
     (F.softmax, "softmax"), (torch.softmax, "softmax"),
     (torch.matmul, "matmul"), (operator.matmul, "matmul"), (torch.bmm, "matmul"),
     (operator.add, "add"), (torch.add, "add"), (F.gelu, "gelu"),
+    (F.relu, "relu"), (torch.relu, "relu"),
     (F.dropout, "passthrough"), (torch.clone, "passthrough"),
     (torch.reshape, "reshuffle"), (torch.permute, "reshuffle"), (torch.transpose, "reshuffle"),
     (torch.flatten, "reshuffle"), (torch.squeeze, "reshuffle"), (torch.unsqueeze, "reshuffle"),
@@ -72,7 +74,7 @@ for _fn, _kind in [
 for _kind, _names in {
     "linear": ["linear"], "conv": ["conv2d", "convolution"], "layer_norm": ["layer_norm"],
     "softmax": ["softmax.int", "_softmax"], "matmul": ["matmul", "bmm"], "add": ["add.Tensor"],
-    "gelu": ["gelu"], "passthrough": ["dropout", "clone", "contiguous", "alias", "detach"],
+    "gelu": ["gelu"], "relu": ["relu"], "passthrough": ["dropout", "clone", "contiguous", "alias", "detach"],
     "reshuffle": ["view", "reshape", "_unsafe_view", "permute", "transpose.int", "t", "flatten.using_ints",
                   "unflatten.int", "squeeze.dim", "unsqueeze", "select.int", "slice.Tensor", "unbind.int",
                   "split.Tensor", "chunk", "roll", "expand", "narrow"],
@@ -82,7 +84,7 @@ for _kind, _names in {
         _FUNCTION_KINDS[_op] = _kind
 
 _METHOD_KINDS = {
-    "softmax": "softmax", "matmul": "matmul", "add": "add",
+    "softmax": "softmax", "matmul": "matmul", "add": "add", "relu": "relu",
     "contiguous": "passthrough", "clone": "passthrough",
     **{m: "reshuffle" for m in ("view", "reshape", "permute", "transpose", "flatten", "unflatten", "squeeze",
                                 "unsqueeze", "unbind", "chunk", "split", "roll", "expand", "narrow", "select",
@@ -462,7 +464,8 @@ def block_region(gm: fx.GraphModule, fqn: str, modules: dict | None = None) -> B
 def find_blocks(gm: fx.GraphModule, modules: dict | None = None) -> list[Block]:
     """Transformer blocks found from structure and module hierarchy, in graph order: for each
     attention (softmax → A·v), the innermost enclosing module whose region holds exactly one
-    attention, an MLP activation (GELU) and at least four Linear layers, and has one output.
+    attention, an MLP activation (GELU, or ReLU after ``mlp_reconstruct``) and at least four Linear
+    layers, and has one output.
     Finds timm ViT/DeiT ``blocks.i``, Swin ``layers.i.blocks.j`` and HF ``ViTLayer`` without
     naming any of them. Needs shapes on nodes (``graph.propagate_shapes``)."""
     modules = modules if modules is not None else modules_of(gm)
@@ -476,10 +479,62 @@ def find_blocks(gm: fx.GraphModule, modules: dict | None = None) -> list[Block]:
             kinds = [op_kind(n, modules) for n in region]
             if sum(n in softmaxes for n in region) != 1:
                 break  # enclosing modules only get more attention layers
-            if kinds.count("linear") >= 4 and "gelu" in kinds:
+            if kinds.count("linear") >= 4 and ("gelu" in kinds or "relu" in kinds):
                 blk = block_region(gm, fqn, modules)
                 if blk is not None:
                     blocks.append(blk)
                     seen.add(fqn)
                 break
     return blocks
+
+
+# ---------------------------------------------------------------------------------------------
+# MLPs (APHQ-ViT MLP reconstruction)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MLPMatch:
+    """``fc1`` (Linear) → ``act`` (the activation, GELU unless asked otherwise) → ``fc2`` (Linear) →
+    ``residual`` (the add the MLP output enters) inside ``block``, stepping through passthrough ops
+    (eval Dropout, Identity norm and LayerScale). ``legal`` is False when the activation's neighbourhood is not that shape:
+    ``reason`` says why (the other fields are then None where unknown)."""
+
+    block: Block
+    act: fx.Node
+    fc1: fx.Node | None
+    fc2: fx.Node | None
+    residual: fx.Node | None
+    legal: bool
+    reason: str = ""
+
+
+def find_mlps(gm: fx.GraphModule, modules: dict | None = None, blocks: list[Block] | None = None,
+              acts: Iterable[str] = ("gelu",)) -> list[MLPMatch]:
+    """Every ``acts``-kind activation node inside a transformer block (``find_blocks``) with its
+    two Linear layers and the residual add, in graph order (see ``MLPMatch``)."""
+    modules = modules if modules is not None else modules_of(gm)
+    blocks = blocks if blocks is not None else find_blocks(gm, modules)
+    acts = set(acts)
+    out = []
+    for blk in blocks:
+        inside = set(blk.nodes)
+        for act in [n for n in blk.nodes if op_kind(n, modules) in acts]:
+            src = tensor_input(act)
+            fc1 = producer(src, modules) if src is not None else None
+            fc2 = residual = None
+            reason = ""
+            uses = consumers(act, modules)
+            if fc1 is None or op_kind(fc1, modules) != "linear" or fc1 not in inside:
+                reason = f"its input comes from '{getattr(fc1, 'name', None)}', not a Linear of the block"
+            elif len(uses) != 1 or op_kind(uses[0].node, modules) != "linear" or uses[0].arg != 0:
+                reason = f"its output feeds {[u.node.name for u in uses]}, not exactly one Linear"
+            else:
+                fc2 = uses[0].node
+                outs = consumers(fc2, modules)
+                if len(outs) != 1 or op_kind(outs[0].node, modules) != "add" or outs[0].node not in inside:
+                    reason = f"the output of '{fc2.name}' feeds {[u.node.name for u in outs]}, not one residual add"
+                else:
+                    residual = outs[0].node
+            out.append(MLPMatch(blk, act, fc1, fc2, residual, not reason, reason))
+    return out

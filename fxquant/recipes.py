@@ -32,6 +32,7 @@ from .passes import (
     BitLog2Attention,
     Calibrate,
     InsertQuantizers,
+    MLPReconstruct,
     QwTCompensate,
     ReparameterizeLayerNorm,
 )
@@ -349,6 +350,10 @@ def _qwt() -> tuple[Stage, ...]:
 _QWT_CALIB = {"calib_images": 512, "options": {"calibrate": {"max_images": 32}}}
 
 register_recipe("fp32", FloatRecipe, "no quantization (the captured float graph)")
+register_recipe("aphq-mr", FloatRecipe, "APHQ-ViT stage A only: MLP reconstruction (GELU→ReLU, fc1/fc2 retrained per block "
+                "with the APH-weighted loss) on 1024 images, no quantization; the full APHQ recipes (aphq-w4a4/w3a3) "
+                "also need stages B (joint grid calibration) and C (AdaRound block reconstruction), not yet built",
+                calib_images=1024, stages=(Stage(MLPReconstruct()),))
 register_recipe("w8a8", UniformRecipe, "uniform W8A8: symmetric per-channel weights, asymmetric per-tensor activations (PctMSE)",
                 w_bits=8, a_bits=8, w_symmetric=True)
 register_recipe("w6a6", UniformRecipe, "uniform W6A6: asymmetric per-channel weights and per-tensor activations (PctMSE)",

@@ -2,6 +2,7 @@
 ``run(gm, ctx)``; ``fxquant.compile`` runs them through ``fxquant.pipeline.PassManager``."""
 
 from .annotate import AnnotateUniform
+from .aphq import MLPReconstruct
 from .bitlog2 import BitLog2Attention
 from .calibrate import Calibrate
 from .insert import InsertQuantizers
@@ -10,4 +11,4 @@ from .qwt import QwTCompensate
 from .repq import AnnotateRepQ, ReparameterizeLayerNorm
 
 __all__ = ["AnnotateUniform", "InsertQuantizers", "Calibrate", "AnnotateRepQ", "ReparameterizeLayerNorm", "BitLog2Attention",
-           "QwTCompensate", "LowerToKernels"]
+           "QwTCompensate", "LowerToKernels", "MLPReconstruct"]
