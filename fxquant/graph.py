@@ -25,6 +25,7 @@ from timm.layers import _fx as timm_fx
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .batches import graph_inputs
 from .errors import TraceError
 from .match import op_kind
 from .meta import CAPTURE, SUBGRAPH_INPUTS
@@ -235,6 +236,18 @@ def extract_subgraph(gm: fx.GraphModule, inputs: Sequence[fx.Node], outputs: Seq
     sub = fx.GraphModule(gm, g, "Subgraph")
     sub.meta[SUBGRAPH_INPUTS] = [n.name for n in inputs + extra]
     return sub
+
+
+def input_values(gm: fx.GraphModule, batch: Any) -> dict[str, Any]:
+    """One batch's graph inputs by placeholder node name (``batches.graph_inputs``), the names that
+    ``SUBGRAPH_INPUTS`` uses; passes add the values they compute under their node names."""
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    return dict(zip(placeholders, graph_inputs(gm, batch)))
+
+
+def subgraph_args(sub: fx.GraphModule, values: dict[str, Any]) -> list[Any]:
+    """The arguments of a subgraph made by ``extract_subgraph``, from values by source node name."""
+    return [values[n] for n in sub.meta[SUBGRAPH_INPUTS]]
 
 
 def logits_of(out: Any) -> torch.Tensor:

@@ -44,11 +44,10 @@ import torch.nn.functional as F
 from torch import fx
 from tqdm.auto import tqdm
 
-from .batches import batch_size, graph_inputs
+from .batches import batch_size
 from .calibration import Calibration
 from .errors import CalibrationError, ConfigError, PassError
-from .graph import extract_subgraph
-from .meta import SUBGRAPH_INPUTS
+from .graph import extract_subgraph, input_values, subgraph_args
 
 APH_EPS = 1e-6
 APH_TEMPERATURE = 20.0
@@ -171,17 +170,16 @@ def average_perturbation_hessian(
     live = live_values(gm, node)
     prefix = extract_subgraph(gm, [], live)
     tail = _cast_copy(tail_graph(gm, node), dtype)
-    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     gen = torch.Generator().manual_seed(seed)
     total: torch.Tensor | None = None
     images = 0
     for batch in tqdm(cal.limited(max_images), desc=f"APH {node.name}", disable=not progress, leave=False):
-        values = dict(zip(placeholders, graph_inputs(gm, batch)))
+        values = input_values(gm, batch)
         with torch.no_grad():
-            xs = prefix(*(values[n] for n in prefix.meta[SUBGRAPH_INPUTS]))
+            xs = prefix(*subgraph_args(prefix, values))
         xs = xs if isinstance(xs, tuple) else (xs,)
         values.update(zip((n.name for n in live), xs))
-        args = [_cast(values[n], dtype) for n in tail.meta[SUBGRAPH_INPUTS]]
+        args = [_cast(v, dtype) for v in subgraph_args(tail, values)]
         o, rest = args[0], args[1:]
         with torch.no_grad():
             z = tail(o, *rest)

@@ -37,11 +37,10 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from fxquant import match
-from fxquant.batches import graph_inputs
 from fxquant.calibration import Calibration
 from fxquant.errors import ConfigError, PassError
-from fxquant.graph import extract_subgraph, propagate_shapes
-from fxquant.meta import INPUT_SPECS, SUBGRAPH_INPUTS, WEIGHT_SPEC
+from fxquant.graph import extract_subgraph, input_values, propagate_shapes, subgraph_args
+from fxquant.meta import INPUT_SPECS, WEIGHT_SPEC
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import FakeQuantize, Observer, Percentile, QuantConv2d, QuantLinear, QuantSpec
 from fxquant.sensitivity import APH_DIRECTIONS, average_perturbation_hessian
@@ -119,12 +118,10 @@ def _activation(gm: fx.GraphModule, act: fx.Node) -> Callable[[torch.Tensor], to
 def _cache_inputs(gm: fx.GraphModule, node: fx.Node, calib: Calibration, max_images: int | None) -> torch.Tensor:
     """The values of ``node`` for the first ``max_images`` calibration images, concatenated."""
     prefix = extract_subgraph(gm, [], [node])
-    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     out = []
     with torch.no_grad():
         for batch in calib.limited(max_images):
-            values = dict(zip(placeholders, graph_inputs(gm, batch)))
-            out.append(prefix(*(values[n] for n in prefix.meta[SUBGRAPH_INPUTS])).detach())
+            out.append(prefix(*subgraph_args(prefix, input_values(gm, batch))).detach())
     if not out:
         raise PassError("mlp_reconstruct: the calibration data is empty (no batches); pass calib=<batches of images>")
     return torch.cat(out)

@@ -27,10 +27,9 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from fxquant import match
-from fxquant.batches import graph_inputs
 from fxquant.errors import ConfigError, PassError
-from fxquant.graph import extract_subgraph, propagate_shapes
-from fxquant.meta import ROLE, SUBGRAPH_INPUTS
+from fxquant.graph import extract_subgraph, input_values, propagate_shapes, subgraph_args
+from fxquant.meta import ROLE
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import COMPUTE_DTYPES, CompensationLinear, FakeQuantize, QuantConv2d, QuantLinear
 
@@ -168,7 +167,6 @@ class QwTCompensate(Pass):
         if calib.is_loop:
             raise PassError("qwt needs calib as an iterable of batches (it runs each block on each batch itself), "
                             "not a forward_loop callable")
-        placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         r2s: dict[str, float] = {}
         norms: dict[str, dict] = {}
         applied: list[str] = []
@@ -187,12 +185,12 @@ class QwTCompensate(Pass):
             acc = LinearRegressionAccumulator(c_in, c_out)
             for batch in calib.limited(self.max_images):
                 # values by source node name: the graph inputs, then the block inputs the prefix computes
-                values = dict(zip(placeholders, graph_inputs(gm, batch)))
+                values = input_values(gm, batch)
                 with torch.no_grad():
-                    xs = prefix(*(values[n] for n in prefix.meta[SUBGRAPH_INPUTS]))
+                    xs = prefix(*subgraph_args(prefix, values))
                     xs = xs if isinstance(xs, tuple) else (xs,)
                     values.update(zip((n.name for n in block_inputs), xs))
-                    body_args = [values[n] for n in body.meta[SUBGRAPH_INPUTS]]
+                    body_args = subgraph_args(body, values)
                     for q in qs:
                         q.fake_quant_enabled = False
                     y_fp = body(*body_args)
