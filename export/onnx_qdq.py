@@ -7,7 +7,8 @@ export-ready modules and runs ``torch.onnx.export(dynamo=True)``:
   ``DequantizeLinear(axis=0)``. The codes are the quantizer core's signed codes
   (``fxquant.quant.codes``: ``q - 2^(b-1)`` for asymmetric specs, zero point shifted with them),
   int8 for every width (onnxruntime's QDQ fusions take int8/uint8; opset-21 int4 is left out).
-* **uniform activations** (per tensor): ``QuantizeLinear`` → ``DequantizeLinear``, int8 by default
+* **uniform activations** (per tensor, or per axis: APHQ's per-head attention operands, with
+  ``axis``): ``QuantizeLinear`` → ``DequantizeLinear``, int8 by default
   (the same signed-code rule), uint8 (unsigned codes) on request. Below 8 bits a ``Clip`` to the
   quantizer's range precedes the 8-bit pair: the codes are then the low-bit codes, exactly.
 * **log quantizers** (log√2, log2, BitLog2) have no ONNX op. They are exported with standard ops as
@@ -56,7 +57,7 @@ from fxquant.kernels.lowered import LoweredLinear, LoweredMatmul
 from fxquant.quant import (
     CompensationLinear,
     FakeQuantize,
-    PerTensor,
+    PerAxis,
     QuantConv2d,
     QuantLinear,
     QuantSpec,
@@ -100,19 +101,31 @@ class ExportActQuant(nn.Module):
         scale = scale.detach().float().clone()
         self.register_buffer("scale", scale.reshape(()) if scale.numel() == 1 else scale)
         if spec.scheme == "uniform":
-            if not isinstance(spec.granularity, PerTensor) or scale.numel() != 1:
-                raise ConfigError(f"ONNX export: activation quantizer '{label}' is not per-tensor ({spec.short()}); "
-                                  f"export supports per-tensor activations (run repq_reparam for per-channel LN outputs)")
-            zp = zero_point.detach().float().reshape(())
+            self.axis = None
+            if scale.numel() != 1:
+                axes = [d for d, n in enumerate(scale.shape) if n != 1]
+                if not isinstance(spec.granularity, PerAxis) or len(axes) != 1:
+                    raise ConfigError(f"ONNX export: activation quantizer '{label}' is neither per-tensor nor per-axis "
+                                      f"({spec.short()}); export supports those two (run repq_reparam for per-channel "
+                                      f"LN outputs)")
+                self.axis = axes[0]  # QuantizeLinear(axis=...): e.g. APHQ's per-head attention operands
+            zp = zero_point.detach().float().reshape(scale.shape)
             if not torch.equal(zp, zp.round()):
-                raise ConfigError(f"ONNX export: quantizer '{label}' has a fractional zero point {zp.item():.3f} "
-                                  f"(RepQ-faithful z̃); recompile with round_target_zero_point=True")
+                raise ConfigError(f"ONNX export: quantizer '{label}' has a fractional zero point "
+                                  f"{zp.flatten()[0].item():.3f} (RepQ-faithful z̃); recompile with round_target_zero_point=True")
             self.dtype, self.qlo, self.qhi, offset = _container(spec, act_dtype)
-            self.zp8 = int(zp.item()) - offset
-            self.s = float(self.scale.item())  # python constants: torch.export keeps them as attributes
-            self.lo = float(((spec.qmin - zp) * self.scale).item())
-            self.hi = float(((spec.qmax - zp) * self.scale).item())
             self.narrow = spec.bits < 8
+            if self.axis is None:
+                zp = zp.reshape(())
+                self.zp8 = int(zp.item()) - offset
+                self.s = float(self.scale.item())  # python constants: torch.export keeps them as attributes
+                self.lo = float(((spec.qmin - zp) * self.scale).item())
+                self.hi = float(((spec.qmax - zp) * self.scale).item())
+            else:
+                self.register_buffer("scales", scale.reshape(-1).clone())
+                self.register_buffer("zps", (zp.reshape(-1) - offset).to(torch.int64))
+                self.register_buffer("lo", (spec.qmin - zp) * scale)  # parameter layout: broadcasts against x
+                self.register_buffer("hi", (spec.qmax - zp) * scale)
         elif spec.scheme == "bitlog2":
             self.register_buffer("thresholds", bitlog2_compare_levels(spec.bitlog2_variant))  # code = #levels <= n
             self.register_buffer("table", bitlog2_level_table(spec.bitlog2_variant).float() / self.scale)
@@ -129,6 +142,9 @@ class ExportActQuant(nn.Module):
         if spec.scheme == "uniform":
             if self.narrow:
                 x = torch.clamp(x, self.lo, self.hi)
+            if self.axis is not None:
+                q = _qd.quantize_per_channel(x, self.scales, self.zps, self.axis, self.qlo, self.qhi, self.dtype)
+                return _qd.dequantize_per_channel(q, self.scales, self.zps, self.axis, self.qlo, self.qhi, self.dtype)
             q = _qd.quantize_per_tensor(x, self.s, self.zp8, self.qlo, self.qhi, self.dtype)
             return _qd.dequantize_per_tensor(q, self.s, self.zp8, self.qlo, self.qhi, self.dtype)
         if spec.scheme == "bitlog2":

@@ -461,6 +461,28 @@ def block_region(gm: fx.GraphModule, fqn: str, modules: dict | None = None) -> B
     return Block(fqn, tuple(nodes), stream[0], tuple(a for a in ins if a is not stream[0]), outs[0])
 
 
+def module_region(gm: fx.GraphModule, fqn: str) -> Block | None:
+    """The region of module ``fqn`` as a ``Block`` whose input may have any shape (a patch
+    embedding, a classifier head, Swin's PatchMerging), or None when the region has no nodes,
+    several outputs or no tensor input. ``input`` is the first outside tensor it reads, in graph
+    order; the others are ``extra_inputs``."""
+    nodes = _region(gm, fqn)
+    if not nodes:
+        return None
+    inside = set(nodes)
+    outs = [n for n in nodes if any(u not in inside and not _is_shape_query(u) for u in n.users)]
+    if len(outs) != 1:
+        return None
+    ins = []
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in inside and a.op != "get_attr" and not _is_shape_query(a) and a not in ins:
+                ins.append(a)
+    if not ins:
+        return None
+    return Block(fqn, tuple(nodes), ins[0], tuple(ins[1:]), outs[0])
+
+
 def find_blocks(gm: fx.GraphModule, modules: dict | None = None) -> list[Block]:
     """Transformer blocks found from structure and module hierarchy, in graph order: for each
     attention (softmax → A·v), the innermost enclosing module whose region holds exactly one

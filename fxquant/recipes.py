@@ -27,9 +27,11 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 from .passes import (
+    AnnotateAPHQ,
     AnnotateRepQ,
     AnnotateUniform,
     BitLog2Attention,
+    BlockReconstruct,
     Calibrate,
     InsertQuantizers,
     MLPReconstruct,
@@ -336,6 +338,46 @@ class RepQRecipe(UniformRecipe):
         return insert_pass(passes, ReparameterizeLayerNorm())
 
 
+@dataclass(frozen=True)
+class APHQRecipe(UniformRecipe):
+    """APHQ-ViT (METHODS.md §4) from passes:
+
+    (A) ``mlp_reconstruct`` on the float graph (``reconstruct_mlp``; ``mr_iters`` steps per block);
+    (B) ``annotate_uniform`` with the ``JointGrid`` estimator (``grid``) for weights (per row,
+    asymmetric) and activations, ``annotate_repq`` (8-bit patch-embedding input; per-channel
+    post-LayerNorm scales only when ``a_bits == w_bits``; no log quantizer), ``annotate_aphq``
+    (per-head attention quantizers), ``calibrate`` in parallel on 128 images, ``repq_reparam``
+    with a rounded target zero point and a re-search;
+    (C) ``block_reconstruct`` (AdaRound, learned activation scales, QDrop, APH-weighted loss) on
+    all 1024 images, ``iters`` steps per region (the paper: 20000).
+    """
+
+    calib_images: int = 1024
+    w_estimator: str = "grid"
+    a_estimator: str = "grid"
+    iters: int = 250
+    mr_iters: int = 400
+    reconstruct_mlp: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.iters < 0 or self.mr_iters < 0:
+            raise ConfigError(f"recipe {self.name!r}: iters and mr_iters must be >= 0, got {self.iters}, {self.mr_iters}")
+
+    def base_passes(self) -> list[Pass]:
+        reparam = self.w_bits == self.a_bits
+        passes = insert_pass(super().base_passes(), AnnotateRepQ(reparameterize=reparam, log_softmax=False),
+                             after="annotate_uniform")
+        passes = insert_pass(passes, AnnotateAPHQ(), after="annotate_repq")
+        passes = configure_pass(passes, "calibrate", order="parallel", max_images=128)
+        passes = insert_pass(passes, ReparameterizeLayerNorm(recalibrate=True, max_images=128))
+        passes = insert_pass(passes, BlockReconstruct(iters=self.iters))
+        if self.reconstruct_mlp:
+            mr = MLPReconstruct(iters=self.mr_iters, ub_quantile=0.99 if self.w_bits <= 3 else 0.98)
+            passes = insert_pass(passes, mr, before="annotate_uniform")
+        return passes
+
+
 def _bitlog2(scheme: str = "half17") -> Stage:
     """BitLog2 attention maps: replaces the attention-map quantizer chosen by ``annotate_repq``."""
     return Stage(BitLog2Attention(scheme=scheme), after="annotate_repq")
@@ -351,8 +393,7 @@ _QWT_CALIB = {"calib_images": 512, "options": {"calibrate": {"max_images": 32}}}
 
 register_recipe("fp32", FloatRecipe, "no quantization (the captured float graph)")
 register_recipe("aphq-mr", FloatRecipe, "APHQ-ViT stage A only: MLP reconstruction (GELU→ReLU, fc1/fc2 retrained per block "
-                "with the APH-weighted loss) on 1024 images, no quantization; the full APHQ recipes (aphq-w4a4/w3a3) "
-                "also need stages B (joint grid calibration) and C (AdaRound block reconstruction), not yet built",
+                "with the APH-weighted loss) on 1024 images, no quantization (the quantized recipes: aphq-w4a4/w3a3)",
                 calib_images=1024, stages=(Stage(MLPReconstruct()),))
 register_recipe("w8a8", UniformRecipe, "uniform W8A8: symmetric per-channel weights, asymmetric per-tensor activations (PctMSE)",
                 w_bits=8, a_bits=8, w_symmetric=True)
@@ -361,6 +402,14 @@ register_recipe("w6a6", UniformRecipe, "uniform W6A6: asymmetric per-channel wei
 register_recipe("w4a4", UniformRecipe, "uniform W4A4: asymmetric per-channel weights and per-tensor activations (PctMSE)",
                 w_bits=4, a_bits=4)
 
+register_recipe("aphq-w4a4", APHQRecipe, "APHQ-ViT W4A4: MLP reconstruction + joint-grid calibration with per-head attention "
+                "quantizers and LayerNorm reparameterization + AdaRound/QDrop block reconstruction with the APH loss "
+                "(--set iters=N per block; paper 20000)", w_bits=4, a_bits=4)
+register_recipe("aphq-w3a3", APHQRecipe, "APHQ-ViT W3A3 (as aphq-w4a4 at 3 bits; ub quantile 0.99)", w_bits=3, a_bits=3)
+register_recipe("aphq-bitlog2-w4a4", APHQRecipe, "APHQ-ViT W4A4 with BitLog2 (half17) attention maps in place of the per-head "
+                "uniform A quantizer", w_bits=4, a_bits=4, stages=(Stage(BitLog2Attention(), after="annotate_aphq"),))
+register_recipe("aphq-qwt-w4a4", APHQRecipe, "APHQ-ViT W4A4 + QwT block compensation after block reconstruction (512 of the "
+                "1024 images)", w_bits=4, a_bits=4, stages=(Stage(QwTCompensate(max_images=512), after="block_reconstruct"),))
 register_recipe("repq-w4a4", RepQRecipe, "RepQ-ViT W4A4: LayerNorm scale reparameterization + log√2 softmax + 8-bit stem input",
                 w_bits=4, a_bits=4)
 register_recipe("repq-w6a6", RepQRecipe, "RepQ-ViT W6A6: LayerNorm scale reparameterization + log√2 softmax + 8-bit stem input",

@@ -2,8 +2,9 @@
 ``run(gm, ctx)``; ``fxquant.compile`` runs them through ``fxquant.pipeline.PassManager``."""
 
 from .annotate import AnnotateUniform
-from .aphq import MLPReconstruct
+from .aphq import AnnotateAPHQ, MLPReconstruct
 from .bitlog2 import BitLog2Attention
+from .block_recon import BlockReconstruct
 from .calibrate import Calibrate
 from .insert import InsertQuantizers
 from .lower import LowerToKernels
@@ -11,4 +12,5 @@ from .qwt import QwTCompensate
 from .repq import AnnotateRepQ, ReparameterizeLayerNorm
 
 __all__ = ["AnnotateUniform", "InsertQuantizers", "Calibrate", "AnnotateRepQ", "ReparameterizeLayerNorm", "BitLog2Attention",
-           "QwTCompensate", "LowerToKernels", "MLPReconstruct"]
+           "QwTCompensate", "LowerToKernels", "MLPReconstruct",
+           "AnnotateAPHQ", "BlockReconstruct"]

@@ -21,7 +21,14 @@ pre-LN transformers (LayerNorm ignores a per-token constant), so in float64 it m
 in the paper). The reference sums the squared error over tokens (``Σ_tokens mean_{B,C}``); the mean
 used here differs by the constant factor N, which Adam's update ignores (up to its ε).
 
-Stages (B) joint grid calibration and (C) AdaRound block reconstruction are not implemented yet.
+``annotate_aphq`` is stage (B)'s annotation (after ``annotate_uniform``): uniform asymmetric
+quantizers *per head* on both operands of both attention matmuls (q, kᵀ, A, v: axis 1 of the
+``[B, H, ·, ·]`` operands) in place of per-tensor ones, and no log quantizer. The rest of stage
+(B) is composed from existing passes by the ``aphq-*`` recipes: the ``JointGrid`` range estimator
+of the quantizer core (joint scale/zero-point grid), ``annotate_repq`` for the 8-bit
+patch-embedding input and, when ``a_bits == w_bits``, the LayerNorm reparameterization with a
+rounded target zero point followed by a re-search (``repq_reparam(recalibrate=True)``). Stage (C)
+is ``passes.block_recon.BlockReconstruct``.
 """
 
 from __future__ import annotations
@@ -40,9 +47,9 @@ from fxquant import match
 from fxquant.calibration import Calibration
 from fxquant.errors import ConfigError, PassError
 from fxquant.graph import extract_subgraph, input_values, propagate_shapes, subgraph_args
-from fxquant.meta import INPUT_SPECS, WEIGHT_SPEC
+from fxquant.meta import INPUT_SPECS, ROLE, WEIGHT_SPEC, input_specs, set_input_spec
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.quant import FakeQuantize, Observer, Percentile, QuantConv2d, QuantLinear, QuantSpec
+from fxquant.quant import FakeQuantize, Observer, PerAxis, Percentile, PerTensor, QuantConv2d, QuantLinear, QuantSpec
 from fxquant.sensitivity import APH_DIRECTIONS, average_perturbation_hessian
 
 _PLACE_IT = ("place it before any annotation: passes=[MLPReconstruct(), AnnotateUniform(...), ...] or "
@@ -299,3 +306,52 @@ class MLPReconstruct(Pass):
                "seconds": {"cache": round(t_cache - t0, 3), "aph": round(t_aph - t_cache, 3),
                            "train": round(t_end - t_aph, 3)}}
         return rec, (fc1, fc2)
+
+
+@register_pass
+@dataclass(frozen=True)
+class AnnotateAPHQ(Pass):
+    """APHQ-ViT (B) attention quantizers: uniform, asymmetric, one scale per head on q, kᵀ, A and v.
+
+    Rewrites the specs ``annotate_uniform`` put on the attention matmul operands: same bits and
+    estimator, ``PerAxis(1)`` (the head axis of ``[B, H, N, d]`` operands), uniform (a log scheme
+    chosen by an earlier pass is replaced). An operand that is not 4-D with more than one head
+    (e.g. a ``[B·H, N, d]`` layout) keeps a per-tensor quantizer; the record lists those.
+
+    Args:
+        per_head: one scale per head (False: per tensor, the paper's text).
+    """
+
+    name = "annotate_aphq"
+    requires = ("annotated",)
+    provides = ("aphq_annotated",)
+
+    per_head: bool = True
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        if ctx.example_inputs and any(match.tensor_shape(n) is None for n in gm.graph.nodes if n.op == "call_module"):
+            propagate_shapes(gm, ctx.example_inputs)
+        modules = match.modules_of(gm)
+        n_head, per_tensor = 0, []
+        for att in match.find_attention(gm, modules):
+            operand_specs = [*input_specs(att.qk).values(), *input_specs(att.av).values()]
+            ref = next((s for s in operand_specs if s.scheme == "uniform"), None)
+            for mm in (att.qk, att.av):
+                for arg, spec in sorted(input_specs(mm).items()):
+                    shape = match.tensor_shape(mm.args[arg]) if isinstance(mm.args[arg], fx.Node) else None
+                    if spec.scheme != "uniform":  # e.g. annotate_repq's log√2 softmax output
+                        if ref is None:
+                            raise PassError(f"annotate_aphq: attention matmul '{mm.name}' has no uniform operand spec to "
+                                            f"copy; run annotate_uniform(quantize_attention=True) first")
+                        spec = ref.with_(bits=spec.bits)
+                    uniform = spec
+                    if self.per_head and shape is not None and len(shape) == 4 and shape[1] > 1:
+                        set_input_spec(mm, arg, uniform.with_(granularity=PerAxis(1)))
+                        n_head += 1
+                    else:
+                        set_input_spec(mm, arg, uniform.with_(granularity=PerTensor()))
+                        per_tensor.append(f"{mm.name}:{arg}")
+                mm.meta.setdefault(ROLE, "attn")
+        return PassResult(gm, modified=False,
+                          summary=f"{n_head} attention operands per head, {len(per_tensor)} per tensor",
+                          record={"per_head": n_head, "per_tensor": per_tensor})

@@ -28,7 +28,7 @@ from fxquant.meta import REPQ_SITE, ROLE, input_specs, set_input_spec
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import FakeQuantize, PctMSE, PerAxis, PerTensor, QuantSpec
 
-from .calibrate import calibrate_weights
+from .calibrate import calibrate_weights, observe
 
 
 def _ln_params(gm: fx.GraphModule, ln: fx.Node, modules: dict) -> tuple[nn.Module, str, str]:
@@ -96,7 +96,7 @@ class AnnotateRepQ(Pass):
                 per_channel = base.with_(granularity=PerAxis(-1), estimator=PctMSE(), zero_in_range=False)
                 for lin in site.linears:
                     set_input_spec(lin, 0, per_channel)
-                site.ln.meta[REPQ_SITE] = {"linears": [lin.name for lin in site.linears]}
+                site.ln.meta[REPQ_SITE] = {"linears": [lin.name for lin in site.linears], "layerwise_spec": base}
                 folded.append(site.name)
         n_log = 0
         if self.log_softmax:
@@ -130,6 +130,10 @@ class ReparameterizeLayerNorm(Pass):
     Args:
         round_target_zero_point: round ``z̃`` to an integer (deployable; the layer-wise codes then
             equal the per-channel codes). False reproduces RepQ-ViT's fractional ``z̃``.
+        recalibrate: after folding, search the layer-wise quantizer again on the transformed
+            input with the uniform annotation's estimator (APHQ-ViT's "full re-search"; needs
+            calibration data). False keeps ``(s̃, z̃)`` (RepQ-ViT).
+        max_images: calibration images for ``recalibrate`` (None: all).
     """
 
     name = "repq_reparam"
@@ -137,11 +141,13 @@ class ReparameterizeLayerNorm(Pass):
     provides = ("ln_reparameterized",)
 
     round_target_zero_point: bool = True
+    recalibrate: bool = False
+    max_images: int | None = None
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         modules = match.modules_of(gm)
         by_name = {n.name: n for n in gm.graph.nodes}
-        done, changed_linears = [], set()
+        done, changed_linears, researched = [], set(), []
         for ln in [n for n in gm.graph.nodes if REPQ_SITE in n.meta]:
             linears = [by_name[name] for name in ln.meta[REPQ_SITE]["linears"]]
             qnodes = {lin.args[0] for lin in linears}
@@ -154,6 +160,9 @@ class ReparameterizeLayerNorm(Pass):
                 raise PassError(f"repq_reparam: '{ln.name}' expects a per-channel quantizer before "
                                 f"{[lin.name for lin in linears]}")
             target_spec = fq.spec.with_(granularity=PerTensor(), integer_zero_point=self.round_target_zero_point)
+            if self.recalibrate:
+                base = ln.meta[REPQ_SITE].get("layerwise_spec") or target_spec
+                target_spec = base.with_(integer_zero_point=True)
             if ctx.replay:
                 fq.spec = target_spec
                 for lin in linears:
@@ -186,8 +195,15 @@ class ReparameterizeLayerNorm(Pass):
                     changed_linears.add(str(lin.target))
             fq.spec = target_spec
             fq.set_qparams(s_t.float().view(()), z_t.float().view(()))
+            if self.recalibrate:
+                researched.append(fq)
             done.append(match.node_fqn(ln) or ln.name)
         n_w = 0 if ctx.replay else calibrate_weights(gm, only=changed_linears)
+        if researched:
+            observe(gm, researched, ctx.require_calib(self.name), self.max_images)
+            for fq in researched:
+                fq.compute_qparams()
         zp = "integer" if self.round_target_zero_point else "fractional (RepQ-faithful)"
-        return PassResult(gm, summary=f"{len(done)} LayerNorms folded ({zp} z̃); {n_w} weight quantizers re-derived",
+        return PassResult(gm, summary=f"{len(done)} LayerNorms folded ({zp} z̃); {n_w} weight quantizers re-derived"
+                          + (f"; {len(researched)} layer-wise quantizers re-searched" if researched else ""),
                           record={"sites": done})

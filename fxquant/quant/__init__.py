@@ -4,15 +4,19 @@ observers, range estimators and fake-quant modules."""
 
 from .codes import code_offset, pack_int4, to_signed_codes, unpack_int4
 from .granularity import Granularity, PerAxis, PerGroup, PerTensor
-from .modules import COMPUTE_DTYPES, CompensationLinear, FakeQuantize, QuantConv2d, QuantLinear, quantizers
+from .modules import COMPUTE_DTYPES, AdaRoundWeight, CompensationLinear, FakeQuantize, QuantConv2d, QuantLinear, quantizers
 from .observers import Observer
 from .primitives import (
     OMSE,
     Estimator,
+    JointGrid,
     MinMax,
     PctMSE,
     Percentile,
     QuantSpec,
+    adaround_fake_quantize,
+    adaround_init,
+    adaround_regularizer,
     choose_qparams,
     dequantize,
     estimator_from_name,
@@ -21,13 +25,16 @@ from .primitives import (
     grid_values,
     log_step,
     quantize,
+    rectified_sigmoid,
     round_ste,
 )
 
 __all__ = [
     "Granularity", "PerTensor", "PerAxis", "PerGroup",
-    "QuantSpec", "Estimator", "MinMax", "Percentile", "PctMSE", "OMSE",
+    "QuantSpec", "Estimator", "MinMax", "Percentile", "PctMSE", "OMSE", "JointGrid",
     "choose_qparams", "estimator_from_name", "quantize", "dequantize", "fake_quantize", "expand_params", "grid_values",
     "log_step", "round_ste", "code_offset", "to_signed_codes", "pack_int4", "unpack_int4",
-    "Observer", "FakeQuantize", "QuantLinear", "QuantConv2d", "quantizers", "CompensationLinear", "COMPUTE_DTYPES",
+    "rectified_sigmoid", "adaround_init", "adaround_fake_quantize", "adaround_regularizer",
+    "Observer", "FakeQuantize", "AdaRoundWeight", "QuantLinear", "QuantConv2d", "quantizers", "CompensationLinear",
+    "COMPUTE_DTYPES",
 ]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .primitives import OMSE, MinMax, PctMSE, Percentile, QuantSpec, choose_qparams, fake_quantize
+from .primitives import OMSE, JointGrid, MinMax, PctMSE, Percentile, QuantSpec, choose_qparams, fake_quantize
 
 
 @dataclass
@@ -75,7 +75,36 @@ def _candidates(dist: Distribution, spec: QuantSpec) -> list[tuple[torch.Tensor,
         return [(dist.quantile(1.0 - p), dist.quantile(p)) for p in est.percentiles]
     if isinstance(est, OMSE):
         return [(dist.vmin * a, dist.vmax * a) for a in torch.arange(1, est.grid + 1, dtype=torch.float64) / est.grid]
+    if isinstance(est, JointGrid):
+        return _joint_grid(dist, spec, est)
     raise TypeError(f"unknown estimator {est!r}")
+
+
+def _joint_grid(dist: Distribution, spec: QuantSpec, est: JointGrid) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(lo, hi) ranges whose ``choose_qparams`` are the (scale, zero point) pairs of the joint grid:
+    ``lo = (qmin - z)·s``, ``hi = (qmax - z)·s`` map back to exactly ``s`` and the integer ``z``."""
+    levels = spec.qmax - spec.qmin
+    if spec.symmetric:
+        zps = [0.0]
+    else:
+        num_zp = min(est.max_zp, 2**spec.bits)
+        centre = spec.qmin + 2 ** (spec.bits - 1)
+        zps = [float(min(max(centre - num_zp // 2 + j, spec.qmin), spec.qmax)) for j in range(num_zp)]
+        zps = list(dict.fromkeys(zps))
+    n_scales = max(est.candidates // len(zps), 1)
+    lo_w = (dist.quantile(est.hi_q) - dist.quantile(est.lo_q)).clamp(min=0)
+    hi_w = dist.vmax - dist.vmin
+    out = [(dist.vmin, dist.vmax)]  # the "+1": the min-max pair
+    for i in range(n_scales):
+        t = i / max(n_scales - 1, 1)
+        width = lo_w + t * (hi_w - lo_w)
+        if spec.symmetric:
+            out.append((-width / 2, width / 2))
+            continue
+        s = width / levels
+        for z in zps:
+            out.append(((spec.qmin - z) * s, (spec.qmax - z) * s))
+    return out
 
 
 def estimate_qparams(dist: Distribution, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import CalibrationError
 from .granularity import PerAxis
 from .observers import NonFiniteError, Observer, exact_distribution_qparams, make_observer
-from .primitives import QuantSpec, fake_quantize
+from .primitives import QuantSpec, adaround_fake_quantize, adaround_init, adaround_regularizer, fake_quantize
 
 COMPUTE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -33,6 +33,12 @@ class FakeQuantize(nn.Module):
       * ``fake_quant_enabled``: return ``dequantize(quantize(x))`` with the stored parameters.
     With both off the module is the identity. Scale and zero point are buffers in the
     granularity's parameter layout, so they travel in the state dict (safetensors).
+
+    ``drop_prob`` (QDrop, Wei et al. 2022; used by block reconstruction, 0 otherwise): while fake
+    quantizing, each element keeps its quantized value with probability ``drop_prob`` and its float
+    value otherwise (``torch.rand``: seed the global generator for a reproducible run). With a
+    scale that requires grad (learned activation scales), gradients reach it through the
+    straight-through rounding (LSQ).
     """
 
     def __init__(self, spec: QuantSpec, *, weight: bool = False, label: str = ""):
@@ -45,6 +51,7 @@ class FakeQuantize(nn.Module):
         self.observer_enabled = False
         self.fake_quant_enabled = False
         self.observer: Observer | None = None
+        self.drop_prob = 0.0
 
     @property
     def calibrated(self) -> bool:
@@ -64,8 +71,11 @@ class FakeQuantize(nn.Module):
                     f"quantizer '{self.label}' is enabled but has no scale; run calibration "
                     f"(fxquant.compile(..., calib=...)) before evaluating the model"
                 )
-            ste = torch.is_grad_enabled() and x.requires_grad
-            return fake_quantize(x, self.scale, self.zero_point, self.spec, ste=ste)
+            ste = torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad)
+            out = fake_quantize(x, self.scale, self.zero_point, self.spec, ste=ste)
+            if self.drop_prob > 0.0:
+                out = torch.where(torch.rand_like(x) < self.drop_prob, out, x)
+            return out
         return x
 
     # -- parameters ---------------------------------------------------------------------
@@ -99,6 +109,36 @@ class FakeQuantize(nn.Module):
     def extra_repr(self) -> str:
         state = "+".join(s for s, on in (("observe", self.observer_enabled), ("quant", self.fake_quant_enabled)) if on) or "off"
         return f"{self.spec.short()}, {state}, params={tuple(self.scale.shape)}"
+
+
+class AdaRoundWeight(nn.Module):
+    """A weight quantizer with learned rounding (AdaRound), standing in for a ``FakeQuantize`` of
+    the same spec and parameters during block reconstruction: ``forward(w)`` is the soft
+    (``h(α)``) or hard (``[α ≥ 0]``) rounding of ``w`` on the quantizer's grid; ``alpha`` starts at
+    ``adaround_init`` (soft output = ``w`` clamped to the grid range, hard output = round-to-nearest).
+    ``hardened(w)`` is the final weight: on the grid, so the original ``FakeQuantize`` then
+    reproduces it exactly."""
+
+    def __init__(self, quantizer: FakeQuantize, weight: torch.Tensor):
+        super().__init__()
+        if not quantizer.calibrated:
+            raise CalibrationError(f"AdaRound needs the calibrated weight quantizer '{quantizer.label}'; run calibrate first")
+        self.spec = quantizer.spec
+        self.label = quantizer.label
+        self.register_buffer("scale", quantizer.scale.detach().clone())
+        self.register_buffer("zero_point", quantizer.zero_point.detach().clone())
+        self.alpha = nn.Parameter(adaround_init(weight.detach().float(), self.scale))
+        self.hard = False
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return adaround_fake_quantize(w, self.scale, self.zero_point, self.spec, self.alpha, hard=self.hard)
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        return adaround_regularizer(self.alpha, beta)
+
+    @torch.no_grad()
+    def hardened(self, w: torch.Tensor) -> torch.Tensor:
+        return adaround_fake_quantize(w, self.scale, self.zero_point, self.spec, self.alpha, hard=True).to(w.dtype)
 
 
 class _WeightQuantized:

@@ -71,7 +71,7 @@ class Estimator:
 
     @staticmethod
     def from_dict(d: dict) -> "Estimator":
-        kinds = {c.__name__: c for c in (MinMax, Percentile, PctMSE, OMSE)}
+        kinds = {c.__name__: c for c in (MinMax, Percentile, PctMSE, OMSE, JointGrid)}
         d = dict(d)
         kind = d.pop("type")
         if kind not in kinds:
@@ -117,6 +117,26 @@ class OMSE(Estimator):
     def __post_init__(self):
         if self.grid < 1:
             raise ConfigError(f"OMSE.grid must be >= 1, got {self.grid}")
+
+
+@dataclass(frozen=True)
+class JointGrid(Estimator):
+    """APHQ-ViT's joint (scale, zero point) grid (METHODS.md §4 stage B): ``num_zp = min(max_zp, 2^b)``
+    integer zero points centred on ``2^(b-1)`` times ``candidates // num_zp`` scales whose range
+    width ``s·(2^b - 1)`` runs linearly from ``Q(hi_q) - Q(lo_q)`` to ``max - min``, plus the min-max
+    pair; the pair with the smallest mean squared quantization error wins (first wins ties).
+    Symmetric specs have one zero point (0), so all ``candidates`` go to scales."""
+
+    candidates: int = 128
+    max_zp: int = 16
+    lo_q: float = 0.1
+    hi_q: float = 0.9
+
+    def __post_init__(self):
+        if self.candidates < 1 or self.max_zp < 1:
+            raise ConfigError(f"JointGrid.candidates and max_zp must be >= 1, got {self.candidates}, {self.max_zp}")
+        if not 0.0 <= self.lo_q < self.hi_q <= 1.0:
+            raise ConfigError(f"JointGrid needs 0 <= lo_q < hi_q <= 1, got lo_q={self.lo_q}, hi_q={self.hi_q}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,7 +196,11 @@ class QuantSpec:
         if not isinstance(self.granularity, Granularity):
             raise ConfigError(f"granularity must be PerTensor(), PerAxis(axis) or PerGroup(size), got {self.granularity!r}")
         if not isinstance(self.estimator, Estimator):
-            raise ConfigError(f"estimator must be MinMax(), Percentile(p), PctMSE() or OMSE(), got {self.estimator!r}")
+            raise ConfigError(f"estimator must be MinMax(), Percentile(p), PctMSE(), OMSE() or JointGrid(), "
+                              f"got {self.estimator!r}")
+        if isinstance(self.estimator, JointGrid) and self.scheme != "uniform":
+            raise ConfigError(f"the JointGrid estimator searches uniform (scale, zero point) pairs; scheme {self.scheme!r} "
+                              f"needs another estimator (PctMSE)")
 
     @property
     def qmin(self) -> int:
@@ -499,6 +523,46 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# AdaRound (Nagel et al., 2020): learned up/down rounding of weights
+# --------------------------------------------------------------------------------------------
+
+ADAROUND_ZETA, ADAROUND_GAMMA = 1.1, -0.1
+
+
+def rectified_sigmoid(alpha: torch.Tensor) -> torch.Tensor:
+    """``h(α) = clamp(σ(α)·(ζ - γ) + γ, 0, 1)`` with ζ = 1.1, γ = -0.1: the soft rounding offset."""
+    return (torch.sigmoid(alpha) * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA).clamp(0.0, 1.0)
+
+
+def adaround_init(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``α`` with ``h(α) = frac(w / s)``: soft rounding starts at the exact value ``w / s``, and
+    hard rounding (``α ≥ 0``) starts as round-to-nearest (ties up)."""
+    x = w / expand_params(scale, w.shape)
+    frac = (x - torch.floor(x)).clamp(0.0, 1.0)
+    return -torch.log((ADAROUND_ZETA - ADAROUND_GAMMA) / (frac - ADAROUND_GAMMA) - 1.0)
+
+
+def adaround_fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec,
+                           alpha: torch.Tensor, *, hard: bool = False) -> torch.Tensor:
+    """Uniform fake quantization with rounding ``floor(w / s) + h``: ``h = h(α)`` (soft, differentiable
+    in ``α``) or ``h = [α ≥ 0]`` (hard: the codes are integers and the result lies on the grid, so
+    ``fake_quantize`` of it returns it unchanged). ``w`` is a constant; codes clamp as in ``quantize``."""
+    if spec.scheme != "uniform":
+        raise ConfigError(f"AdaRound learns uniform rounding; got a {spec.scheme!r} weight quantizer")
+    s = expand_params(scale, w.shape)
+    z = expand_params(zero_point, w.shape)
+    h = (alpha >= 0).to(w.dtype) if hard else rectified_sigmoid(alpha)
+    q = torch.clamp(torch.floor(w.detach() / s) + h + z, spec.qmin, spec.qmax)
+    return (q - z) * s
+
+
+def adaround_regularizer(alpha: torch.Tensor, beta: float) -> torch.Tensor:
+    """``Σ 1 - |2h(α) - 1|^β``: zero when every offset is 0 or 1; β is annealed from large (only
+    offsets near 0/1 are pulled) to small (all are pulled)."""
+    return (1.0 - (2.0 * rectified_sigmoid(alpha) - 1.0).abs().pow(beta)).sum()
+
+
 def grid_values(scale: float, zero_point: float, spec: QuantSpec) -> torch.Tensor:
     """Every value a per-tensor quantizer can output, ascending."""
     codes = torch.arange(spec.qmin, spec.qmax + 1, dtype=torch.float32)
@@ -508,11 +572,12 @@ def grid_values(scale: float, zero_point: float, spec: QuantSpec) -> torch.Tenso
     return torch.unique(vals)
 
 
-ESTIMATOR_NAMES = ("minmax", "percentile[:p]", "pctmse", "omse[:grid]")
+ESTIMATOR_NAMES = ("minmax", "percentile[:p]", "pctmse", "omse[:grid]", "grid[:candidates]")
 
 
 def estimator_from_name(name: str | Estimator) -> Estimator:
-    """Parse ``"minmax"``, ``"percentile"``/``"percentile:0.999"``, ``"pctmse"``, ``"omse"``/``"omse:200"``."""
+    """Parse ``"minmax"``, ``"percentile"``/``"percentile:0.999"``, ``"pctmse"``, ``"omse"``/``"omse:200"``,
+    ``"grid"``/``"grid:128"`` (APHQ-ViT's joint scale/zero-point grid)."""
     if isinstance(name, Estimator):
         return name
     kind, _, arg = str(name).lower().partition(":")
@@ -525,6 +590,8 @@ def estimator_from_name(name: str | Estimator) -> Estimator:
             return PctMSE()
         if kind == "omse":
             return OMSE(int(arg)) if arg else OMSE()
+        if kind == "grid":
+            return JointGrid(int(arg)) if arg else JointGrid()
     except ValueError:
         pass
     raise ConfigError(f"unknown range estimator {name!r}; use one of {list(ESTIMATOR_NAMES)}")
