@@ -55,6 +55,7 @@ from fxquant.errors import ConfigError
 from fxquant.graph import logits_of
 from fxquant.kernels.lowered import LoweredLinear, LoweredMatmul
 from fxquant.quant import (
+    AdaRoundWeight,
     CompensationLinear,
     FakeQuantize,
     PerAxis,
@@ -274,6 +275,13 @@ def _export_fake_quant(mod: FakeQuantize, name: str, act_dtype: str) -> nn.Modul
 @register_export_handler(QuantLinear)
 def _export_quant_linear(mod: QuantLinear, name: str, act_dtype: str) -> nn.Module:
     return ExportLinear(_ExportWeight.from_fake_quant(mod.weight, mod.weight_fake_quant), mod.bias)
+
+
+@register_export_handler(AdaRoundWeight)
+def _export_adaround(mod: AdaRoundWeight, name: str, act_dtype: str) -> nn.Module:
+    # training-time only: block_reconstruct hardens the weights and puts the FakeQuantize back
+    raise ConfigError(f"ONNX export: '{name}' is an AdaRound weight quantizer, which exists only while "
+                      f"block_reconstruct trains; export the model that fxquant.compile returned")
 
 
 @register_export_handler(QuantConv2d)

@@ -29,6 +29,13 @@ of the quantizer core (joint scale/zero-point grid), ``annotate_repq`` for the 8
 patch-embedding input and, when ``a_bits == w_bits``, the LayerNorm reparameterization with a
 rounded target zero point followed by a re-search (``repq_reparam(recalibrate=True)``). Stage (C)
 is ``passes.block_recon.BlockReconstruct``.
+
+Where stage (B) differs from the reference: the grid candidates are scored by the quantization MSE
+of the quantized tensor itself (streamed histograms, so calibration memory does not grow with the
+images), not by the MSE of the layer output with alternating weight/activation rounds; the
+attention operands use the same joint grid as every activation, not the reference's separate
+129-point upper/lower search. Stage (C) then trains the rounding and the activation scales
+against the block outputs, which is where the output error is minimised.
 """
 
 from __future__ import annotations

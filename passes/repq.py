@@ -89,6 +89,10 @@ class AnnotateRepQ(Pass):
                     specs = [input_specs(lin).get(0) for lin in site.linears]
                     if any(s is None for s in specs) or len(set(specs)) != 1:
                         reason = "its Linear consumers are not all quantized with one input spec"
+                    elif len({lin.args[0] for lin in site.linears}) != 1:
+                        # e.g. distilled DeiT's two heads on the class and distillation tokens: each gets
+                        # its own quantizer, and one LayerNorm cannot fold two sets of scales
+                        reason = "its Linears read different values (slices) of the LayerNorm output"
                 if reason:
                     skipped[site.name] = reason
                     continue

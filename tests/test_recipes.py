@@ -64,7 +64,8 @@ def test_pass_options_resolve_by_their_own_names():
 
 
 def test_option_errors_say_what_to_write():
-    several = r"'max_images' belongs to several passes; say which: \['calibrate.max_images', 'repq_reparam.max_images', 'qwt.max_images'\]"
+    several = (r"'max_images' belongs to several passes; say which: "
+               r"\['calibrate.max_images', 'repq_reparam.max_images', 'qwt.max_images'\]")
     with pytest.raises(ConfigError, match=several):
         fxquant.get_recipe("repq-qwt-w4a4", max_images=64)
     with pytest.raises(ConfigError, match="recipe 'w4a4' has no option 'scheme'.*pass options:.*calibrate.order"):

@@ -27,7 +27,7 @@ from fxquant.passes import (
 from fxquant.passes.block_recon import find_regions
 from fxquant.pipeline import Pass, PassResult
 from fxquant.quant import FakeQuantize, JointGrid, PerAxis, PerTensor, QuantConv2d, QuantLinear
-from fxquant.testing import set_all_quantizers, tiny_vit, toy_calib, toy_vit
+from fxquant.testing import family_data, family_model, set_all_quantizers, tiny_vit, toy_calib, toy_vit
 
 
 def _aphq(model=None, calib=None, seed=0, **options):
@@ -240,6 +240,29 @@ def test_cifar_vit_block_reconstruction(cifar_info, cifar_data):
     # 32 calibration images, 20 iterations, no MLP reconstruction: a smoke bound (RepQ-ViT W4A4 is
     # 1.4 points below FP32 on all 10,000 images); the APHQ figures are in the README
     assert acc > fp - 0.04, (acc, fp)
+
+
+@pytest.mark.slow
+def test_regions_on_swin_and_distilled_deit():
+    """Swin: PatchMerging (``layers.i.downsample``) is a region of its own; distilled DeiT: its two
+    heads are two regions, and RepQ's head site is left alone (the heads read different tokens)."""
+    expected = {
+        "swin_tiny_patch4_window7_224": ["patch_embed", "layers.0.blocks.0", "layers.0.blocks.1", "layers.1.downsample",
+                                         "layers.1.blocks.0", "layers.1.blocks.1", "layers.2.downsample"],
+        "deit_tiny_distilled_patch16_224": ["patch_embed", "blocks.0"],
+    }
+    for name, first in expected.items():
+        model, res = family_model(name, reduced=True)
+        calib, x = family_data(res)
+        q = fxquant.compile(model, recipe="aphq-w4a4", calib=calib, progress=False, iters=1, mr_iters=1)
+        regions = list(_regions(q))
+        assert regions[:len(first)] == first, name
+        assert regions[-1] == "head" if name.startswith("swin") else regions[-2:] == ["head", "head_dist"]
+        if name.startswith("deit"):
+            assert fxquant.report(q)["annotate_repq"].record["skipped"] == {
+                "norm": "its Linears read different values (slices) of the LayerNorm output"}
+        with torch.no_grad():
+            assert torch.isfinite(logits_of(q(x))).all()
 
 
 # ------------------------------------------------------------------------------ errors
