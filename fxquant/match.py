@@ -17,6 +17,7 @@ Kinds:
 
 from __future__ import annotations
 
+import fnmatch
 import operator
 from collections import deque
 from dataclasses import dataclass
@@ -442,23 +443,26 @@ def _region(gm: fx.GraphModule, fqn: str) -> list[fx.Node]:
 def block_region(gm: fx.GraphModule, fqn: str, modules: dict | None = None) -> Block | None:
     """The region of module ``fqn`` as a ``Block``, or None when it is not a single-output region
     with a residual-stream input of the output's shape."""
-    nodes = _region(gm, fqn)
-    if not nodes:
+    region = module_region(gm, fqn)
+    if region is None:
         return None
-    inside = set(nodes)
-    outs = [n for n in nodes if any(u not in inside and not _is_shape_query(u) for u in n.users)]
-    if len(outs) != 1:
-        return None
-    ins = []
-    for n in nodes:
-        for a in n.all_input_nodes:
-            if a not in inside and a.op != "get_attr" and not _is_shape_query(a) and a not in ins:
-                ins.append(a)
-    out_shape = tensor_shape(outs[0])
+    ins = [region.input, *region.extra_inputs]
+    out_shape = tensor_shape(region.output)
     stream = [a for a in ins if tensor_shape(a) is not None and tensor_shape(a) == out_shape]
     if len(stream) != 1:
         return None
-    return Block(fqn, tuple(nodes), stream[0], tuple(a for a in ins if a is not stream[0]), outs[0])
+    return Block(fqn, region.nodes, stream[0], tuple(a for a in ins if a is not stream[0]), region.output)
+
+
+def modules_matching(gm: fx.GraphModule, globs: Iterable[str]) -> list[str]:
+    """FQNs of the modules called in ``gm`` that match any of the FQN ``globs``, in graph order."""
+    globs = tuple(globs)
+    fqns: list[str] = []
+    for n in gm.graph.nodes:
+        for fqn, _ in module_stack(n):
+            if fqn not in fqns and any(fnmatch.fnmatchcase(fqn, g) for g in globs):
+                fqns.append(fqn)
+    return fqns
 
 
 def module_region(gm: fx.GraphModule, fqn: str) -> Block | None:

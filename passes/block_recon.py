@@ -41,7 +41,6 @@ holds); the two differ by the MLP reconstruction error.
 
 from __future__ import annotations
 
-import fnmatch
 import time
 from dataclasses import dataclass
 
@@ -202,13 +201,8 @@ class BlockReconstruct(Pass):
     def _regions(self, gm: fx.GraphModule, modules: dict) -> list[match.Block]:
         if not self.regions:
             return find_regions(gm, modules)
-        fqns = []
-        for n in gm.graph.nodes:
-            for fqn, _ in match.module_stack(n):
-                if fqn not in fqns and any(fnmatch.fnmatchcase(fqn, g) for g in self.regions):
-                    fqns.append(fqn)
         out = []
-        for fqn in fqns:
+        for fqn in match.modules_matching(gm, self.regions):
             r = match.module_region(gm, fqn)
             if r is None:
                 raise PassError(f"block_reconstruct: module '{fqn}' (matched by regions={self.regions}) is not a "

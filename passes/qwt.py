@@ -18,7 +18,6 @@ default, as the reference; fp32 or 8-bit weights as options), saved with the art
 
 from __future__ import annotations
 
-import fnmatch
 import operator
 from dataclasses import dataclass
 
@@ -135,13 +134,8 @@ class QwTCompensate(Pass):
     def _find_blocks(self, gm: fx.GraphModule, modules: dict) -> list[match.Block]:
         if not self.blocks:
             return match.find_blocks(gm, modules)
-        fqns = []
-        for n in gm.graph.nodes:
-            for fqn, _ in match.module_stack(n):
-                if fqn not in fqns and any(fnmatch.fnmatchcase(fqn, g) for g in self.blocks):
-                    fqns.append(fqn)
         out = []
-        for fqn in fqns:
+        for fqn in match.modules_matching(gm, self.blocks):
             blk = match.block_region(gm, fqn, modules)
             if blk is None:
                 raise PassError(f"qwt: module '{fqn}' (matched by blocks={self.blocks}) is not a single-input, "

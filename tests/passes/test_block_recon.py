@@ -97,6 +97,19 @@ def test_regions_are_found_from_structure():
     assert [r.fqn for r in find_regions(timm)] == ["patch_embed", "blocks.0", "blocks.1", "head"]
 
 
+def test_regions_can_be_given_as_module_globs():
+    base = [AnnotateUniform(), InsertQuantizers(), Calibrate()]
+    q = fxquant.compile(toy_vit(), passes=base + [BlockReconstruct(iters=2, regions=("block",))], calib=toy_calib(),
+                        progress=False)
+    assert list(_regions(q)) == ["block"]
+    with pytest.raises(PassError, match=r"module 'block.q' \(matched by regions=\('bl\*',\)\) is not a single-output"):
+        fxquant.compile(toy_vit(), passes=base + [BlockReconstruct(iters=2, regions=("bl*",))], calib=toy_calib(),
+                        progress=False)
+    with pytest.raises(PassError, match="found no region to reconstruct"):
+        fxquant.compile(toy_vit(), passes=base + [BlockReconstruct(iters=2, regions=("nothing",))], calib=toy_calib(),
+                        progress=False)
+
+
 # ------------------------------------------------------------------------------ invariants
 
 
