@@ -54,7 +54,7 @@ from fxquant import match
 from fxquant.calibration import Calibration
 from fxquant.errors import ConfigError, PassError
 from fxquant.graph import extract_subgraph, input_values, propagate_shapes, subgraph_args
-from fxquant.meta import INPUT_SPECS, ROLE, WEIGHT_SPEC, input_specs, set_input_spec
+from fxquant.meta import INPUT_SPECS, WEIGHT_SPEC, input_specs, set_input_spec
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import FakeQuantize, Observer, PerAxis, Percentile, PerTensor, QuantConv2d, QuantLinear, QuantSpec
 from fxquant.sensitivity import APH_DIRECTIONS, average_perturbation_hessian
@@ -351,14 +351,12 @@ class AnnotateAPHQ(Pass):
                             raise PassError(f"annotate_aphq: attention matmul '{mm.name}' has no uniform operand spec to "
                                             f"copy; run annotate_uniform(quantize_attention=True) first")
                         spec = ref.with_(bits=spec.bits)
-                    uniform = spec
                     if self.per_head and shape is not None and len(shape) == 4 and shape[1] > 1:
-                        set_input_spec(mm, arg, uniform.with_(granularity=PerAxis(1)))
+                        set_input_spec(mm, arg, spec.with_(granularity=PerAxis(1)))
                         n_head += 1
                     else:
-                        set_input_spec(mm, arg, uniform.with_(granularity=PerTensor()))
+                        set_input_spec(mm, arg, spec.with_(granularity=PerTensor()))
                         per_tensor.append(f"{mm.name}:{arg}")
-                mm.meta.setdefault(ROLE, "attn")
         return PassResult(gm, modified=False,
                           summary=f"{n_head} attention operands per head, {len(per_tensor)} per tensor",
                           record={"per_head": n_head, "per_tensor": per_tensor})

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,7 @@ from fxquant.calibration import Calibration
 from fxquant.errors import ConfigError, PassError
 from fxquant.graph import extract_subgraph, input_values, propagate_shapes, subgraph_args
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.quant import AdaRoundWeight, FakeQuantize, QuantConv2d, QuantLinear
+from fxquant.quant import AdaRoundWeight, FakeQuantize, QuantConv2d, QuantLinear, quantizers
 from fxquant.sensitivity import APH_DIRECTIONS, average_perturbation_hessian, logits_node
 
 WEIGHT_LAYERS = (QuantLinear, QuantConv2d)
@@ -107,11 +108,23 @@ def _region_quantizers(r: match.Block, modules: dict) -> tuple[list[fx.Node], li
     return layers, acts
 
 
+@dataclass
+class _RegionCache:
+    """One region's cached data for ``max_images`` images: the region input from the quantized and
+    the float prefix, its other inputs (``(value, per_image)``: per-image tensors are indexed with
+    the batch, constants passed as they are) and the float region output."""
+
+    x_q: torch.Tensor
+    x_fp: torch.Tensor
+    rest: list[tuple[Any, bool]]
+    y: torch.Tensor
+
+
 class _QuantizersOff:
     """Context manager: every FakeQuantize of ``gm`` off (the float model), restored after."""
 
     def __init__(self, gm: fx.GraphModule):
-        self.qs = [m for m in gm.modules() if isinstance(m, FakeQuantize)]
+        self.qs = [q for _, q in quantizers(gm)]
 
     def __enter__(self):
         self.saved = [q.fake_quant_enabled for q in self.qs]
@@ -247,36 +260,33 @@ class BlockReconstruct(Pass):
         mean = h.mean()
         return (h / mean).float() if mean > 0 else torch.ones(shape)
 
-    def _cache(self, gm: fx.GraphModule, region: match.Block, calib: Calibration) -> tuple[fx.GraphModule, dict]:
-        """The region's subgraph and its cached inputs/targets: ``{"q": [...], "fp": [...], "y": tensor}``,
-        one list entry per subgraph input (the first is the region input)."""
+    def _cache(self, gm: fx.GraphModule, region: match.Block, calib: Calibration) -> tuple[fx.GraphModule, _RegionCache]:
+        """The region's subgraph and its cached inputs and float targets."""
         inputs = [region.input, *region.extra_inputs]
         prefix = extract_subgraph(gm, [], inputs)
         body = extract_subgraph(gm, inputs, [region.output])
-        q_in, fp_in, ys = [], [], []
+        x_q, fp_args, ys = [], [], []
         with torch.no_grad():
             for batch in calib.limited(self.max_images):
                 values = input_values(gm, batch)
                 xq = prefix(*subgraph_args(prefix, values))
                 with _QuantizersOff(gm):
                     xf = prefix(*subgraph_args(prefix, values))
-                    xq, xf = (xq if isinstance(xq, tuple) else (xq,)), (xf if isinstance(xf, tuple) else (xf,))
-                    vq, vf = dict(values), dict(values)
-                    vq.update(zip((n.name for n in inputs), xq))
-                    vf.update(zip((n.name for n in inputs), xf))
-                    args_fp = subgraph_args(body, vf)
-                    ys.append(body(*args_fp).detach())
-                args_q = subgraph_args(body, vq)
-                # only the region input differs between the two; other inputs (masks) are taken from the float run
-                q_in.append(args_q[0].detach())
-                fp_in.append([a.detach() if isinstance(a, torch.Tensor) else a for a in args_fp])
+                    values.update(zip((n.name for n in inputs), xf if isinstance(xf, tuple) else (xf,)))
+                    args = subgraph_args(body, values)
+                    ys.append(body(*args))
+                # only the region input differs between the quantized and float runs; its other inputs
+                # (masks, graph inputs) are taken from the float run
+                x_q.append(xq[0] if isinstance(xq, tuple) else xq)
+                fp_args.append(args)
         if not ys:
             raise PassError("block_reconstruct: the calibration data is empty (no batches)")
-        fp_cols = list(zip(*fp_in))
-        cache = {"q": torch.cat(q_in), "fp": [torch.cat(c) if isinstance(c[0], torch.Tensor) and c[0].dim() > 0
-                                               and c[0].shape[0] == q_in[0].shape[0] else c[0] for c in fp_cols],
-                 "y": torch.cat(ys)}
-        return body, cache
+        sizes = [y.shape[0] for y in ys]
+        rest = []
+        for col in list(zip(*fp_args))[1:]:
+            per_image = all(isinstance(c, torch.Tensor) and c.dim() > 0 and c.shape[0] == b for c, b in zip(col, sizes))
+            rest.append((torch.cat(col), True) if per_image else (col[0], False))
+        return body, _RegionCache(torch.cat(x_q), torch.cat([a[0] for a in fp_args]), rest, torch.cat(ys))
 
     def _reconstruct(self, gm: fx.GraphModule, region: match.Block, is_logits: bool, calib: Calibration, ctx: PassContext,
                      idx: int, modules: dict) -> dict:
@@ -285,12 +295,11 @@ class BlockReconstruct(Pass):
             return {"iters": 0, "reason": "no enabled uniform quantizer"}
         t0 = time.perf_counter()
         body, cache = self._cache(gm, region, calib)
-        n = cache["y"].shape[0]
-        batched = [isinstance(c, torch.Tensor) and c.dim() > 0 and c.shape[0] == n for c in cache["fp"]]
+        n = cache.y.shape[0]
         t_cache = time.perf_counter()
         h_hat = None
         if self.use_aph and not is_logits:
-            h_hat = self._aph(gm, region, calib, ctx, idx, tuple(cache["y"].shape[1:]))
+            h_hat = self._aph(gm, region, calib, ctx, idx, tuple(cache.y.shape[1:]))
         t_aph = time.perf_counter()
 
         layers = [modules[str(nd.target)] for nd in layer_nodes]
@@ -315,15 +324,15 @@ class BlockReconstruct(Pass):
                 torch.manual_seed(ctx.seed * 1_000_003 + idx)  # QDrop masks of the quantizers (torch.rand_like)
                 for it in bar:
                     sel = torch.randperm(n, generator=gen)[:self.batch_size]
-                    xq, xf = cache["q"][sel], cache["fp"][0][sel]
+                    xq, xf = cache.x_q[sel], cache.x_fp[sel]
                     if self.drop_prob < 1.0:
                         keep_q = torch.rand(xq.shape, generator=gen) < self.drop_prob
                         x = torch.where(keep_q, xq, xf)
                     else:
                         x = xq
-                    rest = [c[sel] if b else c for c, b in zip(cache["fp"][1:], batched[1:])]
+                    rest = [v[sel] if per_image else v for v, per_image in cache.rest]
                     out = body(x, *rest)
-                    y = cache["y"][sel]
+                    y = cache.y[sel]
                     if is_logits:
                         rec = F.kl_div(F.log_softmax(out, dim=-1), F.softmax(y, dim=-1), reduction="batchmean")
                     else:

@@ -14,6 +14,7 @@ from fxquant import artifact, match
 from fxquant.errors import ConfigError, PassError
 from fxquant.export import run_onnx, to_onnx
 from fxquant.graph import logits_of, propagate_shapes
+from fxquant.meta import REPQ_SITE
 from fxquant.passes import (
     AnnotateAPHQ,
     AnnotateRepQ,
@@ -77,9 +78,11 @@ def test_repq_reparam_recalibrate_searches_the_layerwise_quantizer_again():
     q = _aphq(iters=0)
     rec = fxquant.report(q)["repq_reparam"]
     assert "3 layer-wise quantizers re-searched" in rec.summary
-    ln_quantizers = [m for n, m in q.named_modules() if isinstance(m, FakeQuantize) and "norm1" in (m.label or "")
-                     or (isinstance(m, FakeQuantize) and m.label == "block_q_in0")]
-    assert ln_quantizers
+    mods = match.modules_of(q)
+    by_name = {n.name: n for n in q.graph.nodes}
+    ln_quantizers = {mods[by_name[lin].args[0].target] for ln in q.graph.nodes if REPQ_SITE in ln.meta
+                     for lin in ln.meta[REPQ_SITE]["linears"]}
+    assert len(ln_quantizers) == 3  # the toy's norm1 (shared by q/k/v), norm2 and final norm
     for fq in ln_quantizers:
         assert fq.spec.granularity == PerTensor() and isinstance(fq.spec.estimator, JointGrid)
         assert fq.scale.numel() == 1 and torch.equal(fq.zero_point, fq.zero_point.round())
