@@ -11,6 +11,28 @@ export-ready modules and runs ``torch.onnx.export(dynamo=True)``:
   ``axis``): ``QuantizeLinear`` → ``DequantizeLinear``, int8 by default
   (the same signed-code rule), uint8 (unsigned codes) on request. Below 8 bits a ``Clip`` to the
   quantizer's range precedes the 8-bit pair: the codes are then the low-bit codes, exactly.
+* **contiguous channel groups** (``PerGroup(g)`` activations, IGQ's ``group_mode="contiguous"``):
+  the same per-axis ``QuantizeLinear`` → ``DequantizeLinear`` on the grouped axis, with each
+  block's (scale, zero point) repeated over its ``g`` channels (``expand_params``, C values instead
+  of C/g). Every element is divided by the very scale fxquant uses, so the codes are bit-exact, at
+  the default opset. The two other forms were measured and rejected (onnxruntime 1.32, CPU):
+  opset-21 blocked ``QuantizeLinear(block_size=g)`` needs scales of the input's full shape except
+  the blocked axis (``[B, N, C/g]``; onnxruntime refuses broadcast ``[1, 1, C/g]``), so a dynamic
+  batch would need a run-time ``Expand`` of the parameters, and torch.onnx has no blocked op to map
+  to; ``Reshape [.., C] → [.., C/g, g]`` + per-axis Q/DQ + ``Reshape`` back is exact in itself, but
+  the float ``Reshape`` between ``DequantizeLinear`` and the Linear's ``MatMul`` makes
+  onnxruntime's default optimization rewrite ``DQ(int8 W) → MatMul`` into ``MatMulNBits``
+  (``accuracy_level=4``), which quantizes the float input *again* to int8 per block (IGQ W4A4 on
+  the CIFAR ViT: mean |Δlogit| 0.12 instead of 0.002). With the DQ feeding the ``MatMul``
+  directly, the Linear stays ``DQ(x)``, ``DQ(W)`` → float ``MatMul`` (per-channel input scales
+  along the reduction axis have no ``MatMulIntegerToFloat`` form).
+* **instance-aware groups** (``InstanceGroups``, IGQ's default ``group_mode="instance"``) are
+  refused with a ``ConfigError`` naming the quantizer: the per-instance channel (row) → group
+  assignment is a data-dependent min/max, argmin and gather, and ``QuantizeLinear`` takes only
+  static scales. A float ``Div``/``Round``/``Clip`` formulation with gathered per-element
+  parameters would be exact but is not QDQ (no runtime would run it as integer arithmetic);
+  compile with ``group_mode="contiguous"`` for ONNX. ``InstanceGroups(1)`` is per tensor and is
+  exported as such.
 * **log quantizers** (log√2, log2, BitLog2) have no ONNX op. They are exported with standard ops as
   the very computation fxquant runs: ``r = x / Δ``, compare ``r`` with the float32 rounding midpoints
   (``LessOrEqual`` + ``ReduceSum`` = the code), then ``Gather`` from the float32 level table and
@@ -21,6 +43,8 @@ export-ready modules and runs ``torch.onnx.export(dynamo=True)``:
   input and output, since onnxruntime's CPU provider has no fp16 Gemm).
 * **lowered graphs** (``compile(..., lower=True)``): a ``LoweredLinear`` already holds the signed
   weight codes and its input quantizer; it becomes the same ``Q→DQ(x)``, ``DQ(W)`` → ``MatMul``. A
+  ``LoweredGroupedLinear`` (IGQ) does too, its input quantizer exported as a grouped
+  ``FakeQuantize`` is (above: contiguous groups per channel, instance-aware groups refused). A
   ``LoweredMatmul`` becomes ``matmul`` of its two operand quantizers.
 * RepQ-ViT reparameterization needs nothing: the folded LayerNorm and Linear parameters are the
   graph's parameters.
@@ -53,16 +77,19 @@ from torch import fx, nn
 
 from fxquant.errors import ConfigError
 from fxquant.graph import logits_of
-from fxquant.kernels.lowered import LoweredLinear, LoweredMatmul
+from fxquant.kernels.lowered import LoweredGroupedLinear, LoweredLinear, LoweredMatmul
 from fxquant.quant import (
     AdaRoundWeight,
     CompensationLinear,
     FakeQuantize,
+    InstanceGroups,
     PerAxis,
+    PerGroup,
     QuantConv2d,
     QuantLinear,
     QuantSpec,
     code_offset,
+    expand_params,
     to_signed_codes,
 )
 from fxquant.quant.primitives import (
@@ -102,14 +129,31 @@ class ExportActQuant(nn.Module):
         scale = scale.detach().float().clone()
         self.register_buffer("scale", scale.reshape(()) if scale.numel() == 1 else scale)
         if spec.scheme == "uniform":
+            g = spec.granularity
+            if isinstance(g, InstanceGroups) and g.num_groups > 1:  # G = 1 is per tensor: exported as such below
+                raise ConfigError(
+                    f"ONNX export: activation quantizer '{label}' has instance-aware groups ({spec.short()}, "
+                    f"InstanceGroups): each input instance assigns every channel (or attention row) to one of "
+                    f"{g.num_groups} (scale, zero point) pairs by its own min/max range (a data-dependent argmin + "
+                    f"gather), and QuantizeLinear takes only static per-tensor, per-axis or per-block scales, so there is "
+                    f"no QDQ form. For ONNX compile with group_mode='contiguous' (fixed channel blocks, exported as "
+                    f"per-channel QDQ); to keep instance groups, run the model with fxquant (fake-quant, or lowered to "
+                    f"the Triton kernels) instead of ONNX")
             self.axis = None
             if scale.numel() != 1:
                 axes = [d for d, n in enumerate(scale.shape) if n != 1]
-                if not isinstance(spec.granularity, PerAxis) or len(axes) != 1:
-                    raise ConfigError(f"ONNX export: activation quantizer '{label}' is neither per-tensor nor per-axis "
-                                      f"({spec.short()}); export supports those two (run repq_reparam for per-channel "
-                                      f"LN outputs)")
-                self.axis = axes[0]  # QuantizeLinear(axis=...): e.g. APHQ's per-head attention operands
+                if not isinstance(g, (PerAxis, PerGroup)) or len(axes) != 1:
+                    raise ConfigError(f"ONNX export: activation quantizer '{label}' is neither per-tensor, per-axis nor "
+                                      f"per-group ({spec.short()}); export supports those three (run repq_reparam for "
+                                      f"per-channel LN outputs)")
+                if isinstance(g, PerGroup):  # contiguous groups: each block's (s, z) repeated over its channels
+                    shape = list(scale.shape)
+                    shape[axes[0]] *= g.group_size
+                    scale, zero_point = expand_params(scale, shape), expand_params(zero_point.reshape(scale.shape), shape)
+                # QuantizeLinear(axis=...): e.g. APHQ's per-head attention operands. Counted from the end when
+                # the spec counts from the end (channels: -1), so that parameters in a shorter layout (a
+                # lowered Linear's [C/g]) fit an input of any rank
+                self.axis = axes[0] - scale.dim() if g.axis < 0 else axes[0]
             zp = zero_point.detach().float().reshape(scale.shape)
             if not torch.equal(zp, zp.round()):
                 raise ConfigError(f"ONNX export: quantizer '{label}' has a fractional zero point "
@@ -300,6 +344,15 @@ def _export_lowered_linear(mod: LoweredLinear, name: str, act_dtype: str) -> nn.
     act = ExportActQuant(mod.act_spec, mod.a_scale, mod.a_zp, f"{name} (input)", act_dtype)
     w = _ExportWeight(mod.weight_codes(), mod.w_scale, mod.w_zp, name)
     return ExportLinear(w, mod.bias, act)
+
+
+@register_export_handler(LoweredGroupedLinear)
+def _export_lowered_grouped_linear(mod: LoweredGroupedLinear, name: str, act_dtype: str) -> nn.Module:
+    # contiguous groups: the [C/g] block parameters, exported per channel like a PerGroup FakeQuantize;
+    # instance-aware groups: ExportActQuant refuses them with the reason
+    scale, zp = mod.act_params(1)
+    act = ExportActQuant(mod.act_spec, scale, zp, f"{name} (input)", act_dtype)
+    return ExportLinear(_ExportWeight(mod.weight_codes(), mod.w_scale, mod.w_zp, name), mod.bias, act)
 
 
 @register_export_handler(LoweredMatmul)

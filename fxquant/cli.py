@@ -1,4 +1,4 @@
-"""The ``fxquant`` command line: ``recipes``, ``quantize``, ``eval``, ``demo``."""
+"""The ``fxquant`` command line: ``recipes``, ``quantize``, ``eval``, ``export``, ``platform``, ``demo``."""
 
 from __future__ import annotations
 
@@ -150,6 +150,114 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------
+# `fxquant platform`: the transformer-quantization platform's command line (METHODS.md §5)
+# ------------------------------------------------------------------------------------------
+
+PLATFORM_NAMES = {
+    f"{family}_{size}": f"{family}_{size}_patch{4 if family == 'swin' else 16}_{'window7_' if family == 'swin' else ''}224"
+    for family in ("vit", "deit", "swin") for size in ("tiny", "small", "base")
+}
+
+
+def _str2bool(v: str | bool) -> bool:
+    """The platform's ``str2bool``: ``--flag``, ``--flag=True``, ``--flag false``."""
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
+
+
+def _head_stem(v: str | bool) -> str:
+    """``--head_stem_8bit``: True is the platform's behaviour (head and stem stay float: its
+    quantizers return the input unchanged at 8 bits), ``int8`` really quantizes them at 8 bits,
+    False quantizes them at ``--n_bits``."""
+    if isinstance(v, str) and v.lower() in ("int8", "8bit"):
+        return "int8"
+    if isinstance(v, str) and v.lower() == "float":
+        return "float"
+    return "float" if _str2bool(v) else "quantized"
+
+
+def _platform_data(path: str | None) -> str | None:
+    """An ImageNet root (``train/``, ``val/``) means its ``val`` folder, as the platform's loader."""
+    if path and path != "cifar10" and (Path(path) / "val").is_dir():
+        return str(Path(path) / "val")
+    return path
+
+
+def cmd_platform(args) -> int:
+    if bool(args.name) == bool(args.model):
+        raise FxQuantError("give --name {vit,deit,swin}_{tiny,small,base} or --model <fxquant model spec>, not both")
+    torch.manual_seed(args.seed)
+    spec = f"timm:{PLATFORM_NAMES[args.name]}" if args.name else args.model
+    info = load_model(spec, pretrained=args.pretrained)
+    options = {"n_bits": args.n_bits, "n_groups": args.n_groups, "channel_wise": args.channel_wise,
+               "head_stem": args.head_stem_8bit, "eps": args.eps, "group_mode": args.group_mode}
+    recipe = get_recipe("platform", **options)
+    label = _recipe_label("platform", {k: v for k, v in options.items()})
+    data = load_data(info, _platform_data(args.data), calib_images=args.calib_images, limit=args.limit, seed=args.seed,
+                     batch_size=args.batch_size)
+    progress = not args.quiet
+    print(f"platform: model {spec}; recipe {label}; {args.calib_images} calibration images; data {data.source}")
+    if args.channel_wise and args.n_groups > 1:
+        print(f"platform: --channel_wise quantizes Linear inputs per channel (G = C), so --n_groups {args.n_groups} "
+              f"has no effect on them")
+    fp32 = None
+    if args.test_before_calibration:
+        fp32 = top1(info.model, data.test_batches(), total=data.test_count, progress=progress, desc="fp32")
+        print(f"Test accuracy before calibration (fp32): {fp32:.2f}")
+    qmodel, secs = _quantize(info, recipe, data, args.seed, progress)
+    t0 = time.perf_counter()
+    acc = top1(qmodel, data.test_batches(), total=data.test_count, progress=progress, desc="platform")
+    eval_secs = time.perf_counter() - t0
+    result = {"model": spec, "recipe": label, "top1": round(acc, 4), "fp32_top1": None if fp32 is None else round(fp32, 4),
+              "test_images": data.test_count, "calib_images": args.calib_images, "calib_seconds": round(secs, 3),
+              "eval_seconds": round(eval_secs, 3), "seed": args.seed}
+    fp = "-" if fp32 is None else f"{fp32:.2f}"
+    delta = "-" if fp32 is None else f"{acc - fp32:+.2f}"
+    print(_table([(spec, "platform", fp, f"{acc:.2f}", delta, data.test_count, args.calib_images, f"{secs:.1f}")],
+                 ("model", "recipe", "fp32 top1", "top1", "delta", "images", "calib", "calib s")))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _add_platform_parser(sub) -> None:
+    pl = sub.add_parser("platform", help="the transformer-quantization platform's command line (recipe 'platform')",
+                        description="Flags as the platform's main.py: --channel_wise and --channel_wise=True both work. "
+                                    "See README 'The platform command line' for the mapping to recipes.")
+    who = pl.add_mutually_exclusive_group(required=True)
+    who.add_argument("--name", choices=sorted(PLATFORM_NAMES), help="platform model name (timm, random init unless "
+                     "--pretrained and cached)")
+    who.add_argument("--model", help="any fxquant model spec instead (cifar-vit, timm:<name>, folder)")
+    pl.add_argument("--n_bits", "--n-bits", type=int, default=4, help="weight and activation bits (default 4)")
+    pl.add_argument("--n_groups", "--n-groups", type=int, default=8, help="channel groups of Linear inputs (default 8)")
+    pl.add_argument("--channel_wise", "--channel-wise", type=_str2bool, nargs="?", const=True, default=False,
+                    help="per-row weights and per-channel Linear inputs")
+    pl.add_argument("--head_stem_8bit", "--head-stem-8bit", type=_head_stem, nargs="?", const="float", default="quantized",
+                    help="head and stem: True = float (the platform's behaviour), int8 = 8-bit quantized")
+    pl.add_argument("--eps", type=float, default=1e-3, help="percentile range [Q(eps), Q(1-eps)] (default 1e-3)")
+    pl.add_argument("--test_before_calibration", "--test-before-calibration", action="store_true",
+                    help="evaluate the float model first")
+    pl.add_argument("--data", "--data_dir", dest="data", default=None,
+                    help="cifar10 | ImageFolder | ImageNet root with val/ (default: the model's own)")
+    pl.add_argument("--calib_images", "--calib-images", type=int, default=32, help="calibration images (default 32)")
+    pl.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images")
+    pl.add_argument("--seed", type=int, default=1, help="seed (the platform's default: 1)")
+    pl.add_argument("--group_mode", "--group-mode", choices=("contiguous", "instance"), default="contiguous",
+                    help="groups of --n_groups: the platform's contiguous blocks or IGQ-ViT's instance-aware groups")
+    pl.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=200)
+    pl.add_argument("--pretrained", action="store_true", help="timm: load pretrained weights (must be cached)")
+    pl.add_argument("--json", default=None, help="write the result as JSON (the keys of fxquant eval --json)")
+    pl.add_argument("--quiet", action="store_true", help="no progress bars")
+    pl.set_defaults(fn=cmd_platform)
+
+
 def cmd_demo(args) -> int:
     t_start = time.perf_counter()
     info = load_model("embedded")
@@ -205,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--opset", type=int, default=18)
     x.set_defaults(fn=cmd_export)
 
+    _add_platform_parser(sub)
     sub.add_parser("demo", help="W8A8 and W4A4 on the embedded CIFAR-10 ViT (needs nothing else)").set_defaults(fn=cmd_demo)
     return p
 

@@ -27,12 +27,14 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 from .passes import (
+    AllocateGroups,
     AnnotateAPHQ,
     AnnotateRepQ,
     AnnotateUniform,
     BitLog2Attention,
     BlockReconstruct,
     Calibrate,
+    GroupQuant,
     InsertQuantizers,
     MLPReconstruct,
     QwTCompensate,
@@ -378,6 +380,96 @@ class APHQRecipe(UniformRecipe):
         return passes
 
 
+@dataclass(frozen=True)
+class IGQRecipe(UniformRecipe):
+    """IGQ-ViT (METHODS.md §5): uniform per-row weights, then ``group_quant`` puts ``num_groups``
+    instance-aware groups (``group_mode="instance"``; ``"contiguous"`` for fixed channel blocks)
+    on every Linear input and (instance mode) on the rows of every attention map, with an 8-bit
+    patch-embedding input as RepQ-ViT; parallel calibration on 32 images (k-means group ranges);
+    with ``allocate`` the ``allocate_groups`` pass then picks G per quantizer from
+    ``candidates`` under the BOP budget of G = ``num_groups`` everywhere."""
+
+    num_groups: int = 8
+    group_mode: str = "instance"
+    attention_rows: bool = True
+    allocate: bool = False
+    candidates: tuple[int, ...] = (1, 2, 4, 8, 16)
+
+    def base_passes(self) -> list[Pass]:
+        passes = insert_pass(super().base_passes(), GroupQuant(num_groups=self.num_groups, mode=self.group_mode,
+                                                               attention_rows=self.attention_rows),
+                             after="annotate_uniform")
+        if self.allocate:
+            passes = insert_pass(passes, AllocateGroups(candidates=tuple(self.candidates),
+                                                        budget_groups=self.num_groups), after="calibrate")
+        return passes
+
+
+HEAD_STEM_MODES = ("quantized", "int8", "float")
+
+
+@dataclass(frozen=True)
+class PlatformRecipe(Recipe):
+    """The transformer-quantization platform's defaults (METHODS.md §5; ``fxquant platform``):
+    ``n_bits`` weights and activations with the percentile range ``[Q(eps), Q(1 - eps)]``, 32
+    calibration images (the first 32 of its loader), parallel calibration, attention matmul
+    operands per tensor.
+
+    * ``channel_wise``: weights per output row **and** Linear inputs per channel (dim -1); off:
+      both per tensor.
+    * ``n_groups`` > 1 without ``channel_wise``: Linear inputs in ``n_groups`` groups
+      (``group_mode``: ``"contiguous"``, the platform's channel blocks with ``C % G == 0``, or
+      ``"instance"``, IGQ-ViT's). With ``channel_wise`` the Linear inputs are already per channel
+      (the finest grouping, G = C) and ``n_groups`` has no effect.
+    * ``head_stem``: ``"float"`` is what the platform's ``--head_stem_8bit`` does (its quantizers
+      return the input unchanged at 8 bits), ``"int8"`` quantizes them at 8 bits, ``"quantized"``
+      at ``n_bits``.
+    """
+
+    calib_images: int = 32
+    n_bits: int = 4
+    n_groups: int = 8
+    channel_wise: bool = True
+    head_stem: str = "float"
+    eps: float = 1e-3
+    group_mode: str = "contiguous"
+    quantize_attention: bool = True
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.weight_spec()  # validate n_bits early, with the spec's error message
+        if self.head_stem not in HEAD_STEM_MODES:
+            raise ConfigError(f"recipe {self.name!r}: head_stem must be one of {list(HEAD_STEM_MODES)}, got {self.head_stem!r}")
+        if not 0.0 < self.eps < 0.5:
+            raise ConfigError(f"recipe {self.name!r}: eps must be in (0, 0.5), got {self.eps}")
+        if self.n_groups < 1:
+            raise ConfigError(f"recipe {self.name!r}: n_groups must be >= 1, got {self.n_groups}")
+
+    def _spec(self, granularity) -> QuantSpec:
+        return QuantSpec(bits=self.n_bits, granularity=granularity, estimator=estimator_from_name(f"percentile:{1 - self.eps}"))
+
+    def weight_spec(self) -> QuantSpec:
+        return self._spec(PerAxis(0) if self.channel_wise else PerTensor())
+
+    def act_spec(self) -> QuantSpec:
+        return self._spec(PerTensor())
+
+    def base_passes(self) -> list[Pass]:
+        layer_act = self._spec(PerAxis(-1)) if self.channel_wise else None
+        passes = [
+            AnnotateUniform(weight=self.weight_spec(), act=self.act_spec(), layer_act=layer_act,
+                            head_stem_8bit=self.head_stem == "int8", head_stem_float=self.head_stem == "float",
+                            quantize_attention=self.quantize_attention, skip=self.skip),
+            InsertQuantizers(),
+            Calibrate(),
+        ]
+        if self.n_groups > 1 and not self.channel_wise:
+            passes = insert_pass(passes, GroupQuant(num_groups=self.n_groups, mode=self.group_mode, attention_rows=False,
+                                                    stem_input_bits=None), after="annotate_uniform")
+        return passes
+
+
 def _bitlog2(scheme: str = "half17") -> Stage:
     """BitLog2 attention maps: replaces the attention-map quantizer chosen by ``annotate_repq``."""
     return Stage(BitLog2Attention(scheme=scheme), after="annotate_repq")
@@ -410,6 +502,18 @@ register_recipe("aphq-bitlog2-w4a4", APHQRecipe, "APHQ-ViT W4A4 with BitLog2 (ha
                 "uniform A quantizer", w_bits=4, a_bits=4, stages=(Stage(BitLog2Attention(), after="annotate_aphq"),))
 register_recipe("aphq-qwt-w4a4", APHQRecipe, "APHQ-ViT W4A4 + QwT block compensation after block reconstruction (512 of the "
                 "1024 images)", w_bits=4, a_bits=4, stages=(Stage(QwTCompensate(max_images=512), after="block_reconstruct"),))
+register_recipe("igq-w4a4", IGQRecipe, "IGQ-ViT W4A4: per-row weights; 8 instance-aware groups on every Linear input and on "
+                "attention rows (k-means group ranges on 32 images); --set allocate=true picks G per layer under the BOP "
+                "budget of G = 8", w_bits=4, a_bits=4)
+register_recipe("igq-w6a6", IGQRecipe, "IGQ-ViT W6A6 (as igq-w4a4 at 6 bits)", w_bits=6, a_bits=6)
+register_recipe("igq-qwt-w4a4", IGQRecipe, "IGQ-ViT W4A4 + QwT block compensation (32 + 512 calibration images)",
+                w_bits=4, a_bits=4, stages=_qwt(), **_QWT_CALIB)
+register_recipe("repq-igq-w4a4", RepQRecipe, "RepQ-ViT W4A4 + IGQ-ViT groups: LayerNorm reparameterization at the post-LN "
+                "Linears (qkv, fc1, head), 8 instance-aware groups on the other Linear inputs (proj, fc2) and on attention "
+                "rows", w_bits=4, a_bits=4, stages=(Stage(GroupQuant(), after="annotate_repq"),))
+register_recipe("platform", PlatformRecipe, "the transformer-quantization platform's defaults (fxquant platform): percentile "
+                "[Q(eps), Q(1-eps)], 32 images, --channel_wise per-row weights and per-channel Linear inputs, n_groups "
+                "contiguous groups, head/stem float (its --head_stem_8bit)", n_bits=4)
 register_recipe("repq-w4a4", RepQRecipe, "RepQ-ViT W4A4: LayerNorm scale reparameterization + log√2 softmax + 8-bit stem input",
                 w_bits=4, a_bits=4)
 register_recipe("repq-w6a6", RepQRecipe, "RepQ-ViT W6A6: LayerNorm scale reparameterization + log√2 softmax + 8-bit stem input",

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from fxquant.graph import logits_of
-from fxquant.quant import FakeQuantize, quantize
+from fxquant.quant import FakeQuantize, QuantSpec, quantize
 
 # --------------------------------------------------------------------------------------- toys
 
@@ -184,6 +184,28 @@ def family_data(res: int, seed: int = 0, calib_batches: int = 2, batch: int = 4)
 
 
 # ------------------------------------------------------------------------ quantizer inspection
+
+
+def calibrated_quantizer(spec: QuantSpec, x: torch.Tensor, label: str = "q") -> FakeQuantize:
+    """A ``FakeQuantize`` of ``spec`` calibrated on ``x`` and fake-quantizing."""
+    fq = FakeQuantize(spec, label=label)
+    fq.observer_enabled = True
+    fq(x)
+    fq.observer_enabled = False
+    fq.compute_qparams()
+    fq.fake_quant_enabled = True
+    return fq
+
+
+class QuantizerOnly(nn.Module):
+    """A model that is one quantizer (to export or trace it alone)."""
+
+    def __init__(self, fq: nn.Module):
+        super().__init__()
+        self.fq = fq
+
+    def forward(self, x):
+        return self.fq(x)
 
 
 def set_all_quantizers(gm: nn.Module, on: bool) -> None:

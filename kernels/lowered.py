@@ -1,8 +1,8 @@
-"""Runtime modules of lowered graphs: ``LoweredLinear`` and ``LoweredMatmul``.
+"""Runtime modules of lowered graphs: ``LoweredLinear``, ``LoweredGroupedLinear`` and ``LoweredMatmul``.
 
 ``fxquant.passes.lower.LowerToKernels`` creates them from fake-quantized layers; they are defined
 here, beside the kernels they dispatch to. On CUDA with Triton they run the Triton kernels of
-``int_linear`` / ``int_attention`` / ``bitlog2``; elsewhere (CPU, CI) the exact integer CPU paths.
+``int_linear`` / ``grouped_linear`` / ``int_attention`` / ``bitlog2``; elsewhere (CPU, CI) the exact integer CPU paths.
 Both give the same integers, so a lowered graph computes the same function on either device up to
 the float epilogue.
 """
@@ -12,9 +12,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fxquant.quant import FakeQuantize, QuantLinear, QuantSpec, code_offset, pack_int4, to_signed_codes, unpack_int4
+from fxquant.errors import ConfigError
+from fxquant.quant import (
+    FakeQuantize,
+    InstanceGroups,
+    PerGroup,
+    QuantLinear,
+    QuantSpec,
+    code_offset,
+    instance_groups,
+    pack_int4,
+    to_signed_codes,
+    unpack_int4,
+)
 
 from .bitlog2 import bitlog2_av
+from .grouped_linear import contiguous_group_idx, grouped_linear, grouped_linear_cpu
 from .int_attention import bitlog2_av_int, int_bmm, int_bmm_cpu, log_av, log_codes_of
 from .int_linear import HAS_TRITON, int_linear, int_linear_cpu, quantize_act
 
@@ -73,6 +86,111 @@ class LoweredLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, w={self.weight_spec.short()}"
                 f"{' (int4 packed)' if self.w_packed else ''}, a={self.act_spec.short()}")
+
+
+def act_num_groups(act_spec: QuantSpec, in_features: int) -> int:
+    """The number of channel groups of a grouped Linear input quantizer (``InstanceGroups`` or
+    ``PerGroup`` on the channel axis)."""
+    g = act_spec.granularity
+    if isinstance(g, InstanceGroups):
+        return g.num_groups
+    if isinstance(g, PerGroup):
+        if in_features % g.group_size:
+            raise ConfigError(f"PerGroup(group_size={g.group_size}) does not divide {in_features} input channels")
+        return in_features // g.group_size
+    raise ConfigError(f"input quantizer {act_spec.short()} has no channel groups")
+
+
+class LoweredGroupedLinear(nn.Module):
+    """An integer Linear whose input is quantized in channel groups (IGQ-ViT; ``kernels/grouped_linear.py``):
+    ``y = Σ_g s_g·s_w·Σ_{c∈g}(a - z_g)(w - z_w) + bias``.
+
+    ``InstanceGroups(G)`` inputs: per instance (the first ``instance_dims`` dimensions of the input),
+    each channel goes to the group ``fxquant.quant.instance_groups`` picks; ``PerGroup(g)`` inputs:
+    fixed channel blocks ``c // g``. Codes come from the quantizer core (``to_signed_codes`` with the
+    per-channel parameters gathered from the ``[G]`` group parameters), so they are the codes the
+    fake quantizer rounds to. Weights are stored like ``LoweredLinear``'s (int4 packed two per byte
+    for ≤ 4 bits and an even K); the Triton kernel gathers their nibbles directly."""
+
+    def __init__(self, in_features: int, out_features: int, act_spec: QuantSpec, weight_spec: QuantSpec, has_bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.act_spec, self.weight_spec = act_spec, weight_spec
+        self.num_groups = act_num_groups(act_spec, in_features)
+        self.w_packed = weight_spec.bits <= 4 and in_features % 2 == 0
+        k_store = in_features // 2 if self.w_packed else in_features
+        self.register_buffer("w_codes", torch.zeros(out_features, k_store, dtype=torch.uint8 if self.w_packed else torch.int8))
+        self.register_buffer("w_scale", torch.zeros(out_features))
+        self.register_buffer("w_zp", torch.zeros(out_features, dtype=torch.int32))
+        # the input quantizer's group parameters, flattened to [G] (its own zero points, unsigned for asymmetric specs)
+        self.register_buffer("g_scale", torch.zeros(self.num_groups))
+        self.register_buffer("g_zp", torch.zeros(self.num_groups))
+        self.register_buffer("bias", torch.zeros(out_features) if has_bias else None)
+
+    @classmethod
+    def from_quantized(cls, linear: QuantLinear, act: FakeQuantize) -> "LoweredGroupedLinear":
+        wq = linear.weight_fake_quant
+        new = cls(linear.in_features, linear.out_features, act.spec, wq.spec, linear.bias is not None)
+        if act.scale.numel() != new.num_groups or act.zero_point.numel() != new.num_groups:
+            raise ConfigError(f"grouped input quantizer {act.spec.short()} holds {act.scale.numel()} scales, "
+                              f"expected {new.num_groups} groups")
+        with torch.no_grad():
+            codes = to_signed_codes(linear.weight.float(), wq.scale, wq.zero_point, wq.spec)
+            new.w_codes = pack_int4(codes, signed=True) if new.w_packed else codes
+            new.w_scale = wq.scale.reshape(-1).float().expand(linear.out_features).clone()
+            new.w_zp = (wq.zero_point.reshape(-1).expand(linear.out_features) - code_offset(wq.spec)).to(torch.int32).clone()
+            new.g_scale = act.scale.reshape(-1).float().clone()
+            new.g_zp = act.zero_point.reshape(-1).float().clone()
+            if linear.bias is not None:
+                new.bias = linear.bias.detach().float().clone()
+        return new
+
+    def weight_codes(self) -> torch.Tensor:
+        return unpack_int4(self.w_codes, signed=True) if self.w_packed else self.w_codes
+
+    def act_params(self, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input quantizer's ``(scale, zero point)`` in its own layout for a ``ndim``-D input:
+        ``[G]`` for ``InstanceGroups``, ``[1, ..., 1, G]`` for ``PerGroup`` (e.g. for an exporter)."""
+        if isinstance(self.act_spec.granularity, InstanceGroups):
+            return self.g_scale, self.g_zp
+        shape = (1,) * (ndim - 1) + (self.num_groups,)
+        return self.g_scale.reshape(shape), self.g_zp.reshape(shape)
+
+    def act_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Signed int8 codes ``[M, K]`` of ``x``, the channel→group map ``[instances, K]`` and the rows
+        per instance, by the quantizer core's rules (the fake quantizer's codes)."""
+        xf = x.float()
+        k = self.in_features
+        m = xf.numel() // k
+        spec = self.act_spec
+        scale, zp = self.act_params(xf.dim())
+        if isinstance(spec.granularity, InstanceGroups):
+            # resolve_params' gather, keeping the group map: x's shape with the statistics dims of size 1
+            idx = instance_groups(xf, scale, zp, spec)
+            codes = to_signed_codes(xf, scale[idx], zp[idx], spec)
+            group_idx = idx.reshape(-1, k)
+        else:  # PerGroup on the channel axis: fixed blocks c // group_size, one instance
+            codes = to_signed_codes(xf, scale, zp, spec)
+            group_idx = contiguous_group_idx(k, k // self.num_groups, device=x.device)
+        return codes.reshape(m, k), group_idx, m // group_idx.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        a, group_idx, rows = self.act_codes(x)
+        g_zp = (self.g_zp - code_offset(self.act_spec)).round().to(torch.int32)
+        if a.is_cuda and HAS_TRITON:
+            y = grouped_linear(a, group_idx, rows, self.g_scale, g_zp, self.w_codes, self.w_scale, self.w_zp, self.bias,
+                               k=self.in_features, w_packed=self.w_packed, out_dtype=x.dtype)
+        else:
+            y = grouped_linear_cpu(a, group_idx, rows, self.g_scale, g_zp, self.weight_codes(), self.w_scale, self.w_zp,
+                                   self.bias).to(x.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        g = self.act_spec.granularity
+        kind = "instance" if isinstance(g, InstanceGroups) else "contiguous"
+        return (f"in={self.in_features}, out={self.out_features}, w={self.weight_spec.short()}"
+                f"{' (int4 packed)' if self.w_packed else ''}, a={self.act_spec.short()}, {self.num_groups} {kind} groups")
 
 
 class LoweredMatmul(nn.Module):

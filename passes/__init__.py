@@ -6,6 +6,7 @@ from .aphq import AnnotateAPHQ, MLPReconstruct
 from .bitlog2 import BitLog2Attention
 from .block_recon import BlockReconstruct
 from .calibrate import Calibrate
+from .igq import AllocateGroups, GroupQuant
 from .insert import InsertQuantizers
 from .lower import LowerToKernels
 from .qwt import QwTCompensate
@@ -13,4 +14,4 @@ from .repq import AnnotateRepQ, ReparameterizeLayerNorm
 
 __all__ = ["AnnotateUniform", "InsertQuantizers", "Calibrate", "AnnotateRepQ", "ReparameterizeLayerNorm", "BitLog2Attention",
            "QwTCompensate", "LowerToKernels", "MLPReconstruct",
-           "AnnotateAPHQ", "BlockReconstruct"]
+           "AnnotateAPHQ", "BlockReconstruct", "GroupQuant", "AllocateGroups"]

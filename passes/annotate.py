@@ -3,7 +3,9 @@
 Weights of every Linear/Conv (per output channel by default) and activations at the input of
 every Linear, of the patch-embedding conv, and both operands of both attention matmuls
 (q, kᵀ, softmax output A, v). Layers are selected by kind and FQN glob (``skip=("head",)``);
-the stem and classifier head can be kept at 8 bits (``head_stem_8bit``).
+the stem and classifier head can be kept at 8 bits (``head_stem_8bit``) or in floating point
+(``head_stem_float``: what the transformer-quantization platform's ``--head_stem_8bit`` does, since
+its quantizers return their input unchanged at 8 bits).
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ class AnnotateUniform(Pass):
     Args:
         weight: weight quantizer spec (per output channel by default).
         act: activation quantizer spec (per tensor by default).
+        layer_act: spec of Linear/Conv inputs when it differs from ``act`` (which then applies to
+            the attention matmul operands only), e.g. the platform's per-channel Linear inputs.
         head_stem_8bit: patch embedding and classifier head(s) at 8 bits (weights and inputs).
+        head_stem_float: patch embedding and classifier head(s) left in floating point.
         quantize_attention: quantize q, kᵀ, softmax output and v at the attention matmuls.
         layer_kinds: which layer kinds to quantize (``"linear"``, ``"conv"``).
         skip: FQN globs of modules to leave in floating point (``"head"``, ``"blocks.0.*"``).
@@ -45,7 +50,9 @@ class AnnotateUniform(Pass):
 
     weight: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8, granularity=PerAxis(0), estimator=PctMSE()))
     act: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8, granularity=PerTensor(), estimator=PctMSE()))
+    layer_act: QuantSpec | None = None
     head_stem_8bit: bool = False
+    head_stem_float: bool = False
     quantize_attention: bool = True
     layer_kinds: tuple[str, ...] = LAYER_KINDS
     skip: tuple[str, ...] = ()
@@ -54,6 +61,8 @@ class AnnotateUniform(Pass):
         bad = [k for k in self.layer_kinds if k not in LAYER_KINDS]
         if bad:
             raise ConfigError(f"annotate_uniform: unknown layer kinds {bad}; known: {list(LAYER_KINDS)}")
+        if self.head_stem_8bit and self.head_stem_float:
+            raise ConfigError("annotate_uniform: head_stem_8bit and head_stem_float exclude each other; pick one")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         modules = match.modules_of(gm)
@@ -67,8 +76,11 @@ class AnnotateUniform(Pass):
             if kind not in self.layer_kinds or _skipped(match.node_fqn(node), self.skip):
                 n_skipped += 1
                 continue
-            w, a = self.weight, self.act
+            w, a = self.weight, self.layer_act or self.act
             role = "stem" if node in stems else "head" if node in heads else kind
+            if self.head_stem_float and role in ("stem", "head"):
+                n_skipped += 1
+                continue
             if self.head_stem_8bit and role in ("stem", "head"):
                 w, a = w.with_(bits=8), a.with_(bits=8)
             set_weight_spec(node, w)
@@ -86,5 +98,6 @@ class AnnotateUniform(Pass):
                     mm.meta[ROLE] = role
                 n_attn += 1
         summary = f"{n_layers} layers, {n_attn} attention blocks annotated; {n_skipped} skipped; " \
-                  f"w={self.weight.short()} a={self.act.short()}" + (" (stem/head 8-bit)" if self.head_stem_8bit else "")
+                  f"w={self.weight.short()} a={self.act.short()}" + (" (stem/head 8-bit)" if self.head_stem_8bit else "") \
+                  + (" (stem/head float)" if self.head_stem_float else "")
         return PassResult(gm, modified=False, summary=summary, record={"layers": n_layers, "attention": n_attn})

@@ -7,13 +7,20 @@ per byte for ≤ 4-bit weights), the scales, zero points and weight column sums.
 input itself and runs ``fxquant.kernels.int_linear``: the Triton kernels on CUDA, the exact
 integer CPU path (``torch._int_mm``) elsewhere.
 
+A ``QuantLinear`` whose input quantizer groups the channels (IGQ-ViT, ``passes/igq.py``):
+``InstanceGroups`` on the last axis (each instance assigns its channels to the ``G`` static
+quantizers) or ``PerGroup`` on the last axis (fixed channel blocks), uniform with integer zero
+points, becomes a ``LoweredGroupedLinear(x)``: it computes the codes and the per-instance group
+map with the quantizer core and runs ``fxquant.kernels.grouped_linear`` (one integer partial sum
+per group, rescaled by ``s_g`` in a float32 epilogue).
+
 A node ``matmul(FakeQuantize(a), FakeQuantize(b))`` (q·kᵀ and A·v) with per-tensor quantizers,
 ``b`` uniform, becomes ``LoweredMatmul(a, b)`` (``fxquant.kernels.int_attention``): an integer
 GEMM when ``a`` is uniform, shift accumulators when ``a`` is RepQ-ViT's log2/log√2 quantizer (up
 to 6 bits; 8-bit log levels reach 2^-128 and stay in float), integer BitLog2 levels otherwise.
 
 Everything else stays as it is, and the pass reports why (log-quantized Linear inputs,
-per-channel activations, fractional zero points, convolutions, QwT compensation). RepQ-ViT's
+per-channel activations, groups on another axis, fractional zero points, convolutions, QwT compensation). RepQ-ViT's
 folded weights and QwT's compensation nodes are untouched, so they survive lowering.
 """
 
@@ -27,13 +34,23 @@ from torch import fx, nn
 from fxquant import match
 from fxquant.errors import ConfigError
 from fxquant.kernels.int_attention import MAX_LOG_SHIFT, log_max_shift
-from fxquant.kernels.lowered import LoweredLinear, LoweredMatmul
+from fxquant.kernels.lowered import LoweredGroupedLinear, LoweredLinear, LoweredMatmul
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.quant import FakeQuantize, PerAxis, PerTensor, QuantConv2d, QuantLinear
+from fxquant.quant import FakeQuantize, InstanceGroups, PerAxis, PerGroup, PerTensor, QuantConv2d, QuantLinear, QuantSpec
 
 
 def _per_tensor(fq: FakeQuantize) -> bool:
     return isinstance(fq.spec.granularity, PerTensor) and fq.scale.numel() == 1
+
+
+def _channel_groups(spec: QuantSpec) -> bool:
+    """Channel groups of a Linear input: ``InstanceGroups`` or ``PerGroup`` (not per tensor)."""
+    return isinstance(spec.granularity, (InstanceGroups, PerGroup))
+
+
+def _lowered_class(spec: QuantSpec) -> type:
+    """The lowered module for a Linear with input quantizer ``spec`` (one rule for compile and replay)."""
+    return LoweredGroupedLinear if _channel_groups(spec) else LoweredLinear
 
 
 def _integer_zero_point(fq: FakeQuantize) -> bool:
@@ -72,7 +89,10 @@ def _why_not(linear: nn.Module, act: FakeQuantize | None) -> str:
     a, w = act.spec, linear.weight_fake_quant.spec
     if a.scheme != "uniform":
         return f"input quantizer is {a.scheme}"
-    if not _per_tensor(act):
+    if _channel_groups(a):
+        if a.granularity.axis != -1:
+            return f"input channel groups ({a.short()}) are not on the last axis"
+    elif not _per_tensor(act):
         return "input quantizer is not per tensor"
     if not _integer_zero_point(act):
         return "input zero point is fractional"
@@ -99,6 +119,7 @@ class LowerToKernels(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         modules = match.modules_of(gm)
         lowered: list[str] = []
+        grouped: list[str] = []
         kept: dict[str, str] = {}
         replay = set(ctx.record().get("lowered", [])) if ctx.replay else None
         for node in list(gm.graph.nodes):
@@ -109,7 +130,7 @@ class LowerToKernels(Pass):
                 kept[str(node.target)] = "convolution (patch embedding) stays fake-quantized"
                 continue
             if not isinstance(mod, QuantLinear):
-                if match.op_kind(node, modules) == "linear" and not isinstance(mod, LoweredLinear):
+                if match.op_kind(node, modules) == "linear" and not isinstance(mod, (LoweredLinear, LoweredGroupedLinear)):
                     kept[str(node.target)] = "float Linear (not quantized: skipped, or a QwT compensation)"
                 continue
             src = node.args[0]
@@ -118,25 +139,30 @@ class LowerToKernels(Pass):
             if replay is not None:
                 if str(node.target) not in replay:
                     continue
-                new = LoweredLinear(mod.in_features, mod.out_features, act.spec, mod.weight_fake_quant.spec, mod.bias is not None)
+                new = _lowered_class(act.spec)(mod.in_features, mod.out_features, act.spec, mod.weight_fake_quant.spec,
+                                               mod.bias is not None)
             else:
                 why = _why_not(mod, act)
                 if why:
                     kept[str(node.target)] = why
                     continue
-                new = LoweredLinear.from_quantized(mod, act)
+                new = _lowered_class(act.spec).from_quantized(mod, act)
             parent, _, leaf = str(node.target).rpartition(".")
             setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
             node.args = (src.args[0],) + tuple(node.args[1:])
             _drop_if_unused(gm, src)
             lowered.append(str(node.target))
+            if isinstance(new, LoweredGroupedLinear):
+                grouped.append(str(node.target))
         lowered_mm = self._lower_matmuls(gm, kept, set(ctx.record().get("lowered_matmuls", [])) if ctx.replay else None)
         if not lowered and not lowered_mm and replay is None:
             why = "; ".join(f"{k}: {v}" for k, v in kept.items())[:500]
             raise ConfigError(f"lower_to_kernels: no Linear or attention matmul could be lowered: {why}")
-        summary = (f"{len(lowered)} Linears and {len(lowered_mm)} attention matmuls lowered to integer kernels; "
+        summary = (f"{len(lowered)} Linears" + (f" ({len(grouped)} with grouped inputs)" if grouped else "")
+                   + f" and {len(lowered_mm)} attention matmuls lowered to integer kernels; "
                    f"{len(kept)} kept: " + ", ".join(sorted(set(kept.values())))[:300])
-        return PassResult(gm, summary=summary, record={"lowered": lowered, "lowered_matmuls": lowered_mm, "kept": kept})
+        return PassResult(gm, summary=summary, record={"lowered": lowered, "grouped": grouped, "lowered_matmuls": lowered_mm,
+                                                           "kept": kept})
 
     @staticmethod
     def _lower_matmuls(gm: fx.GraphModule, kept: dict[str, str], replay: set[str] | None) -> list[str]:

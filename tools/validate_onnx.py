@@ -6,6 +6,9 @@ prediction, and both top-1 figures. ``fp32`` gives the float noise floor of onnx
 Random-init timm models at 224 (``--timm``) are validated on real ImageNet-sample images.
 
     python tools/validate_onnx.py [--recipes w8a8,repq-w4a4,...] [--limit N] [--timm deit_small_patch16_224,...] [--json out.json]
+
+``igq-w4a4`` is compiled with ``group_mode="contiguous"`` (``EXPORT_OPTIONS``): IGQ's default
+instance-aware groups have no QDQ form and the exporter refuses them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ import fxquant
 from fxquant.data import load_data
 from fxquant.export import run_onnx, to_onnx
 from fxquant.models import load_model, shared_dir
+
+# compile options a recipe needs to be exportable (IGQ: contiguous channel groups, not instance-aware)
+EXPORT_OPTIONS = {"igq-w4a4": {"group_mode": "contiguous"}}
 
 
 def _compare(q, path, batches):
@@ -44,7 +50,7 @@ def _compare(q, path, batches):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipes", default="fp32,w8a8,repq-w4a4,bitlog2-w4a4,repq-qwt-w4a4")
+    ap.add_argument("--recipes", default="fp32,w8a8,repq-w4a4,bitlog2-w4a4,repq-qwt-w4a4,igq-w4a4")
     ap.add_argument("--limit", type=int, default=None, help="CIFAR test images (default: all)")
     ap.add_argument("--timm", default="deit_small_patch16_224,swin_tiny_patch4_window7_224")
     ap.add_argument("--json", default=None)
@@ -53,13 +59,14 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="fxq_onnx_"))
     info = load_model("cifar-vit")
     for recipe in args.recipes.split(","):
-        r = fxquant.get_recipe(recipe)
+        opts = EXPORT_OPTIONS.get(recipe, {})
+        r = fxquant.get_recipe(recipe, **opts)
         data = load_data(info, "cifar10", calib_images=r.calib_images, limit=args.limit, batch_size=500)
         t0 = time.perf_counter()
         q = fxquant.compile(info.model, recipe=recipe, calib=list(torch.split(data.calib, 32)) or None,
-                            example_inputs=info.example_inputs(), progress=False)
+                            example_inputs=info.example_inputs(), progress=False, **opts)
         res = to_onnx(q, info.example_inputs(), tmp / f"cifar_{recipe}.onnx")
-        row = {"model": "cifar-vit", "recipe": recipe, "export_seconds": time.perf_counter() - t0,
+        row = {"model": "cifar-vit", "recipe": recipe, "options": opts, "export_seconds": time.perf_counter() - t0,
                **_compare(q, res.path, data.test_batches())}
         rows.append(row)
         print(f"{row['model']:28s} {recipe:15s} max|Δ| {row['max_abs_diff']:.4f}  mean|Δ| {row['mean_abs_diff']:.5f}  "

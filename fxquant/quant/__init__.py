@@ -3,7 +3,7 @@ place rounding rules live), the integer storage of codes (signed offset, int4 pa
 observers, range estimators and fake-quant modules."""
 
 from .codes import code_offset, pack_int4, to_signed_codes, unpack_int4
-from .granularity import Granularity, PerAxis, PerGroup, PerTensor
+from .granularity import Granularity, InstanceGroups, PerAxis, PerGroup, PerTensor
 from .modules import COMPUTE_DTYPES, AdaRoundWeight, CompensationLinear, FakeQuantize, QuantConv2d, QuantLinear, quantizers
 from .observers import Observer
 from .primitives import (
@@ -23,17 +23,23 @@ from .primitives import (
     expand_params,
     fake_quantize,
     grid_values,
+    group_ranges,
+    instance_groups,
     log_step,
     quantize,
     rectified_sigmoid,
+    resolve_params,
     round_ste,
+    slice_ranges,
 )
 
 __all__ = [
-    "Granularity", "PerTensor", "PerAxis", "PerGroup",
+    "Granularity", "PerTensor", "PerAxis", "PerGroup", "InstanceGroups",
     "QuantSpec", "Estimator", "MinMax", "Percentile", "PctMSE", "OMSE", "JointGrid",
     "choose_qparams", "estimator_from_name", "quantize", "dequantize", "fake_quantize", "expand_params", "grid_values",
-    "log_step", "round_ste", "code_offset", "to_signed_codes", "pack_int4", "unpack_int4",
+    "log_step", "round_ste",
+    "instance_groups", "resolve_params", "slice_ranges", "group_ranges",
+    "code_offset", "to_signed_codes", "pack_int4", "unpack_int4",
     "rectified_sigmoid", "adaround_init", "adaround_fake_quantize", "adaround_regularizer",
     "Observer", "FakeQuantize", "AdaRoundWeight", "QuantLinear", "QuantConv2d", "quantizers", "CompensationLinear",
     "COMPUTE_DTYPES",

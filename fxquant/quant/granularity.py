@@ -18,7 +18,13 @@ granularity             activation [B, N, C]      weight [O, I]
 ``PerAxis(-1)``         [1, 1, C]                 [1, I]
 ``PerAxis(0)``          [B, 1, 1] (rarely useful)  [O, 1]
 ``PerGroup(g)``         [1, 1, C // g]            [O, I // g]
+``InstanceGroups(G)``   [G] (see below)           (activations only)
 ======================  ========================  ==========================
+
+``InstanceGroups`` (IGQ-ViT, METHODS.md §5) is the one granularity whose parameters are not tied
+to fixed positions: it stores ``G`` static (scale, zero point) pairs, and *per input instance*
+each slice along ``axis`` (a channel, or an attention row) is assigned to the group whose
+quantization range is nearest to the slice's own ``[min, max]`` (``primitives.instance_groups``).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ class Granularity:
 
     @staticmethod
     def from_dict(d: dict) -> "Granularity":
-        kinds = {c.__name__: c for c in (PerTensor, PerAxis, PerGroup)}
+        kinds = {c.__name__: c for c in (PerTensor, PerAxis, PerGroup, InstanceGroups)}
         d = dict(d)
         kind = d.pop("type")
         if kind not in kinds:
@@ -106,3 +112,46 @@ class PerGroup(Granularity):
             else:
                 out.append(1)
         return tuple(out)
+
+
+@dataclass(frozen=True)
+class InstanceGroups(Granularity):
+    """IGQ-ViT's instance-aware groups (activations only).
+
+    ``num_groups`` static uniform quantizers (parameters of shape ``[G]``, calibrated by k-means
+    over the per-instance ranges of the calibration data). At run time, for every *instance*
+    (an index over the first ``instance_dims`` dimensions: the image for ``[B, N, C]``, the
+    (image, head) pair for attention ``[B, H, N, N]``) and every slice along ``axis``, the slice's
+    range ``[min, max]`` is taken over all the remaining dimensions and the slice is quantized by
+    the group whose range ``[l_g, u_g]`` is nearest in squared distance
+    ``(min - l_g)² + (max - u_g)²``.
+
+    * channels of a Linear input: ``InstanceGroups(G)`` (axis -1, statistics over tokens);
+    * rows of a softmax output: ``InstanceGroups(G, axis=-2, instance_dims=2)`` (statistics over
+      keys; per-row scales factor out of ``A·v``).
+    """
+
+    num_groups: int = 8
+    axis: int = -1
+    instance_dims: int = 1
+
+    def __post_init__(self):
+        if self.num_groups < 1:
+            raise ConfigError(f"InstanceGroups.num_groups must be >= 1, got {self.num_groups}")
+        if self.instance_dims < 0:
+            raise ConfigError(f"InstanceGroups.instance_dims must be >= 0, got {self.instance_dims}")
+
+    def param_shape(self, shape, *, weight):
+        if weight:
+            raise ConfigError("InstanceGroups groups activation channels per input instance; weights use PerAxis(0) "
+                              "or PerGroup")
+        a = _norm_axis(self.axis, len(shape))
+        if a < self.instance_dims:
+            raise ConfigError(f"InstanceGroups(axis={self.axis}, instance_dims={self.instance_dims}) groups an instance "
+                              f"dimension of a {len(shape)}-D tensor; the grouped axis must come after the instance dims")
+        return (self.num_groups,)
+
+    def stat_dims(self, ndim: int) -> tuple[int, ...]:
+        """The dimensions a slice's range is taken over (all but the instance dims and ``axis``)."""
+        a = _norm_axis(self.axis, ndim)
+        return tuple(d for d in range(self.instance_dims, ndim) if d != a)

@@ -41,7 +41,7 @@ from typing import Literal
 import torch
 
 from ..errors import ConfigError
-from .granularity import Granularity, PerAxis, PerTensor
+from .granularity import Granularity, InstanceGroups, PerAxis, PerTensor
 
 Scheme = Literal["uniform", "log2", "log_sqrt2"]
 SCHEMES: tuple[str, ...] = ("uniform", "log2", "log_sqrt2", "bitlog2")
@@ -198,6 +198,13 @@ class QuantSpec:
         if not isinstance(self.estimator, Estimator):
             raise ConfigError(f"estimator must be MinMax(), Percentile(p), PctMSE(), OMSE() or JointGrid(), "
                               f"got {self.estimator!r}")
+        if isinstance(self.granularity, InstanceGroups):
+            if self.scheme != "uniform":
+                raise ConfigError(f"InstanceGroups quantizers are uniform (IGQ-ViT); got scheme {self.scheme!r}")
+            if not isinstance(self.estimator, (MinMax, Percentile)):
+                raise ConfigError("InstanceGroups quantizers take their group ranges from k-means over per-instance "
+                                  "[min, max] ranges, then MinMax (envelope) or Percentile(p) over each group's "
+                                  f"members; got {type(self.estimator).__name__}")
         if isinstance(self.estimator, JointGrid) and self.scheme != "uniform":
             raise ConfigError(f"the JointGrid estimator searches uniform (scale, zero point) pairs; scheme {self.scheme!r} "
                               f"needs another estimator (PctMSE)")
@@ -254,7 +261,8 @@ class QuantSpec:
 
     def short(self) -> str:
         g = self.granularity
-        gs = "tensor" if isinstance(g, PerTensor) else f"axis{g.axis}" if isinstance(g, PerAxis) else f"group{g.group_size}"
+        gs = "tensor" if isinstance(g, PerTensor) else f"axis{g.axis}" if isinstance(g, PerAxis) else (
+            f"igroups{g.num_groups}@{g.axis}" if isinstance(g, InstanceGroups) else f"group{g.group_size}")
         kind = {"uniform": "sym" if self.symmetric else "asym"}.get(self.scheme, self.scheme)
         kind = self.bitlog2_variant or (kind + ("_fit" if self.fit_bits else ""))
         return f"{kind}{self.bits}/{gs}/{type(self.estimator).__name__}"
@@ -337,6 +345,60 @@ def choose_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple
     if spec.zero_in_range:
         zero_point = zero_point.clamp(spec.qmin, spec.qmax)
     return scale, zero_point
+
+
+# --------------------------------------------------------------------------------------------
+# Instance-aware groups (IGQ-ViT): per-instance assignment of slices to static group quantizers
+# --------------------------------------------------------------------------------------------
+
+
+def slice_ranges(x: torch.Tensor, g: InstanceGroups) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-instance ``[min, max]`` of every slice along ``g.axis`` (float32, ``x``'s shape with the
+    statistics dimensions kept as size 1)."""
+    dims = g.stat_dims(x.dim())
+    xf = x.detach().float()
+    if not dims:
+        return xf, xf
+    return xf.amin(dim=dims, keepdim=True), xf.amax(dim=dims, keepdim=True)
+
+
+def group_ranges(scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The value range ``[(qmin - z)·s, (qmax - z)·s]`` of each group quantizer (``[G]`` each)."""
+    return (spec.qmin - zero_point) * scale, (spec.qmax - zero_point) * scale
+
+
+def instance_groups(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """IGQ-ViT's group assignment (int64, ``x``'s shape with the statistics dimensions of size 1):
+    each slice goes to the *narrowest group whose range covers* the slice's own range in this
+    instance, ``[min, max] ⊆ [l_g - s_g/2, u_g + s_g/2]`` (a value within half a step outside the
+    grid is off by no more than rounding); when no group covers it, to the group that clips it
+    least, ``relu(l_g - s_g/2 - min) + relu(max - u_g - s_g/2)`` (ties: the lower group index). This is the
+    assignment with the smallest quantization step that does not clip, which the nearest-range rule
+    ``(min - l_g)² + (max - u_g)²`` is not: it sends a slice ``[-0.1, 2.9]`` to a group
+    ``[-0.5, 0.6]`` rather than ``[-3, 3]``. Cost at inference: one min/max reduction over ``x``
+    and ``G`` comparisons per slice."""
+    g = spec.granularity
+    if not isinstance(g, InstanceGroups):
+        raise ConfigError(f"instance_groups needs an InstanceGroups spec, got {spec.short()}")
+    if scale.dim() != 1 or scale.numel() != g.num_groups:
+        raise ConfigError(f"instance-group quantizer parameters must have shape [{g.num_groups}], got {tuple(scale.shape)}")
+    mn, mx = slice_ranges(x, g)
+    lo, hi = group_ranges(scale.float(), zero_point.float(), spec)
+    half = scale.float() / 2
+    clip = torch.relu(lo - half - mn.unsqueeze(-1)) + torch.relu(mx.unsqueeze(-1) - hi - half)
+    width = hi - lo
+    score = torch.where(clip > 0, clip + width.max() + 1.0, width.expand_as(clip))
+    return score.argmin(dim=-1)
+
+
+def resolve_params(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                   spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parameters that broadcast against ``x``: for ``InstanceGroups`` the assigned group's
+    ``(s, z)`` per instance and slice (gathered from the ``[G]`` parameters); otherwise unchanged."""
+    if not isinstance(spec.granularity, InstanceGroups) or scale.dim() == x.dim():
+        return scale, zero_point
+    idx = instance_groups(x, scale, zero_point, spec)
+    return scale[idx], zero_point[idx]
 
 
 # --------------------------------------------------------------------------------------------
@@ -495,6 +557,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spe
     (``ste`` applies to uniform rounding; log and BitLog2 codes are piecewise constant.)"""
     if spec.scheme == "bitlog2":
         return bitlog2_codes_from_int(bitlog2_input(x, spec.bitlog2_variant), spec.bitlog2_variant).to(x.dtype)
+    scale, zero_point = resolve_params(x, scale, zero_point, spec)
     scale = expand_params(scale, x.shape)
     if spec.is_log:
         return log_codes(x / scale, spec).to(x.dtype)
@@ -503,7 +566,11 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spe
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Values of integer codes ``q`` (inverse of ``quantize`` on the grid)."""
+    """Values of integer codes ``q`` (inverse of ``quantize`` on the grid). Instance-group
+    parameters must already be resolved against the input (``resolve_params``): codes alone do
+    not say which group a slice was assigned to."""
+    if isinstance(spec.granularity, InstanceGroups) and scale.dim() != q.dim():
+        raise ConfigError("dequantize of InstanceGroups codes needs the per-slice parameters from resolve_params(x, ...)")
     scale = expand_params(scale, q.shape)
     if spec.scheme == "bitlog2":
         return bitlog2_levels(q, spec.bitlog2_variant).to(q.dtype) / scale
@@ -517,6 +584,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
                   ste: bool = False) -> torch.Tensor:
     """``dequantize(quantize(x))``; with ``ste=True`` gradients pass straight through the rounding
     (and are zero where the input is clipped)."""
+    scale, zero_point = resolve_params(x, scale, zero_point, spec)
     out = dequantize(quantize(x, scale, zero_point, spec, ste=ste), scale, zero_point, spec)
     if ste and spec.is_log:  # log codes are piecewise constant: pass the gradient straight through
         out = x + (out - x).detach()

@@ -7,23 +7,26 @@ because onnxruntime's float kernels (GEMM order, LayerNorm, Erf, Softmax) differ
 ulps and a downstream quantizer turns a boundary crossing into one code step: W8A8 max |Δ| <= 0.15,
 mean <= 0.01; 4-bit recipes max |Δ| <= 1.0, mean <= 0.02; >= 98 % identical predictions. FP32:
 max |Δ| <= 1e-4. (Measured on 1,000 images: W8A8 max 0.059 / mean 0.0038; 4-bit max 0.33-0.49 /
-mean 0.003-0.008; tools/validate_onnx.py.)"""
+mean 0.003-0.008, igq-w4a4 with contiguous groups max 0.34 / mean 0.0020; tools/validate_onnx.py.)"""
 
 from __future__ import annotations
 
 import onnx
 import pytest
 import torch
-from torch import nn
+from onnx import numpy_helper
 
 import fxquant
 from fxquant.errors import ConfigError
 from fxquant.export import run_onnx, to_onnx
-from fxquant.quant import FakeQuantize, PctMSE, QuantSpec
-from fxquant.testing import family_model, toy_calib, toy_vit
+from fxquant.quant import PctMSE, QuantSpec
+from fxquant.testing import QuantizerOnly, calibrated_quantizer, family_model, toy_calib, toy_vit
 
 TOL = {"fp32": (1e-4, 1e-5), "w8a8": (0.15, 0.01), "repq-w4a4": (1.0, 0.02), "bitlog2-w4a4": (1.0, 0.02),
-       "repq-qwt-w4a4": (1.0, 0.02)}
+       "repq-qwt-w4a4": (1.0, 0.02), "igq-w4a4": (1.0, 0.02)}
+# compile options per recipe: IGQ's instance-aware groups have no QDQ form (test_onnx_groups.py),
+# its contiguous channel groups export as per-channel Q/DQ
+OPTIONS = {"repq-qwt-w4a4": {"calib_images": 32}, "igq-w4a4": {"group_mode": "contiguous"}}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,7 @@ def cifar_batch(cifar_data):
 @pytest.mark.parametrize("recipe", list(TOL))
 def test_export_matches_fake_quant(recipe, tmp_path, cifar_compiled, cifar_batch):
     calib, x, _ = cifar_batch
-    q = cifar_compiled(recipe, **({"calib_images": 32} if "qwt" in recipe else {}))
+    q = cifar_compiled(recipe, **OPTIONS.get(recipe, {}))
     res = to_onnx(q, (x[:2],), tmp_path / "m.onnx")
     model = onnx.load(str(res.path))
     onnx.checker.check_model(model)
@@ -46,6 +49,11 @@ def test_export_matches_fake_quant(recipe, tmp_path, cifar_compiled, cifar_batch
         assert len(weight_dq) == 26  # every Linear + the patch conv: integer initializer -> DequantizeLinear
         assert sum(any(a.name == "axis" and a.i == 0 for a in n.attribute) for n in weight_dq) >= 25  # per channel
         assert res.nodes["QuantizeLinear"] >= 44
+    if recipe == "igq-w4a4":  # 8 groups of C/8 channels on the input of each Linear (24 in the blocks + the head)
+        inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        grouped = [inits[n.input[1]] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[1] in inits
+                   and inits[n.input[1]].size > 1]
+        assert len(grouped) == 25 and all(len(set(g.tolist())) <= 8 < g.size for g in grouped)
     with torch.no_grad():
         ref = q(x)
     got = run_onnx(res.path, (x,))
@@ -53,25 +61,6 @@ def test_export_matches_fake_quant(recipe, tmp_path, cifar_compiled, cifar_batch
     max_tol, mean_tol = TOL[recipe]
     assert d.max().item() <= max_tol and d.mean().item() <= mean_tol, (d.max().item(), d.mean().item())
     assert (got.argmax(1) == ref.argmax(1)).float().mean().item() >= 0.98
-
-
-class _OnlyQuantizer(nn.Module):
-    def __init__(self, fq):
-        super().__init__()
-        self.fq = fq
-
-    def forward(self, x):
-        return self.fq(x)
-
-
-def _calibrated(spec, x):
-    fq = FakeQuantize(spec, label="q")
-    fq.observer_enabled = True
-    fq(x)
-    fq.observer_enabled = False
-    fq.compute_qparams()
-    fq.fake_quant_enabled = True
-    return fq
 
 
 @pytest.mark.parametrize("spec", [
@@ -86,8 +75,8 @@ def _calibrated(spec, x):
 def test_quantizer_ops_are_bit_exact_in_onnxruntime(spec, tmp_path):
     g = torch.Generator().manual_seed(0)
     x = torch.softmax(torch.randn(64, 50, 50, generator=g) * 3, -1) if spec.is_log else torch.randn(64, 50, 50, generator=g)
-    fq = _calibrated(spec, x)
-    gm = fxquant.compile(_OnlyQuantizer(fq), recipe="fp32", example_inputs=(x[:2],), progress=False)
+    fq = calibrated_quantizer(spec, x)
+    gm = fxquant.compile(QuantizerOnly(fq), recipe="fp32", example_inputs=(x[:2],), progress=False)
     res = to_onnx(gm, (x[:2],), tmp_path / "q.onnx")
     with torch.no_grad():
         ref = fq(x)

@@ -139,3 +139,69 @@ def test_cli_eval_lower_json(tmp_path):
     assert main(args) == 0
     res = json.loads(out.read_text())
     assert res["lowered"] is True and res["test_images"] == 100
+
+
+def _mlp() -> torch.nn.Module:
+    """LayerNorm (uneven per-channel gains, so channel ranges differ) → Linear → GELU → Linear."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.LayerNorm(16), torch.nn.Linear(16, 24), torch.nn.GELU(), torch.nn.Linear(24, 8))
+    with torch.no_grad():
+        m[0].weight.copy_(torch.linspace(0.1, 3.0, 16)[torch.randperm(16)])
+        m[0].bias.copy_(torch.randn(16) * 0.5)
+    return m.eval()
+
+
+def _mlp_data(n: int = 3, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)  # instances (images) with different channel ranges
+    return [torch.randn(4, 10, 16, generator=g) * (torch.rand(4, 1, 16, generator=g) * 3 + 0.2) for _ in range(n)]
+
+
+def _grouped_passes(mode: str, lower: bool) -> list:
+    from fxquant.passes import AnnotateUniform, Calibrate, GroupQuant, InsertQuantizers, LowerToKernels
+    from fxquant.quant import PerAxis, QuantSpec
+
+    w4, a4 = QuantSpec(bits=4, granularity=PerAxis(0)), QuantSpec(bits=4)
+    return [AnnotateUniform(weight=w4, act=a4), GroupQuant(num_groups=4, mode=mode), InsertQuantizers(), Calibrate()] + (
+        [LowerToKernels()] if lower else [])
+
+
+@pytest.mark.parametrize("mode", ["instance", "contiguous"])
+def test_grouped_inputs_lower_to_grouped_linear(mode, tmp_path):
+    """IGQ-ViT inputs (InstanceGroups / PerGroup, 4 groups, W4A4) lower to LoweredGroupedLinear, whose
+    integer partial sums + float32 epilogue equal the fake-quant layer within fp32 rounding, and
+    which an artifact rebuilds (replay)."""
+    from fxquant.kernels.lowered import LoweredGroupedLinear
+    from fxquant.quant import FakeQuantize, InstanceGroups, PerGroup
+
+    fq = fxquant.compile(_mlp(), passes=_grouped_passes(mode, False), calib=_mlp_data(), progress=False)
+    low = fxquant.compile(_mlp(), passes=_grouped_passes(mode, True), calib=_mlp_data(), progress=False)
+    grouped = {n: m for n, m in low.named_modules() if isinstance(m, LoweredGroupedLinear)}
+    assert sorted(grouped) == ["1", "3"] and not any(isinstance(m, (QuantLinear, FakeQuantize)) for m in low.modules())
+    kind = InstanceGroups if mode == "instance" else PerGroup
+    assert all(isinstance(m.act_spec.granularity, kind) and m.num_groups == 4 for m in grouped.values())
+    assert fxquant.report(low)["lower_to_kernels"].record["grouped"] == ["1", "3"]
+    x = _mlp_data(1, seed=7)[0]
+    seen, hooks = {}, []
+    for name in grouped:
+        node = next(n for n in fq.graph.nodes if n.op == "call_module" and n.target == name)
+        act = fq.get_submodule(node.args[0].target)
+        assert isinstance(act.spec.granularity, kind)
+        hooks.append(act.register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, {}).update(x=i[0])))
+        hooks.append(fq.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: seen[name].update(y=o)))
+    with torch.no_grad():
+        y_fq = fq(x)
+    for h in hooks:
+        h.remove()
+    for name, io in seen.items():
+        with torch.no_grad():
+            got = grouped[name](io["x"])
+        # exact integer partial sums + float32 epilogue vs float matmul of dequantized values: fp32 rounding
+        assert torch.allclose(got, io["y"], rtol=1e-5, atol=1e-5 * io["y"].abs().max().item()), name
+    with torch.no_grad():
+        y_low = low(x)
+    assert torch.allclose(y_low, y_fq, rtol=1e-5, atol=1e-5 * y_fq.abs().max().item())
+    artifact.save(low, tmp_path / "g")
+    loaded = artifact.load(tmp_path / "g", model=_mlp())
+    assert isinstance(loaded.get_submodule("1"), LoweredGroupedLinear)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y_low)
