@@ -400,7 +400,7 @@ class IGQRecipe(UniformRecipe):
                                                                attention_rows=self.attention_rows),
                              after="annotate_uniform")
         if self.allocate:
-            passes = insert_pass(passes, AllocateGroups(candidates=tuple(self.candidates),
+            passes = insert_pass(passes, AllocateGroups(candidates=self.candidates,
                                                         budget_groups=self.num_groups), after="calibrate")
         return passes
 

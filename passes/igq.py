@@ -4,21 +4,29 @@
 Linear and (optionally) the softmax output of every attention:
 
 * ``mode="instance"`` (IGQ-ViT): ``InstanceGroups(G)``. Per input instance (an image), each
-  channel is assigned to the group quantizer whose range is nearest to the channel's own
-  ``[min, max]`` over the tokens; the softmax output gets ``InstanceGroups(G, axis=-2,
+  channel is assigned to the narrowest group quantizer whose range covers the channel's own
+  ``[min, max]`` over the tokens (``quant.instance_groups``: the paper says "nearest range"; nearest
+  in squared distance clips channels whose range is lopsided, and doubled the KL to the float
+  predictions on the CIFAR ViT); the softmax output gets ``InstanceGroups(G, axis=-2,
   instance_dims=2)``: per (image, head), each attention *row* is assigned to a group by its range
   over the keys. The group (scale, zero point) pairs are **static**: calibrated once by k-means
   over the per-instance ranges of the calibration data (``quant.estimators.kmeans_ranges``),
-  only the assignment is recomputed per instance. Our reading of the paper: the quantizers are
+  then each group's range from its members' ranges (0.01/0.99 quantiles; the envelope for a
+  classifier head's ``[B, C]`` input, one value per channel), only the assignment is recomputed per
+  instance. Our reading of the paper: the quantizers are
   "group-specific" and calibrated, and the paper's cost analysis counts the assignment as the
   dynamic part; METHODS.md lists this as unverified (no official code). Cost at inference: a
-  min/max reduction of the input per instance and ``G`` distance evaluations per channel (row),
+  min/max reduction of the input per instance and ``G`` comparisons per channel (row),
   then a GEMM whose partial sums per group are rescaled: ``Y = Σ_g s_g (Q_g − z_g) W_gᵀ`` with
   ``W_g`` the weight columns of the channels in group ``g`` (``kernels.grouped_linear``).
   For A·v the per-row scales factor out of the product, so row groups cost no extra GEMM work.
 * ``mode="contiguous"`` (the transformer-quantization platform's grouping): ``PerGroup(C // G)``
   on each Linear input, channel blocks ``[0, C/G)``, ``[C/G, 2C/G)``, … with static parameters
   from the recipe's range estimator; ``C % G`` must be 0. Attention rows are left as annotated.
+
+A Linear input whose spec is finer than per tensor when ``group_quant`` runs (RepQ-ViT's
+per-channel LayerNorm sites, after ``annotate_repq``) is kept: ``repq-igq-w4a4`` folds those and
+groups the rest.
 
 ``AllocateGroups`` (``allocate_groups``) then chooses ``G`` per quantizer (IGQ-ViT's group size
 allocation): for every group quantizer and candidate ``G`` it calibrates that quantizer alone at
@@ -247,10 +255,16 @@ class AllocateGroups(Pass):
     max_budget_units: int = 200_000
 
     def __post_init__(self):
-        if not self.candidates or any(int(c) < 1 for c in self.candidates):
+        try:
+            cands = tuple(sorted({int(c) for c in self.candidates}))
+        except (TypeError, ValueError):
+            cands = ()
+        if not cands or cands[0] < 1:
             raise ConfigError(f"allocate_groups: candidates must be group counts >= 1, got {self.candidates}")
-        if self.budget_groups < 1:
-            raise ConfigError(f"allocate_groups: budget_groups must be >= 1, got {self.budget_groups}")
+        object.__setattr__(self, "candidates", cands)  # "1,2,4" from the command line arrives as strings
+        if self.budget_groups not in cands:
+            raise ConfigError(f"allocate_groups: budget_groups={self.budget_groups} must be one of the candidates {list(cands)} "
+                              f"(the uniform allocation is then always within budget)")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         sites = group_quantizers(gm)

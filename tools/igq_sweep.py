@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--groups", default="1,2,4,8,16")
     ap.add_argument("--limit", type=int, default=None, help="test images (default: all)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--show-groups", action="store_true", help="print the chosen G of every quantizer (allocation rows)")
     args = ap.parse_args()
     info = load_model(args.model)
     recipe = fxquant.get_recipe(args.recipe)
@@ -44,8 +45,12 @@ def main() -> None:
                 chosen = list(rec["groups"].values())
                 row["chosen"] = {str(k): chosen.count(k) for k in sorted(set(chosen))}
                 row["bops_used_of_budget"] = round(rec["group_bops"] / rec["budget_bops"], 4)
+                row["groups_per_quantizer"] = rec["groups"]
+                if args.show_groups:
+                    for name, chosen_g in rec["groups"].items():
+                        print(f"  G={g} allocation: {name.removeprefix('quantizers.')} -> {chosen_g}")
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "groups_per_quantizer"}), flush=True)
     print(f"\n{args.model} {args.recipe}: fp32 {fp32:.2f} on {data.test_count} test images, {len(data.calib)} calibration images")
     print(f"{'G':>3} {'allocation':>10} {'top1':>6} {'calib s':>8}  chosen G (count)")
     for r in rows:

@@ -128,10 +128,12 @@ def _sq_dist(pts: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
 def kmeans_ranges(points: torch.Tensor, num_groups: int, *, iters: int = 100,
                   estimator: Estimator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Group ranges for IGQ-ViT's instance-aware groups: k-means (Lloyd) over ``[n, 2]`` points
-    ``(min, max)``, one per slice and calibration instance, with the squared Euclidean distance
-    that ``primitives.instance_groups`` assigns by at run time; then each group's range from its
-    members: ``MinMax`` (or None) the envelope ``[min of mins, max of maxes]``, ``Percentile(p)``
-    ``[Q(mins, 1-p), Q(maxes, p)]`` (the k-means centre alone clips half the members' peaks).
+    ``(min, max)``, one per slice and calibration instance (squared Euclidean distance: slices of
+    similar range share a cluster); then each group's range from its members: ``MinMax`` (or None)
+    the envelope ``[min of mins, max of maxes]``, ``Percentile(p)`` ``[Q(mins, 1-p), Q(maxes, p)]``.
+    The k-means centre alone would clip half the members' peaks; with ranges that cover their
+    members, ``primitives.instance_groups``' run-time rule (the narrowest covering group) sends a
+    slice like the calibration's to its own cluster's group or a narrower one that still fits.
 
     Deterministic: the initial centres are the points at the quantiles ``(i + ½)/G`` of the range
     width ``max - min``; an empty cluster is re-seeded with the point farthest from its centre.

@@ -23,8 +23,8 @@ granularity             activation [B, N, C]      weight [O, I]
 
 ``InstanceGroups`` (IGQ-ViT, METHODS.md §5) is the one granularity whose parameters are not tied
 to fixed positions: it stores ``G`` static (scale, zero point) pairs, and *per input instance*
-each slice along ``axis`` (a channel, or an attention row) is assigned to the group whose
-quantization range is nearest to the slice's own ``[min, max]`` (``primitives.instance_groups``).
+each slice along ``axis`` (a channel, or an attention row) is assigned to the narrowest group whose
+quantization range covers the slice's own ``[min, max]`` (``primitives.instance_groups``).
 """
 
 from __future__ import annotations
@@ -123,8 +123,8 @@ class InstanceGroups(Granularity):
     (an index over the first ``instance_dims`` dimensions: the image for ``[B, N, C]``, the
     (image, head) pair for attention ``[B, H, N, N]``) and every slice along ``axis``, the slice's
     range ``[min, max]`` is taken over all the remaining dimensions and the slice is quantized by
-    the group whose range ``[l_g, u_g]`` is nearest in squared distance
-    ``(min - l_g)² + (max - u_g)²``.
+    the narrowest group whose range ``[l_g, u_g]`` covers it (within half a step), else by the
+    group that clips it least (``primitives.instance_groups``).
 
     * channels of a Linear input: ``InstanceGroups(G)`` (axis -1, statistics over tokens);
     * rows of a softmax output: ``InstanceGroups(G, axis=-2, instance_dims=2)`` (statistics over

@@ -39,14 +39,17 @@ def test_a_kind_without_handler_is_an_error_naming_it(monkeypatch):
         prepare_for_export(q)
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "bitlog2-w4a4", pytest.param("repq-w4a4", marks=pytest.mark.slow)])
-def test_lowered_graph_exports_like_its_fake_quant_form(recipe, tmp_path):
+@pytest.mark.parametrize("recipe,options", [("w8a8", {}), ("bitlog2-w4a4", {}), ("repq-qwt-w4a4", {}),
+                                            ("igq-w4a4", {"group_mode": "contiguous"}),
+                                            pytest.param("repq-w4a4", {}, marks=pytest.mark.slow)])
+def test_lowered_graph_exports_like_its_fake_quant_form(recipe, options, tmp_path):
     """A lowered Linear already holds the signed integer codes QDQ needs: the export of the
-    lowered model computes what the export of the fake-quant model computes, in onnxruntime."""
+    lowered model computes what the export of the fake-quant model computes, in onnxruntime
+    (IGQ's contiguous groups: ``LoweredGroupedLinear``)."""
     x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(3))
-    fake = fxquant.compile(toy_vit(), recipe=recipe, calib=toy_calib(), progress=False)
-    low = fxquant.compile(toy_vit(), recipe=recipe, calib=toy_calib(), progress=False, lower=True)
-    assert any(isinstance(m, lowered.LoweredLinear) for m in low.modules())
+    fake = fxquant.compile(toy_vit(), recipe=recipe, calib=toy_calib(), progress=False, **options)
+    low = fxquant.compile(toy_vit(), recipe=recipe, calib=toy_calib(), progress=False, lower=True, **options)
+    assert any(isinstance(m, (lowered.LoweredLinear, lowered.LoweredGroupedLinear)) for m in low.modules())
     got_fake = run_onnx(to_onnx(fake, (x[:2],), tmp_path / "fake.onnx").path, (x,))
     got_low = run_onnx(to_onnx(low, (x[:2],), tmp_path / "low.onnx").path, (x,))
     assert torch.equal(got_low, got_fake)

@@ -35,7 +35,12 @@ def cifar_batch(cifar_data):
     return calib, x[:200], y[:200]
 
 
-@pytest.mark.parametrize("recipe", list(TOL))
+# BitLog2 and QwT handlers also run in the default suite on the toy ViT (test_export_handlers.py);
+# their whole-CIFAR-ViT checks (20 s each) run under -m slow
+SLOW_EXPORTS = ("bitlog2-w4a4", "repq-qwt-w4a4")
+
+
+@pytest.mark.parametrize("recipe", [pytest.param(r, marks=pytest.mark.slow) if r in SLOW_EXPORTS else r for r in TOL])
 def test_export_matches_fake_quant(recipe, tmp_path, cifar_compiled, cifar_batch):
     calib, x, _ = cifar_batch
     q = cifar_compiled(recipe, **OPTIONS.get(recipe, {}))

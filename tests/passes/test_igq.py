@@ -73,6 +73,11 @@ def test_contiguous_groups_that_do_not_divide_name_the_layer():
 def test_group_quant_needs_annotations_and_a_known_mode():
     with pytest.raises(ConfigError, match="mode must be one of"):
         GroupQuant(mode="sorted")
+    with pytest.raises(ConfigError, match=r"budget_groups=8 must be one of the candidates \[1, 2, 4\]"):
+        AllocateGroups(candidates=(1, 2, 4))
+    with pytest.raises(ConfigError, match="candidates must be group counts >= 1"):
+        AllocateGroups(candidates=("a",))
+    assert AllocateGroups(candidates=("8", "2", "2")).candidates == (2, 8)  # command-line strings
     with pytest.raises(PassError, match="no Linear input quantizer to group"):
         fxquant.compile(TwoLinears(), passes=[AnnotateUniform(weight=W4, act=A4), GroupQuant(skip=("fc1", "fc2"))],
                         calib=_calib(), progress=False)
@@ -121,8 +126,8 @@ def test_igq_recipe_on_the_cifar_vit(cifar_compiled, cifar_data):
     assert stem and all(m.spec.bits == 8 for m in stem)
     _, x, y = cifar_data
     with torch.no_grad():
-        acc = (q(x).argmax(1) == y).float().mean().item()
-    assert acc > 0.6  # FP32 on these 500 images: 0.69
+        acc = (q(x[:200]).argmax(1) == y[:200]).float().mean().item()
+    assert acc > 0.6  # FP32 on these 200 images: 0.74
 
 
 def test_platform_recipe_options():
