@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import torch
 
-from .int_linear import HAS_TRITON
+from .int_linear import HAS_TRITON, _vec
 
 if HAS_TRITON:
     import triton
@@ -99,9 +99,13 @@ def group_segments(group_idx: torch.Tensor, num_groups: int) -> tuple[torch.Tens
     return perm.to(torch.int32).contiguous(), seg.to(torch.int32).contiguous()
 
 
-def _vec(v, n: int, dtype, device=None) -> torch.Tensor:
-    t = torch.as_tensor(v, dtype=dtype, device=device)
-    return t.reshape(-1).expand(n) if t.numel() == 1 else t.reshape(-1)
+def _operands(a, group_idx, rows_per_instance: int, g_scale, g_zp, w_scale, w_zp, n: int, int_dtype: torch.dtype):
+    """Checked operands of the integer paths: ``(instances, s_g, z_g, s_w, z_w)``, scales float32
+    and zero points ``int_dtype``, the weight ones expanded to ``n`` rows."""
+    s_g = torch.as_tensor(g_scale, dtype=torch.float32).reshape(-1)
+    z_g = torch.as_tensor(g_zp).reshape(-1).to(int_dtype)
+    inst = _check(a, group_idx, rows_per_instance, s_g.numel(), a.shape[1])
+    return inst, s_g, z_g, _vec(w_scale, n, torch.float32), _vec(w_zp, n, int_dtype)
 
 
 # ------------------------------------------------------------------------------------------
@@ -115,13 +119,8 @@ def grouped_linear_ref(a: torch.Tensor, group_idx: torch.Tensor, rows_per_instan
     module docstring's float32 epilogue (groups in increasing order, ``+ bias`` last).
     ``a``: int8 ``[M, K]``; ``group_idx``: ``[M / rows_per_instance, K]``; ``g_scale``/``g_zp``: ``[G]``
     (signed-code zero points); ``w``: int8 ``[N, K]``; ``w_scale``/``w_zp``: scalar or per row."""
-    m, k = a.shape
-    n = w.shape[0]
-    s_g = torch.as_tensor(g_scale, dtype=torch.float32).reshape(-1)
-    z_g = torch.as_tensor(g_zp).reshape(-1).to(torch.int64)
-    inst = _check(a, group_idx, rows_per_instance, s_g.numel(), k)
-    s_w = _vec(w_scale, n, torch.float32)
-    z_w = _vec(w_zp, n, torch.int64)
+    m, n = a.shape[0], w.shape[0]
+    inst, s_g, z_g, s_w, z_w = _operands(a, group_idx, rows_per_instance, g_scale, g_zp, w_scale, w_zp, n, torch.int64)
     wz = w.to(torch.int64) - z_w[:, None]
     out = torch.empty(m, n, dtype=torch.float32)
     for i in range(inst):
@@ -157,13 +156,8 @@ def grouped_linear_cpu(a: torch.Tensor, group_idx: torch.Tensor, rows_per_instan
     (``group_segments``), one ``torch._int_mm`` (int8 × int8 → int32) per non-empty group on the
     gathered columns, the int32 zero-point correction, and the module docstring's float32 epilogue.
     Same arguments as ``grouped_linear_ref`` (unpacked int8 weights); equal to it bit for bit."""
-    m, k = a.shape
-    n = w.shape[0]
-    s_g = torch.as_tensor(g_scale, dtype=torch.float32).reshape(-1)
-    z_g = torch.as_tensor(g_zp).reshape(-1).to(torch.int32)
-    inst = _check(a, group_idx, rows_per_instance, s_g.numel(), k)
-    s_w = _vec(w_scale, n, torch.float32)
-    z_w = _vec(w_zp, n, torch.int32)
+    m, n = a.shape[0], w.shape[0]
+    inst, s_g, z_g, s_w, z_w = _operands(a, group_idx, rows_per_instance, g_scale, g_zp, w_scale, w_zp, n, torch.int32)
     sgw = s_g[:, None] * s_w[None, :]  # [G, N]: s_g·s_w, rounded once as in the reference
     perm, seg = group_segments(group_idx.cpu(), s_g.numel())
     perm, seg = perm.long(), seg.tolist()

@@ -30,8 +30,10 @@ groups the rest.
 
 ``AllocateGroups`` (``allocate_groups``) then chooses ``G`` per quantizer (IGQ-ViT's group size
 allocation): for every group quantizer and candidate ``G`` it calibrates that quantizer alone at
-``G`` and measures the discrepancy ``KL(p_fp ‖ p_q)`` between the float model's predictions and
-those of the model in which only that quantizer is on, on ``max_images`` calibration images; a
+``G`` (weights quantized, other activations float: what a parallel ``calibrate`` sees, so a
+candidate equal to the calibrated ``G`` gets the same parameters) and measures the discrepancy
+``KL(p_fp ‖ p_q)`` between the float model's predictions and those of the model in which the
+weights and only that activation quantizer are on, on ``max_images`` calibration images; a
 multiple-choice knapsack (exact dynamic programme) then minimises the summed discrepancy under a
 bit-operation budget equal to every quantizer at ``budget_groups`` (8). The BOPs that depend on
 ``G`` are the group rescales (``G`` 32-bit multiply-adds per output of a grouped Linear) and, for
@@ -52,10 +54,12 @@ from tqdm.auto import tqdm
 
 from fxquant import match
 from fxquant.batches import call_model
+from fxquant.calibration import Calibration
 from fxquant.errors import ConfigError, PassError
+from fxquant.graph import logits_of
 from fxquant.meta import ROLE, input_specs, set_input_spec
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.quant import FakeQuantize, InstanceGroups, MinMax, Percentile, PerGroup, PerTensor, QuantSpec
+from fxquant.quant import FakeQuantize, InstanceGroups, MinMax, Percentile, PerGroup, PerTensor, QuantSpec, quantizers
 
 from .calibrate import act_quantizers, observe
 
@@ -188,11 +192,6 @@ def with_groups(spec: QuantSpec, num_groups: int, channels: int) -> QuantSpec:
     return spec.with_(granularity=PerGroup(channels // num_groups, axis=g.axis))
 
 
-def num_groups_of(spec: QuantSpec, channels: int) -> int:
-    g = spec.granularity
-    return g.num_groups if isinstance(g, InstanceGroups) else channels // g.group_size
-
-
 def solve_allocation(cost: list[list[int]], loss: list[list[float]], budget: int) -> list[int]:
     """Multiple-choice knapsack: one choice ``j`` per item ``i`` minimising ``Σ loss[i][j]`` subject
     to ``Σ cost[i][j] <= budget`` (non-negative integer costs), by exact dynamic programming over
@@ -225,6 +224,22 @@ def solve_allocation(cost: list[list[int]], loss: list[list[float]], budget: int
     return out[::-1]
 
 
+def knapsack_units(costs: list[list[int]], uniform: list[int], max_units: int) -> tuple[list[list[int]], int]:
+    """Integer DP costs and budget for ``solve_allocation``, where the budget is the cost of the
+    ``uniform`` choice (one index per item). Costs are taken relative to it, divided by a step
+    (their gcd, or coarser so that the DP has at most ``max_units`` budget units) and rounded *up*,
+    then shifted to be non-negative: every solution of the coarse problem fits the exact budget,
+    and the uniform choice is always one of them."""
+    deltas = [[c - row[u] for c in row] for row, u in zip(costs, uniform)]
+    span = sum(-min(row) for row in deltas)  # exact budget left once every item takes its cheapest choice
+    div = math.gcd(*[d for row in deltas for d in row]) or 1
+    if span // div > max_units:
+        div = math.ceil(span / max_units)
+    coarse = [[-(-d // div) for d in row] for row in deltas]
+    lows = [min(row) for row in coarse]
+    return [[c - lo for c in row] for row, lo in zip(coarse, lows)], -sum(lows)
+
+
 def _linear_out_features(gm: fx.GraphModule, qname: str) -> int:
     """Summed ``out_features`` of the Linears reading quantizer ``qname`` (HF's q/k/v share one)."""
     modules = match.modules_of(gm)
@@ -244,7 +259,8 @@ class AllocateGroups(Pass):
         candidates: group counts to choose from per quantizer (contiguous mode: those dividing C).
         budget_groups: the budget is the BOPs of every group quantizer at this G (8 in the paper).
         max_images: calibration images for the per-quantizer calibration and discrepancy.
-        max_budget_units: the DP's resolution; coarser costs are rounded *up*, so the budget holds.
+        max_budget_units: the DP's resolution (``knapsack_units``); coarser costs are rounded *up*,
+            so the budget holds and the uniform allocation stays feasible.
     """
 
     name = "allocate_groups"
@@ -279,50 +295,54 @@ class AllocateGroups(Pass):
         calib = ctx.require_calib(self.name)
         batches = list(calib.limited(self.max_images))
         shapes = self._input_shapes(gm, [q for _, q in sites], batches[0])
-        saved = {id(q): (q.spec, q.scale, q.zero_point, q.fake_quant_enabled) for _, q in act_quantizers(gm)}
-        w_saved = {n: m.fake_quant_enabled for n, m in gm.named_modules() if isinstance(m, FakeQuantize) and m.weight}
+        everything = [m for _, m in quantizers(gm)]
+        saved = {id(q): (q.spec, q.scale, q.zero_point, q.fake_quant_enabled) for q in everything}
+        data = Calibration(batches, progress=False)
         try:
-            for _, q in act_quantizers(gm):
+            for q in everything:
                 q.fake_quant_enabled = False
-            for n, m in gm.named_modules():
-                if isinstance(m, FakeQuantize) and m.weight:
-                    m.fake_quant_enabled = False
             with torch.no_grad():
-                fp = [F.log_softmax(_logits(call_model(gm, b)).float(), dim=-1) for b in batches]
+                fp = [F.log_softmax(logits_of(call_model(gm, b)).float(), dim=-1) for b in batches]
+            for q in everything:  # weights quantized from here on, as when calibrate observes activations
+                q.fake_quant_enabled = q.weight and saved[id(q)][3]
             items, table = [], []
             for name, q in tqdm(sites, desc="allocate groups", disable=not ctx.progress, leave=False):
                 channels = self._channels(q)
-                cands = [g for g in self.candidates if isinstance(q.spec.granularity, InstanceGroups) or channels % g == 0]
+                instance = isinstance(q.spec.granularity, InstanceGroups)
+                cands = [g for g in self.candidates if instance or channels % g == 0]
                 if self.budget_groups not in cands:
                     raise ConfigError(f"allocate_groups: quantizer '{name}' cannot take the budget's G = "
                                       f"{self.budget_groups} ({channels} channels)")
+                if instance:  # the per-instance ranges do not depend on G: observe once, cluster per candidate
+                    observe(gm, [q], data, None)
+                    ranges = q.observer
                 per_g = []
                 for g in cands:
                     q.spec = with_groups(saved[id(q)][0], g, channels)
-                    observe(gm, [q], _Batches(batches), None)
-                    q.compute_qparams()
+                    if instance:
+                        q.set_qparams(*ranges.compute_qparams(num_groups=g))
+                    else:
+                        observe(gm, [q], data, None)
+                        q.compute_qparams()
                     q.fake_quant_enabled = True
                     with torch.no_grad():
-                        kl = sum(F.kl_div(F.log_softmax(_logits(call_model(gm, b)).float(), dim=-1), f, log_target=True,
+                        kl = sum(F.kl_div(F.log_softmax(logits_of(call_model(gm, b)).float(), dim=-1), f, log_target=True,
                                           reduction="sum").item() for b, f in zip(batches, fp))
                     per_g.append((g, kl / sum(f.shape[0] for f in fp), q.scale.clone(), q.zero_point.clone(), q.spec))
                     q.fake_quant_enabled = False
+                q.observer = None
                 items.append((name, q, channels, per_g))
                 table.append({"quantizer": name, "kl": {str(g): round(v, 6) for g, v, *_ in per_g}})
         finally:
-            for _, q in act_quantizers(gm):
+            for q in everything:
                 q.spec, q.scale, q.zero_point, q.fake_quant_enabled = saved[id(q)]
-            for n, m in gm.named_modules():
-                if isinstance(m, FakeQuantize) and m.weight:
-                    m.fake_quant_enabled = w_saved[n]
         # BOPs that depend on G, per instance: outputs × G rescales (Linear) or rows × G compares (A)
         unit = [self._rescale_outputs(gm, name, q, shapes[id(q)]) for name, q, _, _ in items]
         costs = [[u * g * BOP_ACC_BITS for g, *_ in per_g] for u, (_, _, _, per_g) in zip(unit, items)]
         budget = sum(u * self.budget_groups * BOP_ACC_BITS for u in unit)
-        step = max(1, math.ceil(budget / self.max_budget_units))
-        div = math.gcd(*[c for row in costs for c in row], budget) if step == 1 else step
-        coarse = [[-(-c // div) for c in row] for row in costs]  # ceil: a coarse solution fits the exact budget
-        choice = solve_allocation(coarse, [[v for _, v, *_ in per_g] for *_, per_g in items], budget // div)
+        coarse, coarse_budget = knapsack_units(costs, [[g for g, *_ in per_g].index(self.budget_groups)
+                                                       for *_, per_g in items], self.max_budget_units)
+        choice = solve_allocation(coarse, [[v for _, v, *_ in per_g] for *_, per_g in items], coarse_budget)
         chosen, used = {}, 0
         for (name, q, _, per_g), j, row in zip(items, choice, costs):
             g, _, scale, zp, spec = per_g[j]
@@ -376,29 +396,5 @@ class AllocateGroups(Pass):
         return per_instance // shape[-1] * out
 
 
-class _Batches:
-    """A fixed list of batches in the ``Calibration`` interface ``observe`` uses."""
-
-    def __init__(self, batches: list):
-        self.batches = batches
-
-    def run(self, model, *, on_batch=None, max_images=None) -> int:
-        with torch.no_grad():
-            for i, b in enumerate(self.batches):
-                if on_batch:
-                    on_batch(i, b)
-                call_model(model, b)
-        return len(self.batches)
-
-
-def _logits(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    if hasattr(out, "logits"):
-        return out.logits
-    raise PassError(f"allocate_groups: cannot find logits in a model output of type {type(out).__name__}")
-
-
-__all__ = ["GroupQuant", "AllocateGroups", "solve_allocation", "group_quantizers", "channel_group_spec", "row_group_spec"]
+__all__ = ["GroupQuant", "AllocateGroups", "solve_allocation", "knapsack_units",
+           "group_quantizers", "channel_group_spec", "row_group_spec"]

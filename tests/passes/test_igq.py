@@ -17,7 +17,7 @@ from fxquant.cli import main
 from fxquant.errors import ConfigError, PassError
 from fxquant.meta import input_specs
 from fxquant.passes import AllocateGroups, AnnotateUniform, Calibrate, GroupQuant, InsertQuantizers
-from fxquant.passes.igq import group_quantizers, solve_allocation
+from fxquant.passes.igq import group_quantizers, knapsack_units, solve_allocation
 from fxquant.quant import FakeQuantize, InstanceGroups, PerAxis, PerGroup, PerTensor, QuantSpec
 from fxquant.testing import toy_calib, toy_vit
 
@@ -100,9 +100,26 @@ def test_knapsack_is_exact_and_within_budget():
         solve_allocation([[5, 6]], [[0.0, 1.0]], 4)
 
 
+def test_coarse_knapsack_units_keep_the_uniform_choice_and_the_exact_budget():
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        units = torch.randint(1, 10_000, (5,), generator=g).tolist()
+        costs = [[u * k for k in (1, 2, 4, 8, 16)] for u in units]
+        uniform = [int(torch.randint(0, 5, (1,), generator=g))] * 5
+        budget = sum(row[j] for row, j in zip(costs, uniform))
+        for max_units in (3, 50, 10**9):
+            coarse, coarse_budget = knapsack_units(costs, uniform, max_units)
+            assert coarse_budget <= max(max_units, 0) + 5 and all(c >= 0 for row in coarse for c in row)
+            assert sum(row[j] for row, j in zip(coarse, uniform)) <= coarse_budget  # the uniform choice fits
+            for js in itertools.product(range(5), repeat=5):  # every coarse-feasible choice fits exactly
+                if sum(row[j] for row, j in zip(coarse, js)) <= coarse_budget:
+                    assert sum(row[j] for row, j in zip(costs, js)) <= budget
+
+
 def test_allocate_groups_stays_within_budget_and_replays(tmp_path):
     q = fxquant.compile(toy_vit(), passes=[AnnotateUniform(weight=W4, act=A4), GroupQuant(num_groups=2), InsertQuantizers(),
-                                           Calibrate(), AllocateGroups(candidates=(1, 2, 4), budget_groups=2, max_images=8)],
+                                           Calibrate(), AllocateGroups(candidates=(1, 2, 4), budget_groups=2, max_images=8,
+                                                                       max_budget_units=3)],  # a coarse DP
                         calib=toy_calib(), progress=False)
     rec = fxquant.report(q)["allocate_groups"].record
     assert rec["group_bops"] <= rec["budget_bops"]
@@ -187,3 +204,15 @@ def test_group_quant_after_repq_keeps_the_layer_norm_sites():
     assert fxquant.report(q)["repq_reparam"].modified
     labels = {fq.label for _, fq in group_quantizers(q)}
     assert not any("qkv" in lab or "fc1" in lab for lab in labels)
+
+
+def test_allocation_with_one_candidate_is_the_calibrated_model():
+    """With G itself the only candidate, allocation recalibrates every quantizer exactly as the
+    parallel calibrate pass did: the same model."""
+    base = [AnnotateUniform(weight=W4, act=A4), GroupQuant(num_groups=2), InsertQuantizers(), Calibrate()]
+    x = toy_calib(n=1, batch=2)[0]
+    plain = fxquant.compile(toy_vit(), passes=base, calib=toy_calib(), progress=False)
+    alloc = fxquant.compile(toy_vit(), passes=base + [AllocateGroups(candidates=(2,), budget_groups=2, max_images=None)],
+                            calib=toy_calib(), progress=False)
+    with torch.no_grad():
+        assert torch.equal(alloc(x), plain(x))
