@@ -155,6 +155,9 @@ class ExportActQuant(nn.Module):
                 # lowered Linear's [C/g]) fit an input of any rank
                 self.axis = axes[0] - scale.dim() if g.axis < 0 else axes[0]
             zp = zero_point.detach().float().reshape(scale.shape)
+            if spec.zero_point_domain != "int":
+                raise ConfigError(f"ONNX export: quantizer '{label}' has a float-domain zero point (the min-max grid of "
+                                  f"OQFV/LoftQ weights); QuantizeLinear takes an integer zero point")
             if not torch.equal(zp, zp.round()):
                 raise ConfigError(f"ONNX export: quantizer '{label}' has a fractional zero point "
                                   f"{zp.flatten()[0].item():.3f} (RepQ-faithful z̃); recompile with round_target_zero_point=True")
@@ -215,8 +218,9 @@ class _ExportWeight(nn.Module):
 
     @classmethod
     def from_fake_quant(cls, weight: torch.Tensor, fq: FakeQuantize) -> "_ExportWeight":
-        if not torch.equal(fq.zero_point, fq.zero_point.round()):
-            raise ConfigError(f"ONNX export: weight quantizer '{fq.label}' has a fractional zero point")
+        if fq.spec.zero_point_domain != "int" or not torch.equal(fq.zero_point, fq.zero_point.round()):
+            raise ConfigError(f"ONNX export: weight quantizer '{fq.label}' has a fractional or float-domain zero point; "
+                              f"QDQ weights need an integer zero point")
         codes = to_signed_codes(weight.detach().float(), fq.scale, fq.zero_point, fq.spec)
         return cls(codes, fq.scale, fq.zero_point - code_offset(fq.spec), fq.label)
 

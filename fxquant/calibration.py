@@ -139,3 +139,26 @@ def locate_nonfinite(gm: fx.GraphModule, batch: Any) -> tuple[str, str] | None:
         except _Stop:
             pass
     return finder.found
+
+
+def stratified_indices(labels: torch.Tensor, n: int, seed: int = 0) -> list[int]:
+    """``n`` indices drawn class by class (OQFV's "distribution" sampling): in class order, each
+    class gives ``remaining // classes_left`` random members (all it has, if fewer), and any
+    shortfall is drawn at random from the items not yet taken. Sorted; same seed, same indices."""
+    labels = torch.as_tensor(labels).flatten()
+    if n > labels.numel():
+        raise CalibrationError(f"a class-stratified sample of {n} needs at least {n} labelled images; got {labels.numel()}")
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.unique(labels).tolist()
+    chosen: list[int] = []
+    remaining, left = n, len(classes)
+    for c in classes:
+        members = (labels == c).nonzero().flatten()
+        take = min(remaining // left, members.numel())
+        chosen += members[torch.randperm(members.numel(), generator=g)[:take]].tolist()
+        remaining -= take
+        left -= 1
+    if remaining > 0:
+        rest = torch.tensor(sorted(set(range(labels.numel())) - set(chosen)), dtype=torch.long)
+        chosen += rest[torch.randperm(rest.numel(), generator=g)[:remaining]].tolist()
+    return sorted(chosen)

@@ -1,4 +1,4 @@
-"""The ``fxquant`` command line: ``recipes``, ``quantize``, ``eval``, ``export``, ``platform``, ``demo``."""
+"""The ``fxquant`` command line: ``recipes``, ``quantize``, ``eval``, ``export``, ``platform``, ``finetune``, ``demo``."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ from pathlib import Path
 
 import torch
 
-from . import artifact
+from . import artifact, distributed
 from .api import compile as fx_compile
 from .api import report
 from .data import load_data
 from .errors import FxQuantError
 from .evaluate import top1
 from .export import run_onnx, to_onnx
+from .finetune import FinetuneConfig, finetune
 from .models import load_model
 from .pipeline import PASS_REGISTRY
 from .recipes import get_recipe, list_recipes
@@ -277,6 +278,54 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    distributed.init_from_env()
+    cfg = FinetuneConfig(model=args.model, task=args.task, init=args.init, bits=args.bits, rank=args.rank, epochs=args.epochs,
+                         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+                         train_images=args.train_images, val_images=args.val_images, test_images=args.test_images,
+                         oqfv_images=args.oqfv_images, oqfv_lr=args.oqfv_lr, loftq_iters=args.loftq_iters,
+                         loftq_grid=args.loftq_grid)
+    res = finetune(cfg, out=args.out, progress=not args.quiet)
+    if distributed.is_main():
+        rows = [(res["init"], res["task"], res["bits"] or "fp", res["rank"], f"{res['top1_init']:.2f}", f"{res['top1']:.2f}",
+                 res["trainable_params"], f"{res['seconds']:.1f}")]
+        print(_table(rows, ("init", "task", "bits", "rank", "top1 init %", "top1 %", "trainable", "seconds")))
+        print(f"{res['test_images']} test images, {res['train_images']} train / {res['val_images']} val, "
+              f"{res['world_size']} process(es)")
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+            print(f"wrote {args.json}")
+    return 0
+
+
+def _add_finetune_parser(sub) -> None:
+    f = sub.add_parser("finetune", help="low-bit LoRA fine-tuning (OQFV, LoftQ, QLoRA, FP LoRA) on a few-shot task",
+                       description="VTAB-1k protocol (train800val200 of CIFAR-10's labelled training images, evaluation on "
+                                   "the test set). Under `torchrun --nproc_per_node N -m fxquant finetune ...` it runs "
+                                   "data-parallel (DDP) with the same result.")
+    f.add_argument("--model", default="cifar-vit", help="cifar-vit | hf:cifar-vit | embedded | folder | hf:<folder>")
+    f.add_argument("--task", default="cifar10", choices=("cifar10", "rotation"))
+    f.add_argument("--init", default="oqfv", choices=("qlora", "loftq", "oqfv", "fp"))
+    f.add_argument("--bits", type=int, default=2)
+    f.add_argument("--rank", type=int, default=32)
+    f.add_argument("--epochs", type=int, default=20)
+    f.add_argument("--batch-size", type=int, default=64, help="global batch (split over torchrun processes)")
+    f.add_argument("--lr", type=float, default=1e-3)
+    f.add_argument("--weight-decay", type=float, default=1e-4)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--train-images", type=int, default=800)
+    f.add_argument("--val-images", type=int, default=200)
+    f.add_argument("--test-images", type=int, default=None, help="default: the whole test set")
+    f.add_argument("--oqfv-images", type=int, default=128, help="OQFV's class-stratified logit-MSE sample")
+    f.add_argument("--oqfv-lr", type=float, default=1e-3, help="OQFV's one AdamW step")
+    f.add_argument("--loftq-iters", type=int, default=5)
+    f.add_argument("--loftq-grid", default="refit", choices=("refit", "fixed"))
+    f.add_argument("--out", default=None, help="folder: checkpoint.safetensors, the artifact model/, peft/ (HF models)")
+    f.add_argument("--json", default=None, help="write the result as JSON to this path")
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
+    f.set_defaults(fn=cmd_finetune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fxquant", description="torch.fx post-training quantization for vision transformers")
     sub = p.add_subparsers(dest="command", required=True)
@@ -314,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(fn=cmd_export)
 
     _add_platform_parser(sub)
+    _add_finetune_parser(sub)
     sub.add_parser("demo", help="W8A8 and W4A4 on the embedded CIFAR-10 ViT (needs nothing else)").set_defaults(fn=cmd_demo)
     return p
 

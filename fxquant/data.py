@@ -112,3 +112,61 @@ def load_data(info: ModelInfo, data: str | None, *, calib_images: int, limit: in
             raise ConfigError(f"model '{info.spec}' predicts {info.num_classes} classes; CIFAR-10 has 10")
         return load_cifar10(info, calib_images=calib_images, limit=limit, batch_size=batch_size, embedded=info.spec == "embedded")
     return load_image_folder(info, data, calib_images=calib_images, limit=limit, seed=seed, batch_size=min(batch_size, 50))
+
+
+# ---------------------------------------------------------------------------------------------
+# Few-shot fine-tuning tasks (VTAB-1k protocol: train800val200, evaluation on the full test set)
+# ---------------------------------------------------------------------------------------------
+
+TASKS = ("cifar10", "rotation")
+
+
+@dataclass
+class FewShotTask:
+    """A labelled few-shot task, normalised for the model: ``train``/``val`` ``(images, labels)``
+    from CIFAR-10's labelled training images (``calib.npz``), ``test`` from its test set."""
+
+    name: str
+    num_classes: int
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+    source: str
+
+
+def rotate_task(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """4-way rotation prediction: image ``i`` turned by ``(i mod 4)·90°`` counter-clockwise
+    (``torch.rot90`` over H, W: exact), label ``i mod 4``. The CIFAR files are pre-shuffled, so
+    the rotation is independent of the class; the four labels are balanced."""
+    labels = torch.arange(images.shape[0]) % 4
+    out = images.clone()
+    for k in range(1, 4):
+        idx = labels == k
+        out[idx] = torch.rot90(images[idx], k, dims=(2, 3))
+    return out, labels
+
+
+def load_fewshot(info: ModelInfo, task: str, *, train: int = 800, val: int = 200, test: int | None = None,
+                 embedded: bool = False) -> FewShotTask:
+    """VTAB-1k-style split of CIFAR-10 for ``task`` (``cifar10``: the 10 classes; ``rotation``:
+    4-way rotation of the same images): ``train`` then ``val`` images from the pre-shuffled labelled
+    training images, ``test`` (default all) test images."""
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; tasks: {list(TASKS)}")
+    if tuple(info.input_size[1:]) != (32, 32):
+        raise ConfigError(f"the few-shot tasks are built from 32x32 CIFAR-10 images; model '{info.spec}' takes "
+                          f"{info.input_size[1]}x{info.input_size[2]}")
+    test_p, calib_p, source = cifar10_paths(embedded)
+    lab, tst = np.load(calib_p), np.load(test_p)
+    if train < 1 or val < 0 or train + val > len(lab["labels"]):
+        raise ConfigError(f"--train-images {train} + --val-images {val} exceed the {len(lab['labels'])} labelled training "
+                          f"images in {source}")
+    n_test = len(tst["labels"]) if test is None else min(test, len(tst["labels"]))
+    xs = _normalise(lab["images"][:train + val], info.mean, info.std)
+    ys = torch.from_numpy(lab["labels"][:train + val].astype(np.int64))
+    xt = _normalise(tst["images"][:n_test], info.mean, info.std)
+    yt = torch.from_numpy(tst["labels"][:n_test].astype(np.int64))
+    classes = 10
+    if task == "rotation":
+        (xs, ys), (xt, yt), classes = rotate_task(xs), rotate_task(xt), 4
+    return FewShotTask(task, classes, (xs[:train], ys[:train]), (xs[train:], ys[train:]), (xt, yt), source)

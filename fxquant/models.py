@@ -9,6 +9,10 @@ spec                        model
                             (``shared/models/vit_cifar10_outliers``)
 ``embedded``                always the embedded copy (what ``fxquant demo`` uses)
 ``timm:<name>``             ``timm.create_model(name)``: random init unless ``pretrained=True``
+``hf:cifar-vit``            the CIFAR ViT converted to a Hugging Face ``ViTForImageClassification``
+                            (``timm_vit_to_hf``; equal logits); ``hf:cifar-vit-outliers`` likewise
+``hf:<folder or hub id>``   ``AutoModelForImageClassification.from_pretrained`` (a local folder, or a
+                            hub id already in the Hugging Face cache)
 ``<folder>``                ``config.json`` (``architecture`` + ``model_kwargs``) + ``model.safetensors``
 ==========================  ================================================================
 
@@ -27,6 +31,7 @@ from pathlib import Path
 import timm
 import torch
 from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .errors import ConfigError
@@ -139,10 +144,106 @@ def load_model(spec: str, *, pretrained: bool = False) -> ModelInfo:
         return ModelInfo(spec, model, tuple(dc["input_size"]), tuple(dc["mean"]), tuple(dc["std"]),
                          getattr(model, "num_classes", 1000), "imagenet" if getattr(model, "num_classes", 0) == 1000 else None,
                          f"timm ({'pretrained' if pretrained else 'random init'})", data_config=dc)
+    if spec.startswith("hf:"):
+        return _load_hf(spec, spec[len("hf:"):], pretrained=pretrained)
     path = Path(spec)
     if path.is_dir():
         return _from_folder(spec, path, str(path.resolve()))
     raise ConfigError(
-        f"unknown model spec {spec!r}; use cifar-vit, cifar-vit-outliers, embedded, timm:<name>, or a folder with "
-        f"config.json + model.safetensors"
+        f"unknown model spec {spec!r}; use cifar-vit, cifar-vit-outliers, embedded, timm:<name>, hf:cifar-vit, "
+        f"hf:<folder or hub id>, or a folder with config.json + model.safetensors"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face ViT
+# ---------------------------------------------------------------------------------------------
+
+# timm ViT key -> Hugging Face ViTForImageClassification key, for transformers 5.x and 4.x layouts
+# ("{i}" = block index; "qkv" is split into three)
+_HF_VIT_KEYS = {
+    "5": {"blocks.{i}.norm1": "vit.layers.{i}.layernorm_before", "blocks.{i}.norm2": "vit.layers.{i}.layernorm_after",
+          "blocks.{i}.attn.qkv": ("vit.layers.{i}.attention.q_proj", "vit.layers.{i}.attention.k_proj",
+                                  "vit.layers.{i}.attention.v_proj"),
+          "blocks.{i}.attn.proj": "vit.layers.{i}.attention.o_proj", "blocks.{i}.mlp.fc1": "vit.layers.{i}.mlp.fc1",
+          "blocks.{i}.mlp.fc2": "vit.layers.{i}.mlp.fc2"},
+    "4": {"blocks.{i}.norm1": "vit.encoder.layer.{i}.layernorm_before",
+          "blocks.{i}.norm2": "vit.encoder.layer.{i}.layernorm_after",
+          "blocks.{i}.attn.qkv": ("vit.encoder.layer.{i}.attention.attention.query",
+                                  "vit.encoder.layer.{i}.attention.attention.key",
+                                  "vit.encoder.layer.{i}.attention.attention.value"),
+          "blocks.{i}.attn.proj": "vit.encoder.layer.{i}.attention.output.dense",
+          "blocks.{i}.mlp.fc1": "vit.encoder.layer.{i}.intermediate.dense",
+          "blocks.{i}.mlp.fc2": "vit.encoder.layer.{i}.output.dense"},
+}
+_HF_VIT_FIXED = {"patch_embed.proj": "vit.embeddings.patch_embeddings.projection", "norm": "vit.layernorm",
+                 "head": "classifier"}
+
+
+def timm_vit_to_hf(model: nn.Module) -> nn.Module:
+    """A Hugging Face ``ViTForImageClassification`` computing the same function as a timm
+    ``VisionTransformer`` with a class token, token pooling, exact GELU, ``qkv`` bias and no
+    LayerScale (the CIFAR ViT; plain ViT-S/B/L): the fused ``qkv`` is split into query/key/value,
+    ``layer_norm_eps`` = timm's 1e-6. The tests check equal logits."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    if not isinstance(model, VisionTransformer) or model.cls_token is None or model.global_pool != "token" \
+            or model.num_prefix_tokens != 1 or not isinstance(model.patch_embed.proj, nn.Conv2d):
+        raise ConfigError("timm_vit_to_hf converts a timm VisionTransformer with one class token, global_pool='token' and a "
+                          "Conv2d patch embedding (ViTForImageClassification's architecture)")
+    blk = model.blocks[0]
+    if not isinstance(blk.ls1, nn.Identity) or blk.attn.qkv.bias is None or not isinstance(blk.mlp.act, nn.GELU):
+        raise ConfigError("timm_vit_to_hf: the blocks must have qkv bias, exact GELU and no LayerScale")
+    img = model.patch_embed.img_size
+    cfg = ViTConfig(image_size=img[0], patch_size=model.patch_embed.patch_size[0],
+                    num_channels=model.patch_embed.proj.in_channels,
+                    hidden_size=model.embed_dim, num_hidden_layers=len(model.blocks), num_attention_heads=blk.attn.num_heads,
+                    intermediate_size=blk.mlp.fc1.out_features, hidden_act="gelu", layer_norm_eps=blk.norm1.eps,
+                    qkv_bias=True, num_labels=model.num_classes, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    hf = ViTForImageClassification(cfg)
+    target = hf.state_dict()
+    src = model.state_dict()
+    layout = "5" if any(k.startswith("vit.layers.") for k in target) else "4"
+    out = {"vit.embeddings.cls_token": src["cls_token"], "vit.embeddings.position_embeddings": src["pos_embed"]}
+    names = dict(_HF_VIT_FIXED)
+    for i in range(len(model.blocks)):
+        for t, h in _HF_VIT_KEYS[layout].items():
+            names[t.format(i=i)] = tuple(x.format(i=i) for x in h) if isinstance(h, tuple) else h.format(i=i)
+    for t, h in names.items():
+        for p in ("weight", "bias"):
+            if isinstance(h, tuple):
+                for part, name in zip(src[f"{t}.{p}"].chunk(3, dim=0), h):
+                    out[f"{name}.{p}"] = part
+            else:
+                out[f"{h}.{p}"] = src[f"{t}.{p}"]
+    missing, unexpected = sorted(set(target) - set(out)), sorted(set(out) - set(target))
+    if missing or unexpected:
+        raise ConfigError(f"timm_vit_to_hf: key mismatch with transformers' ViT "
+                          f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+    hf.load_state_dict({k: v.clone() for k, v in out.items()})
+    return hf.eval()
+
+
+def _load_hf(spec: str, name: str, *, pretrained: bool) -> ModelInfo:
+    if name in ("cifar-vit", "cifar-vit-outliers"):
+        info = load_model(name)
+        return ModelInfo(spec, timm_vit_to_hf(info.model), info.input_size, info.mean, info.std, info.num_classes,
+                         info.dataset, f"{info.source} converted to transformers' ViTForImageClassification",
+                         info.fp32_top1_reference)
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    local = Path(name).is_dir()
+    try:
+        model = AutoModelForImageClassification.from_pretrained(name, local_files_only=not pretrained or local).eval()
+    except Exception as e:
+        raise ConfigError(f"could not load the Hugging Face model {name!r}: {e}. Without network access it must be a local "
+                          f"folder or already in the Hugging Face cache") from e
+    try:
+        proc = AutoImageProcessor.from_pretrained(name, local_files_only=True)
+        mean, std = tuple(proc.image_mean), tuple(proc.image_std)
+    except Exception:  # no processor config: ImageNet statistics
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    size = model.config.image_size
+    n = model.config.num_labels
+    return ModelInfo(spec, model, (model.config.num_channels, size, size), mean, std, n,
+                     "cifar10" if n == 10 and size == 32 else "imagenet" if n == 1000 else None, f"transformers ({name})")

@@ -8,10 +8,12 @@ from .block_recon import BlockReconstruct
 from .calibrate import Calibrate
 from .igq import AllocateGroups, GroupQuant
 from .insert import InsertQuantizers
+from .lora import LoRAQuantize, ReplaceHead
 from .lower import LowerToKernels
 from .qwt import QwTCompensate
 from .repq import AnnotateRepQ, ReparameterizeLayerNorm
 
 __all__ = ["AnnotateUniform", "InsertQuantizers", "Calibrate", "AnnotateRepQ", "ReparameterizeLayerNorm", "BitLog2Attention",
            "QwTCompensate", "LowerToKernels", "MLPReconstruct",
-           "AnnotateAPHQ", "BlockReconstruct", "GroupQuant", "AllocateGroups"]
+           "AnnotateAPHQ", "BlockReconstruct", "GroupQuant", "AllocateGroups",
+           "LoRAQuantize", "ReplaceHead"]

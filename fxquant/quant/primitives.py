@@ -71,7 +71,7 @@ class Estimator:
 
     @staticmethod
     def from_dict(d: dict) -> "Estimator":
-        kinds = {c.__name__: c for c in (MinMax, Percentile, PctMSE, OMSE, JointGrid)}
+        kinds = {c.__name__: c for c in (MinMax, Percentile, PctMSE, OMSE, JointGrid, SigmaClip)}
         d = dict(d)
         kind = d.pop("type")
         if kind not in kinds:
@@ -139,6 +139,19 @@ class JointGrid(Estimator):
             raise ConfigError(f"JointGrid needs 0 <= lo_q < hi_q <= 1, got lo_q={self.lo_q}, hi_q={self.hi_q}")
 
 
+@dataclass(frozen=True)
+class SigmaClip(Estimator):
+    """Range = the mean ± ``num_std`` standard deviations (Bessel-corrected, ``torch.std``),
+    intersected with [min, max]: clipping to ``μ ± kσ`` and then taking the min-max range of the
+    clipped values, as OQFV, LoftQ and QLoRA's uniform baselines quantize weights (METHODS.md §6)."""
+
+    num_std: float = 2.0
+
+    def __post_init__(self):
+        if not self.num_std > 0:
+            raise ConfigError(f"SigmaClip.num_std must be > 0, got {self.num_std}")
+
+
 # --------------------------------------------------------------------------------------------
 # Quantizer spec
 # --------------------------------------------------------------------------------------------
@@ -159,6 +172,12 @@ class QuantSpec:
             valid code (deployable). RepQ-ViT's per-channel post-LayerNorm quantizers use False.
         integer_zero_point: uniform asymmetric only; False keeps a fractional zero point (only
             produced by bit-faithful RepQ-ViT reparameterization; not deployable).
+        zero_point_domain: uniform asymmetric only. ``"int"`` (default): the integer code ``z``
+            that represents 0, ``x̂ = (q - z)·s``. ``"float"`` (torchao's ``ZeroPointDomain.FLOAT``,
+            the min-max grid of OQFV/LoftQ/QLoRA's uniform quantizers): ``zero_point`` holds the
+            float value ``m`` of the lowest code, ``q = clamp(round((x - m) / s) + qmin)``,
+            ``x̂ = (q - qmin)·s + m``; the grid spans exactly ``[lo, hi]`` and need not contain 0
+            (``zero_in_range`` does not apply). ONNX QDQ and the integer kernels take int zero points only.
         fit_bits: log2/log√2 only; exactly ``2^b`` levels with zero inside the code range.
         bitlog2_variant: ``scheme="bitlog2"`` only: single16, single17, half16 or half17 (4 bits).
             Its scale δ comes from the closed-form MSE solution, whatever the estimator.
@@ -171,6 +190,7 @@ class QuantSpec:
     estimator: Estimator = field(default_factory=MinMax)
     zero_in_range: bool = True
     integer_zero_point: bool = True
+    zero_point_domain: Literal["int", "float"] = "int"
     fit_bits: bool = False
     bitlog2_variant: str = ""
 
@@ -196,7 +216,7 @@ class QuantSpec:
         if not isinstance(self.granularity, Granularity):
             raise ConfigError(f"granularity must be PerTensor(), PerAxis(axis) or PerGroup(size), got {self.granularity!r}")
         if not isinstance(self.estimator, Estimator):
-            raise ConfigError(f"estimator must be MinMax(), Percentile(p), PctMSE(), OMSE() or JointGrid(), "
+            raise ConfigError(f"estimator must be MinMax(), Percentile(p), PctMSE(), OMSE(), JointGrid() or SigmaClip(), "
                               f"got {self.estimator!r}")
         if isinstance(self.granularity, InstanceGroups):
             if self.scheme != "uniform":
@@ -205,6 +225,11 @@ class QuantSpec:
                 raise ConfigError("InstanceGroups quantizers take their group ranges from k-means over per-instance "
                                   "[min, max] ranges, then MinMax (envelope) or Percentile(p) over each group's "
                                   f"members; got {type(self.estimator).__name__}")
+        if self.zero_point_domain not in ("int", "float"):
+            raise ConfigError(f"zero_point_domain must be 'int' or 'float', got {self.zero_point_domain!r}")
+        if self.zero_point_domain == "float" and (self.scheme != "uniform" or self.symmetric
+                                                  or isinstance(self.granularity, InstanceGroups)):
+            raise ConfigError("zero_point_domain='float' applies to uniform asymmetric per-tensor/axis/group quantizers only")
         if isinstance(self.estimator, JointGrid) and self.scheme != "uniform":
             raise ConfigError(f"the JointGrid estimator searches uniform (scale, zero point) pairs; scheme {self.scheme!r} "
                               f"needs another estimator (PctMSE)")
@@ -248,6 +273,7 @@ class QuantSpec:
             "estimator": self.estimator.to_dict(),
             "zero_in_range": self.zero_in_range,
             "integer_zero_point": self.integer_zero_point,
+            "zero_point_domain": self.zero_point_domain,
             "fit_bits": self.fit_bits,
             "bitlog2_variant": self.bitlog2_variant,
         }
@@ -264,7 +290,8 @@ class QuantSpec:
         gs = "tensor" if isinstance(g, PerTensor) else f"axis{g.axis}" if isinstance(g, PerAxis) else (
             f"igroups{g.num_groups}@{g.axis}" if isinstance(g, InstanceGroups) else f"group{g.group_size}")
         kind = {"uniform": "sym" if self.symmetric else "asym"}.get(self.scheme, self.scheme)
-        kind = self.bitlog2_variant or (kind + ("_fit" if self.fit_bits else ""))
+        fzp = "_fzp" if self.zero_point_domain == "float" else ""
+        kind = self.bitlog2_variant or (kind + ("_fit" if self.fit_bits else "") + fzp)
         return f"{kind}{self.bits}/{gs}/{type(self.estimator).__name__}"
 
 
@@ -337,6 +364,8 @@ def choose_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple
     if spec.symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
         return (amax / spec.qmax).clamp(min=tiny), torch.zeros_like(amax)
+    if spec.zero_point_domain == "float":
+        return ((hi - lo) / float(spec.qmax - spec.qmin)).clamp(min=tiny), lo.clone()
     if spec.zero_in_range:
         lo = lo.clamp(max=0.0)
         hi = hi.clamp(min=0.0)
@@ -562,6 +591,8 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spe
     if spec.is_log:
         return log_codes(x / scale, spec).to(x.dtype)
     zero_point = expand_params(zero_point, x.shape)
+    if spec.zero_point_domain == "float":
+        return torch.clamp(_round((x - zero_point) / scale, ste) + spec.qmin, spec.qmin, spec.qmax)
     return torch.clamp(_round(x / scale, ste) + zero_point, spec.qmin, spec.qmax)
 
 
@@ -577,6 +608,8 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, s
     if spec.is_log:
         return scale * log_level_table(spec).to(q.device)[q.long()]
     zero_point = expand_params(zero_point, q.shape)
+    if spec.zero_point_domain == "float":
+        return (q - spec.qmin) * scale + zero_point
     return (q - zero_point) * scale
 
 
@@ -640,12 +673,12 @@ def grid_values(scale: float, zero_point: float, spec: QuantSpec) -> torch.Tenso
     return torch.unique(vals)
 
 
-ESTIMATOR_NAMES = ("minmax", "percentile[:p]", "pctmse", "omse[:grid]", "grid[:candidates]")
+ESTIMATOR_NAMES = ("minmax", "percentile[:p]", "pctmse", "omse[:grid]", "grid[:candidates]", "sigma[:num_std]")
 
 
 def estimator_from_name(name: str | Estimator) -> Estimator:
     """Parse ``"minmax"``, ``"percentile"``/``"percentile:0.999"``, ``"pctmse"``, ``"omse"``/``"omse:200"``,
-    ``"grid"``/``"grid:128"`` (APHQ-ViT's joint scale/zero-point grid)."""
+    ``"grid"``/``"grid:128"`` (APHQ-ViT's joint scale/zero-point grid), ``"sigma"``/``"sigma:3"`` (μ ± kσ clipping)."""
     if isinstance(name, Estimator):
         return name
     kind, _, arg = str(name).lower().partition(":")
@@ -660,6 +693,8 @@ def estimator_from_name(name: str | Estimator) -> Estimator:
             return OMSE(int(arg)) if arg else OMSE()
         if kind == "grid":
             return JointGrid(int(arg)) if arg else JointGrid()
+        if kind == "sigma":
+            return SigmaClip(float(arg)) if arg else SigmaClip()
     except ValueError:
         pass
     raise ConfigError(f"unknown range estimator {name!r}; use one of {list(ESTIMATOR_NAMES)}")

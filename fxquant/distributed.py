@@ -1,0 +1,76 @@
+"""``torch.distributed`` helpers: which process this is, which share of the data it takes, and
+exact reductions across processes.
+
+fxquant never starts a process group itself unless asked (``init_from_env``, which the CLI calls
+under ``torchrun``): without one every helper is the single-process identity, so library code calls
+them unconditionally. Sharding is deterministic and interleaved (``DistributedSampler``'s rule:
+rank ``r`` of ``W`` takes items ``r, r + W, r + 2W, ...`` of the shared order), so the union of the
+ranks' shares is the single-process data and sums reduced across ranks equal the single-process sums.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def is_main() -> bool:
+    """True on rank 0 (or without a process group): the process that writes files and prints."""
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def init_from_env(backend: str | None = None) -> bool:
+    """Join the process group that ``torchrun`` describes in the environment (``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``...): NCCL when CUDA is available, else gloo. Returns whether a
+    group is (now) initialised; a no-op outside torchrun."""
+    if is_initialized():
+        return True
+    if not launched_by_torchrun():
+        return False
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend=backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return True
+
+
+def shard(items: Sequence, *, world: int | None = None, index: int | None = None) -> list:
+    """This rank's share of ``items``: ``items[rank::world]``."""
+    world = world_size() if world is None else world
+    index = rank() if index is None else index
+    return list(items[index::world])
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over ranks, in place (the identity without a process group)."""
+    if is_initialized() and world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if is_initialized() and world_size() > 1:
+        dist.barrier()
+
+
+__all__ = ["is_initialized", "world_size", "rank", "is_main", "launched_by_torchrun", "init_from_env", "shard",
+           "all_reduce_sum", "barrier"]
