@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import sys
 import warnings
 from typing import Any, Iterable, Sequence
 
@@ -75,7 +76,10 @@ def _disable_fused_attention(model: nn.Module) -> int:
 
 
 def _is_hf_model(model: nn.Module) -> bool:
-    try:  # transformers is heavy: imported only when a model could be one of its models
+    # transformers is heavy (seconds to import): a model can only be one of its models once it is imported
+    if "transformers" not in sys.modules:
+        return False
+    try:
         from transformers import PreTrainedModel
     except Exception:  # pragma: no cover
         return False

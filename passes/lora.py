@@ -215,6 +215,7 @@ class LoRAQuantize(Pass):
             _set_module(gm, fqn, lora)
             with torch.no_grad():
                 init_error[fqn] = round(float((w - lora.merged_weight()).norm() / w.norm().clamp(min=1e-30)), 6)
+        # init_error: ‖W − Q − s·B·A‖ / ‖W‖ per layer after the quantize/SVD part (before OQFV's step)
         record = {"layers": fqns, "init_error": init_error, "trainable_params": _adapter_params(gm)}
         if loftq_errors:
             record["loftq_errors"] = loftq_errors
@@ -233,8 +234,12 @@ class LoRAQuantize(Pass):
         if calib.is_loop:
             raise PassError("lora_quantize (oqfv) needs calib as (images, labels) batches for its class-stratified "
                             "sample, not a forward_loop callable")
+        batches = calib.batches()
+        if iter(batches) is batches:
+            raise PassError("lora_quantize (oqfv) reads the calibration data twice (labels, then the sampled images): "
+                            "pass a list of batches or a DataLoader, not a one-shot generator")
         labels = []
-        for batch in calib.batches():
+        for batch in batches:
             if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor)):
                 raise PassError("lora_quantize (oqfv) draws a class-stratified sample: calibration batches must be "
                                 "(images, labels) tuples (e.g. a DataLoader over a labelled dataset)")
@@ -245,7 +250,7 @@ class LoRAQuantize(Pass):
                             f"{labels.numel()}; pass more labelled images or set oqfv_images")
         chosen = stratified_indices(labels, self.oqfv_images, ctx.seed)
         wanted, images, seen = set(chosen), [], 0
-        for batch in calib.batches():
+        for batch in batches:
             x = batch[0]
             idx = [i for i in range(x.shape[0]) if seen + i in wanted]
             if idx:

@@ -35,10 +35,12 @@ from .primitives import QuantSpec
 
 def low_rank_split(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, A)`` with ``B = U_r √S_r`` (``[out, r]``) and ``A = √S_r V_rᵀ`` (``[r, in]``): the
-    rank-``rank`` truncated SVD of ``residual`` (float64 inside, the dtype of ``residual`` out)."""
+    rank-``rank`` truncated SVD of ``residual`` (in float32 at least, as peft's LoftQ; the dtype of
+    ``residual`` out)."""
     if residual.dim() != 2:
         raise ValueError(f"low_rank_split needs a 2-D matrix, got shape {tuple(residual.shape)}")
-    u, s, vh = torch.linalg.svd(residual.double(), full_matrices=False)
+    work = residual if residual.dtype == torch.float64 else residual.float()
+    u, s, vh = torch.linalg.svd(work, full_matrices=False)
     root = s[:rank].sqrt()
     return (u[:, :rank] * root).to(residual.dtype), (root[:, None] * vh[:rank]).to(residual.dtype)
 

@@ -93,6 +93,9 @@ def test_errors_name_what_to_do():
     unlabelled = [torch.randn(8, 3, 8, 8)]
     with pytest.raises(PassError, match=r"calibration batches must be \(images, labels\) tuples"):
         fxquant.compile(toy_vit(), passes=[LoRAQuantize(init="oqfv", oqfv_images=4)], calib=unlabelled, progress=False)
+    with pytest.raises(PassError, match="not a one-shot generator"):
+        fxquant.compile(toy_vit(), passes=[LoRAQuantize(init="oqfv", oqfv_images=4)], calib=iter(labelled_toy_calib()),
+                        example_inputs=(torch.randn(2, 3, 8, 8),), progress=False)
     with pytest.raises(PassError, match="holds 8; pass more labelled images or set oqfv_images"):
         fxquant.compile(toy_vit(), passes=[LoRAQuantize(init="oqfv")], calib=labelled_toy_calib(1), progress=False)
     with pytest.raises(PassError, match="'block.q' is a QuantLinear, not a float nn.Linear"):
