@@ -53,6 +53,13 @@ def _quantize(info, recipe, data, seed: int, progress: bool, lower: bool = False
     return qmodel, time.perf_counter() - t0
 
 
+def _write_json(path: str | None, result: dict) -> None:
+    """``--json PATH``: the result record, indented, and say where it went."""
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
 def _recipe_label(name: str, overrides: dict) -> str:
     """``bitlog2-w4a4[scheme=half16]``: the recipe name with its --set overrides."""
     return name + (f"[{','.join(f'{k}={v}' for k, v in sorted(overrides.items()))}]" if overrides else "")
@@ -145,9 +152,7 @@ def cmd_eval(args) -> int:
     print(_table([(model_name, recipe_name, f"{fp32:.2f}", f"{acc:.2f}", f"{acc - fp32:+.2f}", data.test_count, n_cal,
                    f"{calib_secs:.1f}")], ("model", "recipe", "fp32 top1", "top1", "delta", "images", "calib", "calib s")))
     print(f"data: {data.source}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    _write_json(args.json, result)
     return 0
 
 
@@ -222,9 +227,7 @@ def cmd_platform(args) -> int:
     delta = "-" if fp32 is None else f"{acc - fp32:+.2f}"
     print(_table([(spec, "platform", fp, f"{acc:.2f}", delta, data.test_count, args.calib_images, f"{secs:.1f}")],
                  ("model", "recipe", "fp32 top1", "top1", "delta", "images", "calib", "calib s")))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    _write_json(args.json, result)
     return 0
 
 
@@ -292,9 +295,7 @@ def cmd_finetune(args) -> int:
         print(_table(rows, ("init", "task", "bits", "rank", "top1 init %", "top1 %", "trainable", "seconds")))
         print(f"{res['test_images']} test images, {res['train_images']} train / {res['val_images']} val, "
               f"{res['world_size']} process(es)")
-        if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
-            print(f"wrote {args.json}")
+        _write_json(args.json, res)
     return 0
 
 

@@ -5,7 +5,9 @@ protocol on CIFAR-10 or its 4-way rotation task), compile ``[replace_head] → l
 ``fxquant.compile`` (the training images are the calibration data of OQFV's step), then train the
 adapters ``A``, ``B`` and the classifier (everything else frozen) with §6's defaults: AdamW
 (lr 1e-3, weight decay 1e-4, none on biases), a cosine schedule without warm-up, cross-entropy,
-batch 64, seed 0. Top-1 on the test set before any training (``top1_init``) and after (``top1``).
+batch 64, seed 0. Top-1 on the test set before any training (``top1_init``), after the last epoch
+(``top1``) and with the adapters of the epoch of best validation accuracy (``top1_best_val``: model
+selection on the 200 validation images; the saved model is the last epoch's).
 
 Under ``torchrun --nproc_per_node N`` the same function runs data-parallel: DDP (gloo on CPU,
 NCCL on GPU) with a ``DistributedSampler`` of the same seed, each process taking ``batch/N``
@@ -165,6 +167,7 @@ def finetune(cfg: FinetuneConfig, *, out: str | Path | None = None, progress: bo
 
     losses: list[float] = []
     val_history: list[float] = []
+    best_val, best_epoch, best_state = -1.0, 0, None
     t_train = time.perf_counter()
     bar = tqdm(total=total_steps, desc=f"finetune {cfg.init} {cfg.task}", disable=not show)
     for epoch in range(cfg.epochs):
@@ -183,6 +186,9 @@ def finetune(cfg: FinetuneConfig, *, out: str | Path | None = None, progress: bo
         if len(yva):
             val_history.append(sharded_top1(gm, xva, yva, batch_size=cfg.eval_batch_size))
             bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}" if losses else "-", val=f"{val_history[-1]:.1f}")
+            if val_history[-1] > best_val:  # the first epoch of the best validation accuracy
+                best_val, best_epoch = val_history[-1], epoch + 1
+                best_state = {k: v.detach().clone() for k, v in params.items()}
         if out_dir is not None and distributed.is_main():
             save_file({k: v.detach().contiguous() for k, v in params.items()}, str(out_dir / "checkpoint.safetensors"),
                       metadata={"epoch": str(epoch + 1), "init": cfg.init, "task": cfg.task})
@@ -190,11 +196,21 @@ def finetune(cfg: FinetuneConfig, *, out: str | Path | None = None, progress: bo
     seconds_train = time.perf_counter() - t_train
     gm.eval()
     top1 = sharded_top1(gm, xte, yte, batch_size=cfg.eval_batch_size)
+    top1_best_val = None
+    if best_state is not None:  # model selection on the validation split (VTAB's use of val200): test it, then restore
+        final_state = {k: v.detach().clone() for k, v in params.items()}
+        with torch.no_grad():
+            for k, v in best_state.items():
+                params[k].copy_(v)
+            top1_best_val = sharded_top1(gm, xte, yte, batch_size=cfg.eval_batch_size)
+            for k, v in final_state.items():
+                params[k].copy_(v)
     lora_record = report(gm)["lora_quantize"].record
     result = {
         "model": cfg.model, "task": cfg.task, "init": cfg.init, "bits": None if cfg.init == "fp" else cfg.bits,
         "rank": cfg.rank, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
         "top1_init": top1_init, "top1": top1, "val_top1_init": val_init, "val_top1": val_history,
+        "best_val_epoch": best_epoch or None, "top1_best_val": top1_best_val,
         "trainable_params": n_trainable, "adapter_params": lora_record["trainable_params"],
         "seconds": None, "seconds_init": t_init, "seconds_train": seconds_train,
         "train_images": len(ytr), "val_images": len(yva), "test_images": len(yte), "num_classes": task.num_classes,

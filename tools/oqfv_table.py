@@ -41,7 +41,8 @@ def load_rows(folder: Path) -> list[dict]:
             continue
         rows.append({"file": f.name, "model": d["model"], "task": d["task"], "init": d["init"], "bits": d["bits"],
                      "rank": d["rank"], "world_size": d.get("world_size", 1), "top1_init": d["top1_init"], "top1": d["top1"],
-                     "best_val": max(d["val_top1"]) if d.get("val_top1") else None, "trainable_params": d["trainable_params"],
+                     "best_val": max(d["val_top1"]) if d.get("val_top1") else None, "top1_best_val": d.get("top1_best_val"),
+                     "best_val_epoch": d.get("best_val_epoch"), "trainable_params": d["trainable_params"],
                      "seconds": d["seconds"], "seconds_train": d.get("seconds_train"),
                      "oqfv_mse": (d["oqfv"]["mse_before"], d["oqfv"]["mse_after"]) if d.get("oqfv") else None,
                      "digest": d.get("trainable_digest", "")[:12]})
@@ -50,9 +51,11 @@ def load_rows(folder: Path) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("model", "task", "procs", "init", "bits", "top1 init %", "top1 %", "best val %", "trainable", "seconds")
+    head = ("model", "task", "procs", "init", "bits", "top1 init %", "top1 %", "best val % (epoch)", "top1 at best val %",
+            "trainable", "seconds")
     body = [(r["model"], r["task"], str(r["world_size"]), r["init"], str(r["bits"] or "fp"), f"{r['top1_init']:.2f}",
-             f"{r['top1']:.2f}", "-" if r["best_val"] is None else f"{r['best_val']:.1f}", f"{r['trainable_params']:,}",
+             f"{r['top1']:.2f}", "-" if r["best_val"] is None else f"{r['best_val']:.1f} ({r['best_val_epoch']})",
+             "-" if r["top1_best_val"] is None else f"{r['top1_best_val']:.2f}", f"{r['trainable_params']:,}",
              f"{r['seconds']:.0f}") for r in rows]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
