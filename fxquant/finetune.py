@@ -44,7 +44,7 @@ from .api import compile, report
 from .artifact import save as save_artifact
 from .data import FewShotTask, load_fewshot
 from .errors import ConfigError
-from .graph import _is_hf_model, logits_of
+from .graph import is_hf_model, logits_of
 from .match import head_layers, modules_of
 from .models import ModelInfo, load_model
 from .passes import LoRAQuantize, ReplaceHead
@@ -222,7 +222,7 @@ def finetune(cfg: FinetuneConfig, *, out: str | Path | None = None, progress: bo
     if out_dir is not None and distributed.is_main():
         save_artifact(gm, out_dir / "model", model_spec=cfg.model, extra={"finetune": {k: v for k, v in result.items()
                                                                                        if k != "losses"}})
-        if _is_hf_model(info.model):
+        if is_hf_model(info.model):
             base, adapter = save_peft_adapter(gm, info.model, out_dir / "peft", rank=cfg.rank)
             result["peft"] = {"base": str(base), "adapter": str(adapter)}
     distributed.barrier()

@@ -75,7 +75,8 @@ def _disable_fused_attention(model: nn.Module) -> int:
     return n
 
 
-def _is_hf_model(model: nn.Module) -> bool:
+def is_hf_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face ``transformers`` model (captured with torch.export)."""
     # transformers is heavy (seconds to import): a model can only be one of its models once it is imported
     if "transformers" not in sys.modules:
         return False
@@ -293,7 +294,7 @@ def trace(
     was_training = model.training
     m = copy.deepcopy(model).eval()
     fused_off = _disable_fused_attention(m)
-    hf = _is_hf_model(m)
+    hf = is_hf_model(m)
     if hf:
         gm = _export_hf(m, example_inputs)
     else:
