@@ -107,7 +107,12 @@ class LoRALinear(_WeightQuantized, nn.Linear):
         return self.base_weight() + self.scaling * (self.lora_B.weight @ self.lora_A.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.base_weight(), self.bias) + self.scaling * self.lora_B(self.lora_A(x))
+        if not (torch.is_grad_enabled() and (self.lora_A.weight.requires_grad or self.lora_B.weight.requires_grad)):
+            # inference: one GEMM with the merged weight (the low-rank branch over every token costs as much
+            # memory traffic as the main GEMM on a ViT; peft merges for inference too)
+            return F.linear(x, self.merged_weight(), self.bias)
+        branch = self.lora_B(self.lora_A(x))
+        return F.linear(x, self.base_weight(), self.bias) + (branch if self.scaling == 1.0 else self.scaling * branch)
 
     def extra_repr(self) -> str:
         q = self.weight_fake_quant.spec.short() if self.quantized else "float"

@@ -126,6 +126,8 @@ def test_lora_linear_is_base_plus_scaled_low_rank_and_freezes_the_layer():
     x = torch.randn(3, 5, 12)
     expected = x @ lora.merged_weight().T + lin.bias
     assert torch.allclose(lora(x), expected, atol=1e-5)
+    with torch.no_grad():  # inference runs one GEMM with the merged weight
+        assert torch.allclose(lora(x), expected, atol=1e-5)
     assert not lora.weight.requires_grad and not lora.bias.requires_grad
     assert lora.lora_A.weight.requires_grad and lora.lora_B.weight.requires_grad
     fresh = LoRALinear.from_linear(lin, 4, None)
