@@ -36,6 +36,7 @@ from .passes import (
     Calibrate,
     GroupQuant,
     InsertQuantizers,
+    MixedPrecision,
     MLPReconstruct,
     QwTCompensate,
     ReparameterizeLayerNorm,
@@ -190,11 +191,16 @@ class Recipe:
     def base_passes(self) -> list[Pass]:
         return []
 
+    def finish_passes(self, passes: list[Pass]) -> list[Pass]:
+        """Passes a recipe field adds once the stages are in (default: none)."""
+        return passes
+
     def build_passes(self) -> list[Pass]:
         """The pipeline: base passes, stages inserted by anchor name, then the option overrides."""
         passes = self.base_passes()
         for st in self.stages:
             passes = insert_pass(passes, st.pass_, after=st.after, before=st.before)
+        passes = self.finish_passes(passes)
         for pass_name, opts in self.options.items():
             if pass_name not in [p.name for p in passes]:
                 raise ConfigError(f"recipe {self.name!r}: options for {pass_name!r}, which is not in its pipeline "
@@ -304,10 +310,20 @@ class UniformRecipe(Recipe):
     head_stem_8bit: bool = False
     quantize_attention: bool = True
     skip: tuple[str, ...] = ()
+    bit_budget: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
         self.weight_spec(), self.act_spec()  # validate early, with the spec's error messages
+        if self.bit_budget is not None:
+            MixedPrecision(bit_budget=self.bit_budget)  # validates the budget
+
+    def finish_passes(self, passes: list[Pass]) -> list[Pass]:
+        """With ``bit_budget`` (mixed precision): ``mixed_precision`` after every annotation pass and
+        stage, just before ``insert_quantizers``."""
+        if self.bit_budget is None:
+            return passes
+        return insert_pass(passes, MixedPrecision(bit_budget=self.bit_budget), before="insert_quantizers")
 
     def weight_spec(self) -> QuantSpec:
         return QuantSpec(bits=self.w_bits, symmetric=self.w_symmetric, granularity=PerAxis(0),

@@ -10,10 +10,11 @@ from .igq import AllocateGroups, GroupQuant
 from .insert import InsertQuantizers
 from .lora import LoRAQuantize, ReplaceHead
 from .lower import LowerToKernels
+from .mixed import MixedPrecision
 from .qwt import QwTCompensate
 from .repq import AnnotateRepQ, ReparameterizeLayerNorm
 
 __all__ = ["AnnotateUniform", "InsertQuantizers", "Calibrate", "AnnotateRepQ", "ReparameterizeLayerNorm", "BitLog2Attention",
            "QwTCompensate", "LowerToKernels", "MLPReconstruct",
            "AnnotateAPHQ", "BlockReconstruct", "GroupQuant", "AllocateGroups",
-           "LoRAQuantize", "ReplaceHead"]
+           "LoRAQuantize", "ReplaceHead", "MixedPrecision"]
