@@ -285,7 +285,9 @@ def error_report(gm: fx.GraphModule, batches: Iterable, *, label: str = "", exam
     if images == 0:
         raise ValueError("error_report: the data is empty")
     ordered = sorted([*sites.values(), *weight_sites], key=lambda s: (s.order, s.kind != "weight"))
-    ranges = {n.name: {"min": ln_min[n].tolist(), "max": ln_max[n].tolist()} for n in ln_nodes if n in ln_min}
+    # keyed by the LayerNorm's module (blocks.0.norm1) where the graph records it, else the node name
+    ranges = {(str(n.target) if n.op == "call_module" else match.node_fqn(n)) or n.name:
+              {"min": ln_min[n].tolist(), "max": ln_max[n].tolist()} for n in ln_nodes if n in ln_min}
     return ErrorReport(label, ordered + [logits_site], ranges, images)
 
 
@@ -415,7 +417,7 @@ def plot_sqnr(reports: list[ErrorReport], path: Path) -> Path:
     names = [s.module for s in reports[0].layers()]
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     ax.set_ylabel("SQNR (dB)")
-    ax.set_title("Linear/Conv output SQNR across depth (local: float inputs; accumulated: the quantized model's)")
+    ax.set_title("Linear/Conv output SQNR (local: on float inputs; accumulated: in the quantized model)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
