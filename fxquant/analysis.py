@@ -298,13 +298,17 @@ def error_report(gm: fx.GraphModule, batches: Iterable, *, label: str = "", exam
 
 def layer_groups(gm: fx.GraphModule, granularity: str = "layer", example_inputs: tuple = ()) -> dict[str, list[FakeQuantize]]:
     """The quantizers of each layer: a Linear/Conv's weight quantizer and its inputs' quantizers,
-    or an attention matmul's operand quantizers (``granularity="block"``: per transformer block,
+    or an attention matmul's operand quantizers (named ``<module>:q·k`` / ``<module>:A·v``;
+    ``granularity="block"``: per transformer block,
     with everything outside blocks, e.g. the patch embedding and the head, as its own layers)."""
     if granularity not in ("layer", "block"):
         raise ValueError(f"granularity must be 'layer' or 'block', got {granularity!r}")
     modules = match.modules_of(gm)
     groups: dict[str, list[FakeQuantize]] = {}
     owner: dict[str, str] = {}
+    roles = {}
+    for a in match.find_attention(gm, modules):
+        roles[a.qk], roles[a.av] = "q·k", "A·v"
     if granularity == "block":
         if example_inputs:
             _ensure_shapes(gm, example_inputs)
@@ -321,7 +325,7 @@ def layer_groups(gm: fx.GraphModule, granularity: str = "layer", example_inputs:
             qs.append(mod.weight_fake_quant)
         if not qs:
             continue
-        name = owner.get(n.name) or (str(n.target) if n.op == "call_module" else f"{match.node_fqn(n)}:{n.name}")
+        name = owner.get(n.name) or (str(n.target) if n.op == "call_module" else f"{match.node_fqn(n)}:{roles.get(n, n.name)}")
         bucket = groups.setdefault(name, [])
         bucket += [q for q in qs if all(q is not b for b in bucket)]
     return groups

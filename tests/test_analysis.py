@@ -59,7 +59,7 @@ def test_toy_report_accumulated_logits_equal_the_model_and_local_errors_use_floa
 def test_sensitivity_groups_layers_and_one_layer_at_a_time_is_what_it_says():
     gm = fxquant.compile(toy_vit(), recipe="w4a4", calib=toy_calib(), progress=False)
     groups = layer_groups(gm)
-    assert set(groups) == {"patch", *TOY_BLOCK, "head", "block:matmul", "block:matmul_1"}
+    assert set(groups) == {"patch", *TOY_BLOCK, "head", "block:q·k", "block:A·v"}
     assert all(len(g) == 2 for g in groups.values())  # input + weight, or the two matmul operands
     x = torch.cat(toy_calib(4))
     y = torch.zeros(len(x), dtype=torch.long)
