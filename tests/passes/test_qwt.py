@@ -141,10 +141,9 @@ def test_affine_error_is_recovered_exactly():
 
 
 def test_streaming_matches_single_batch_end_to_end(cifar_info, cifar_data, cifar_compiled):
-    calib, _, _ = cifar_data
-    recipe = fxquant.get_recipe("repq-qwt-w4a4", calib_images=32)
-    one = cifar_compiled("repq-qwt-w4a4", calib_images=32)
-    four = fxquant.compile(cifar_info.model, recipe=recipe, calib=list(calib.split(8)), progress=False)
+    calib = cifar_data[0][:16]  # 16 images: the point is one batch vs four, not the sample size
+    one = fxquant.compile(cifar_info.model, recipe="repq-qwt-w4a4", calib=[calib], progress=False)
+    four = fxquant.compile(cifar_info.model, recipe="repq-qwt-w4a4", calib=list(calib.split(4)), progress=False)
     for name in ("qwt.blocks_0", "qwt.blocks_5"):
         w1, w4 = one.get_submodule(name).weight.float(), four.get_submodule(name).weight.float()
         # float64 accumulation; only the fp32 forward passes at different batch sizes differ (and fp16 storage)
