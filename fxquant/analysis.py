@@ -282,8 +282,6 @@ def error_report(gm: fx.GraphModule, batches: Iterable, *, label: str = "", exam
                 for a in n.all_input_nodes:  # free values after their last use
                     if last_use.get(a) is n and a is not output:
                         fp.pop(a, None), q.pop(a, None), loc.pop(a, None)
-    if images == 0:
-        raise ValueError("error_report: the data is empty")
     ordered = sorted([*sites.values(), *weight_sites], key=lambda s: (s.order, s.kind != "weight"))
     # keyed by the LayerNorm's module (blocks.0.norm1) where the graph records it, else the node name
     ranges = {(str(n.target) if n.op == "call_module" else match.node_fqn(n)) or n.name:
@@ -340,32 +338,44 @@ class Sensitivity:
     quantizers: int
 
 
-def layer_sensitivity(gm: fx.GraphModule, images: torch.Tensor, labels: torch.Tensor, *, granularity: str = "layer",
-                      batch_size: int = 250, progress: bool = True) -> list[Sensitivity]:
-    """Per layer (or block), quantize only it: KL to the float predictions and top-1 drop on
-    ``images``; most sensitive first (by KL)."""
-    groups = layer_groups(gm, granularity, example_inputs=(images[:2],))
+def isolated_kl(gm: fx.GraphModule, groups: list[list[FakeQuantize]], batches: list[torch.Tensor], *,
+                progress: bool = False, desc: str = "sensitivity") -> tuple[torch.Tensor, list[tuple[float, torch.Tensor]]]:
+    """Every quantizer off except one group's at a time (each as it was compiled: a disabled
+    quantizer stays off): the float model's predictions ``[N]`` and, per group, the mean KL of the
+    float predictions to the model's and its predictions. Flags are restored."""
     out = []
     with _restoring_flags(gm) as flags, torch.no_grad():
         gm.eval()
 
         def run() -> torch.Tensor:
-            return torch.cat([logits_of(gm(x)) for x in images.split(batch_size)])
+            return torch.cat([logits_of(gm(x)) for x in batches]).double()
 
         for q in flags:
             q.fake_quant_enabled = False
         ref = run()
-        ref_logp = F.log_softmax(ref.double(), dim=-1)
-        top1_fp = 100.0 * float((ref.argmax(-1) == labels).double().mean())
-        for name, qs in tqdm(groups.items(), desc="sensitivity", disable=not progress, leave=False):
+        ref_logp = F.log_softmax(ref, dim=-1)
+        for qs in tqdm(groups, desc=desc, disable=not progress, leave=False):
             for q in qs:
                 q.fake_quant_enabled = flags[q]
             logits = run()
             for q in qs:
                 q.fake_quant_enabled = False
-            kl = F.kl_div(F.log_softmax(logits.double(), dim=-1), ref_logp, log_target=True, reduction="batchmean")
-            acc = 100.0 * float((logits.argmax(-1) == labels).double().mean())
-            out.append(Sensitivity(name, float(kl), acc, top1_fp - acc, len(qs)))
+            kl = F.kl_div(F.log_softmax(logits, dim=-1), ref_logp, log_target=True, reduction="batchmean")
+            out.append((float(kl), logits.argmax(-1)))
+    return ref.argmax(-1), out
+
+
+def layer_sensitivity(gm: fx.GraphModule, images: torch.Tensor, labels: torch.Tensor, *, granularity: str = "layer",
+                      batch_size: int = 250, progress: bool = True) -> list[Sensitivity]:
+    """Per layer (or block), quantize only it: KL to the float predictions and top-1 drop on
+    ``images``; most sensitive first (by KL)."""
+    groups = layer_groups(gm, granularity, example_inputs=(images[:2],))
+    ref, effects = isolated_kl(gm, list(groups.values()), list(images.split(batch_size)), progress=progress)
+    top1_fp = 100.0 * float((ref == labels).double().mean())
+    out = []
+    for (name, qs), (kl, pred) in zip(groups.items(), effects):
+        acc = 100.0 * float((pred == labels).double().mean())
+        out.append(Sensitivity(name, kl, acc, top1_fp - acc, len(qs)))
     return sorted(out, key=lambda s: -s.kl)
 
 
@@ -484,5 +494,5 @@ def sensitivity_table(rows: list[Sensitivity], top: int | None = None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ErrorStats", "Site", "ErrorReport", "error_report", "layer_groups", "Sensitivity", "layer_sensitivity",
+__all__ = ["ErrorStats", "Site", "ErrorReport", "error_report", "layer_groups", "Sensitivity", "isolated_kl", "layer_sensitivity",
            "report_table", "plot_sqnr", "plot_layer_norm_ranges", "write_report", "sensitivity_table"]

@@ -75,16 +75,18 @@ def cmd_recipes(args) -> int:
     return 0
 
 
-def _quantize_from_args(args, *, limit: int, lower: bool = False, **data_kw):
-    """Model, recipe (with ``--set`` overrides), data and calibration from the CLI arguments.
-    Returns ``(info, recipe label, calibration images, data, quantized model, calibration seconds)``."""
+def _quantize_from_args(args, *, limit: int, lower: bool = False, recipe_name: str | None = None, **data_kw):
+    """Model, recipe (``recipe_name`` or ``--recipe``, with ``--set`` overrides), data and calibration
+    from the CLI arguments. Returns ``(info, recipe label, calibration images, data, quantized model,
+    calibration seconds)``."""
+    recipe_name = recipe_name or args.recipe
     info = load_model(args.model, pretrained=args.pretrained)
     overrides = _overrides(args.set)
-    recipe = get_recipe(args.recipe, **overrides)
+    recipe = get_recipe(recipe_name, **overrides)
     n_cal = args.calib_images if args.calib_images is not None else recipe.calib_images
     data = load_data(info, args.data, calib_images=n_cal, limit=limit, seed=args.seed, **data_kw)
     qmodel, secs = _quantize(info, recipe, data, args.seed, not args.quiet, lower=lower)
-    return info, _recipe_label(args.recipe, overrides), n_cal, data, qmodel, secs
+    return info, _recipe_label(recipe_name, overrides), n_cal, data, qmodel, secs
 
 
 def cmd_quantize(args) -> int:
@@ -173,15 +175,12 @@ def _held_out(data, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 def cmd_report(args) -> int:
     torch.manual_seed(args.seed)
     reports, meta = [], {"model": args.model, "images": args.images, "recipes": {}}
-    recipes = args.recipe
-    for name in recipes:
-        args.recipe = name
-        info, label, n_cal, data, qmodel, secs = _quantize_from_args(args, limit=args.images)
+    for name in args.recipe:
+        info, label, n_cal, data, qmodel, secs = _quantize_from_args(args, limit=args.images, recipe_name=name)
         x, _ = _held_out(data, args.images)
         reports.append(error_report(qmodel, torch.split(x, 100), label=label, example_inputs=info.example_inputs(),
                                     progress=not args.quiet))
         meta["recipes"][label] = {"calib_images": n_cal, "calib_seconds": round(secs, 2), "data": data.source}
-    args.recipe = recipes
     print(report_table(reports))
     paths = write_report(reports, args.out, meta=meta)
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -53,11 +53,10 @@ def init_from_env(backend: str | None = None) -> bool:
     return True
 
 
-def shard(items: Sequence, *, world: int | None = None, index: int | None = None) -> list:
-    """This rank's share of ``items``: ``items[rank::world]``."""
-    world = world_size() if world is None else world
-    index = rank() if index is None else index
-    return list(items[index::world])
+def shard(items: Sequence):
+    """This rank's share of ``items`` (a sequence or a tensor, sliced along its first dimension):
+    ``items[rank::world]``."""
+    return items[rank()::world_size()]
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

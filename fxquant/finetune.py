@@ -88,7 +88,7 @@ class FinetuneConfig:
 
 def sharded_top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 500) -> float:
     """Top-1 in percent; each process evaluates its interleaved share and the counts are summed."""
-    idx = torch.arange(images.shape[0])[distributed.rank()::distributed.world_size()]
+    idx = distributed.shard(torch.arange(images.shape[0]))
     counts = torch.zeros(2, dtype=torch.float64)
     model.eval()
     with torch.no_grad():

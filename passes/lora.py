@@ -35,7 +35,7 @@ from fxquant.calibration import stratified_indices
 from fxquant.errors import ConfigError, PassError
 from fxquant.graph import logits_of, propagate_shapes
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.quant import LoRALinear, PerTensor, QuantSpec, SigmaClip, fake_quantize, loftq, low_rank_split
+from fxquant.quant import LoRALinear, PerTensor, QuantSpec, SigmaClip, fake_quantize, loftq
 from fxquant.quant.observers import exact_distribution_qparams
 
 from .insert import _set_module
@@ -260,13 +260,13 @@ class LoRAQuantize(Pass):
 
     def _float_logits(self, gm: fx.GraphModule, sample: torch.Tensor) -> torch.Tensor:
         """This rank's share of the float graph's logits (rows ``rank::world`` of the sample)."""
-        mine = sample[distributed.rank()::distributed.world_size()]
+        mine = distributed.shard(sample)
         with torch.no_grad():
             return torch.cat([logits_of(gm(x)) for x in mine.split(self.batch_size)]) if len(mine) else torch.empty(0)
 
     def _oqfv_step(self, gm: fx.GraphModule, sample: torch.Tensor, targets: torch.Tensor, ctx: PassContext) -> dict:
         params = [p for m in gm.modules() if isinstance(m, LoRALinear) for p in (m.lora_A.weight, m.lora_B.weight)]
-        mine = sample[distributed.rank()::distributed.world_size()]
+        mine = distributed.shard(sample)
         total = sample.shape[0] * targets.shape[-1]  # elements of the whole sample's logits (every rank has a share)
         # only A and B take gradients in this step; the other flags are restored after it
         frozen = [p for p in gm.parameters() if p.requires_grad and not any(p is q for q in params)]
@@ -308,4 +308,4 @@ def lora_layers(gm: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in gm.named_modules() if isinstance(m, LoRALinear)}
 
 
-__all__ = ["ReplaceHead", "LoRAQuantize", "LORA_INITS", "lora_weight_spec", "lora_layers", "low_rank_split"]
+__all__ = ["ReplaceHead", "LoRAQuantize", "LORA_INITS", "lora_weight_spec", "lora_layers"]

@@ -30,17 +30,16 @@ import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-import torch.nn.functional as F
 from torch import fx
 from tqdm.auto import tqdm
 
 from fxquant import match
+from fxquant.analysis import isolated_kl
 from fxquant.errors import ConfigError, PassError
-from fxquant.graph import logits_of, propagate_shapes
+from fxquant.graph import propagate_shapes
 from fxquant.meta import QUANTIZER, input_specs, set_input_spec, set_weight_spec, weight_spec
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.quant import FakeQuantize, QuantConv2d, QuantLinear
+from fxquant.quant import FakeQuantize
 
 from .calibrate import Calibrate
 from .igq import knapsack_units, solve_allocation
@@ -165,27 +164,18 @@ class MixedPrecision(Pass):
             trial.recompile()
             trial = Calibrate(max_images=self.max_images).run(trial, sub_ctx).gm
             modules = dict(trial.named_modules())
-            w_q = [modules[str(n.target)].weight_fake_quant for n, _ in t_w
-                   if isinstance(modules[str(n.target)], (QuantLinear, QuantConv2d))]
+            w_q = [modules[str(n.target)].weight_fake_quant for n, _ in t_w]  # every weight spec became a Quant* layer
             by_use = {}
             for n in trial.graph.nodes:
                 if n.op == "call_module" and isinstance(modules.get(n.target), FakeQuantize) and QUANTIZER in n.meta:
                     for use in n.meta[QUANTIZER]["uses"]:
                         by_use[tuple(use)] = modules[n.target]
             a_q = [by_use[(uses[0][0].name, uses[0][1])] for _, _, uses, _ in t_a]
-            every = [m for m in trial.modules() if isinstance(m, FakeQuantize)]
-            for q in every:
-                q.fake_quant_enabled = False
-            with torch.no_grad():
-                ref = [F.log_softmax(logits_of(trial(x)).double(), -1) for x in images]
-                for table, qs in ((kl_w, w_q), (kl_a, a_q)):
-                    for i, q in enumerate(qs):
-                        q.fake_quant_enabled = True
-                        table[i][j] = sum(float(F.kl_div(F.log_softmax(logits_of(trial(x)).double(), -1), r,
-                                                         log_target=True, reduction="sum")) for x, r in zip(images, ref))
-                        q.fake_quant_enabled = False
-        n = max(sum(x.shape[0] for x in images), 1)
-        return ([[v / n for v in row] for row in kl_w], [[v / n for v in row] for row in kl_a])
+            _, effects = isolated_kl(trial, [[q] for q in w_q + a_q], images)
+            kls = [kl for kl, _ in effects]
+            for row, kl in zip(kl_w + kl_a, kls):  # weights first, then activations, as the groups
+                row[j] = kl
+        return kl_w, kl_a
 
 
 __all__ = ["MixedPrecision"]

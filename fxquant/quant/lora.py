@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import FakeQuantize, _WeightQuantized
+from .modules import _WeightQuantized
 from .primitives import QuantSpec
 
 
@@ -93,10 +93,6 @@ class LoRALinear(_WeightQuantized, nn.Linear):
         new.scaling = float(scaling)
         new.quantized = spec is not None
         return new
-
-    @property
-    def weight_quantizer(self) -> FakeQuantize:
-        return self.weight_fake_quant
 
     def base_weight(self) -> torch.Tensor:
         """The frozen weight the layer multiplies by: ``Q(W')`` (``W'`` for full-precision LoRA)."""
