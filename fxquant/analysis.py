@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from . import match
-from .batches import graph_inputs
+from . import distributed, match
+from .batches import graph_inputs, limit_images
 from .graph import logits_of, propagate_shapes
 from .quant import FakeQuantize, QuantConv2d, QuantLinear
 
@@ -69,6 +69,15 @@ class ErrorStats:
         self.test2 += float((t * t).sum())
         self.elements += r.numel()
 
+    def merge(self, other: "ErrorStats") -> "ErrorStats":
+        """Add another stream's sums (the same float64 additions as ``update``)."""
+        self.ref2 += other.ref2
+        self.err2 += other.err2
+        self.dot += other.dot
+        self.test2 += other.test2
+        self.elements += other.elements
+        return self
+
     @property
     def sqnr_db(self) -> float:
         return math.inf if self.err2 == 0 else 10.0 * math.log10(max(self.ref2, 1e-300) / self.err2)
@@ -84,6 +93,17 @@ class ErrorStats:
     def summary(self) -> dict[str, float]:
         return {"sqnr_db": round(self.sqnr_db, 3) if math.isfinite(self.sqnr_db) else None,
                 "cosine": round(self.cosine, 6), "rel_l2": round(self.rel_l2, 6)}
+
+
+@dataclass
+class _BatchErrors:
+    """One batch's contribution to a report: ``(local, accumulated)`` sums per site node name, the
+    logits' sums, LayerNorm channel ``(min, max)`` per node name and the image count."""
+
+    sites: dict[str, tuple[ErrorStats | None, ErrorStats]]
+    logits: ErrorStats = field(default_factory=lambda: ErrorStats())
+    ln: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    images: int = 0
 
 
 @dataclass
@@ -205,7 +225,9 @@ def _sites(gm: fx.GraphModule, modules: dict) -> dict[fx.Node, Site]:
 def error_report(gm: fx.GraphModule, batches: Iterable, *, label: str = "", example_inputs: tuple = (),
                  progress: bool = True, max_images: int | None = None) -> ErrorReport:
     """Per-site local and accumulated errors of ``gm`` (module docstring), streamed over ``batches``
-    (tensors or ``(images, labels)``), at most ``max_images`` images."""
+    (tensors or ``(images, labels)``), at most ``max_images`` images. Under ``torch.distributed``
+    each rank measures its share of the batches and every rank returns the single-process report
+    (per-batch sums added in batch order, ``distributed.ordered_fold``)."""
     batches = iter(batches)
     first = next(batches, None)
     if first is None:
@@ -229,6 +251,7 @@ def error_report(gm: fx.GraphModule, batches: Iterable, *, label: str = "", exam
     ln_nodes = [n for n in nodes if match.op_kind(n, modules) == "layer_norm"]
     ln_min: dict[fx.Node, torch.Tensor] = {}
     ln_max: dict[fx.Node, torch.Tensor] = {}
+    site_list = list(sites.items())
     images = 0
     gm.eval()
     with _restoring_flags(gm) as enabled, torch.no_grad():
@@ -240,13 +263,11 @@ def error_report(gm: fx.GraphModule, batches: Iterable, *, label: str = "", exam
             for q in mod_q.get(node.target, ()) if node.op == "call_module" else ():
                 q.fake_quant_enabled = on and enabled[q]
 
-        for batch in tqdm(batches, desc=f"report {label}".strip(), disable=not progress, leave=False):
-            if max_images is not None and images >= max_images:
-                break
+        def measure(batch) -> _BatchErrors:
+            """One batch's error sums (fresh ``ErrorStats`` per site) and LayerNorm channel ranges."""
+            part = _BatchErrors({n.name: (ErrorStats() if s.local is not None else None, ErrorStats()) for n, s in site_list})
             inputs = graph_inputs(gm, batch)
-            if max_images is not None:
-                inputs = [x[:max_images - images] if isinstance(x, torch.Tensor) and x.dim() else x for x in inputs]
-            images += next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim()), 1)
+            part.images = next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim()), 1)
             fp: dict[fx.Node, Any] = {}
             q: dict[fx.Node, Any] = {}
             loc: dict[fx.Node, Any] = {}  # a fake quantizer's output on its float input
@@ -258,30 +279,53 @@ def error_report(gm: fx.GraphModule, batches: Iterable, *, label: str = "", exam
                 if n.op == "output":
                     ref, test = logits_of(fx.node.map_arg(n.args[0], lambda a: fp[a])), \
                         logits_of(fx.node.map_arg(n.args[0], lambda a: q[a]))
-                    logits_site.accumulated.update(ref, test)
+                    part.logits.update(ref, test)
                     break
                 mode(n, False)
                 fp[n] = _execute(gm, n, fp)
                 mode(n, True)
                 q[n] = _execute(gm, n, q)
                 site = sites.get(n)
-                if site is not None and site.local is not None:
+                local, accumulated = part.sites.get(n.name, (None, None))
+                if local is not None:
                     if site.kind == "act_quant":
                         loc[n] = _execute(gm, n, fp)
-                        site.local.update(fp[n], loc[n])
+                        local.update(fp[n], loc[n])
                     else:
                         mixed = {a: (loc[a] if a in loc else fp[a]) for a in n.all_input_nodes}
-                        site.local.update(fp[n], _execute(gm, n, mixed))
-                if site is not None and isinstance(fp[n], torch.Tensor):
-                    site.accumulated.update(fp[n], q[n])
+                        local.update(fp[n], _execute(gm, n, mixed))
+                if accumulated is not None and isinstance(fp[n], torch.Tensor):
+                    accumulated.update(fp[n], q[n])
                 if n in ln_nodes:
                     flat = fp[n].detach().reshape(-1, fp[n].shape[-1]).float()
-                    mn, mx = flat.amin(0), flat.amax(0)
-                    ln_min[n] = mn if n not in ln_min else torch.minimum(ln_min[n], mn)
-                    ln_max[n] = mx if n not in ln_max else torch.maximum(ln_max[n], mx)
+                    part.ln[n.name] = (flat.amin(0), flat.amax(0))
                 for a in n.all_input_nodes:  # free values after their last use
                     if last_use.get(a) is n and a is not output:
                         fp.pop(a, None), q.pop(a, None), loc.pop(a, None)
+            return part
+
+        by_name = {n.name: n for n in ln_nodes}
+        bar = tqdm(desc=f"report {label}".strip(), disable=not progress or not distributed.is_main(), leave=False,
+                   unit="img")
+
+        def fold(part: _BatchErrors) -> None:
+            nonlocal images
+            for n, s in site_list:
+                local, accumulated = part.sites[n.name]
+                if local is not None:
+                    s.local.merge(local)
+                s.accumulated.merge(accumulated)
+            logits_site.accumulated.merge(part.logits)
+            for name, (mn, mx) in part.ln.items():
+                n = by_name[name]
+                ln_min[n] = mn if n not in ln_min else torch.minimum(ln_min[n], mn)
+                ln_max[n] = mx if n not in ln_max else torch.maximum(ln_max[n], mx)
+            images += part.images
+            bar.update(part.images)
+
+        # sharded across torch.distributed ranks; every batch's sums are added in batch order
+        with bar:
+            distributed.ordered_fold(limit_images(batches, max_images), measure, fold)
     ordered = sorted([*sites.values(), *weight_sites], key=lambda s: (s.order, s.kind != "weight"))
     # keyed by the LayerNorm's module (blocks.0.norm1) where the graph records it, else the node name
     ranges = {(str(n.target) if n.op == "call_module" else match.node_fqn(n)) or n.name:

@@ -10,6 +10,7 @@ file, checking names and shapes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 from importlib.metadata import version
@@ -141,3 +142,18 @@ def load(path: str | Path, model: nn.Module | None = None, *, example_inputs: tu
     gm.meta[ARTIFACT] = {k: meta.get(k) for k in ("model", "recipe", "eval", "calib_images", "calib_seconds", "seed")}
     gm.eval()
     return gm
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the named tensors' bytes (sorted names): equal digests = bit-identical tensors."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def state_digest(model: nn.Module) -> str:
+    """``tensors_digest`` of the model's state dict: every quantizer's scale and zero point and
+    every weight a pass rewrote (RepQ's reparameterized LayerNorm/Linear, QwT's compensation), so
+    two quantized models with equal digests are bit-identical."""
+    return tensors_digest(dict(model.state_dict()))

@@ -14,7 +14,7 @@ evaluation and the NaN locator all go through these functions.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import fx, nn
@@ -91,3 +91,21 @@ def slice_batch(batch: Any, n: int) -> Any:
     if isinstance(batch, dict):
         return {k: v[:n] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == size else v for k, v in batch.items()}
     return batch
+
+
+def limit_images(batches: Iterable, max_images: int | None) -> Iterator:
+    """``batches`` cut so that at most ``max_images`` samples are yielded (None: all); the batch
+    that crosses the limit is sliced (``slice_batch``), batches of unknown size count as one."""
+    if max_images is None:
+        yield from batches
+        return
+    left = max_images
+    for batch in batches:
+        if left <= 0:
+            return
+        n = batch_size(batch)
+        if n is not None and n > left:
+            batch = slice_batch(batch, left)
+            n = left
+        yield batch
+        left -= n if n is not None else 1

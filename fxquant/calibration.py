@@ -4,6 +4,12 @@
 images that is split into batches) or a callable ``forward_loop(model)`` that runs the model
 itself (torch.ao convention). Batches are tensors, ``(inputs, labels)`` tuples or dicts of model
 keyword arguments (``fxquant.batches``). Nothing is stored: each batch flows through the observers and is dropped.
+
+Under ``torch.distributed`` (``torchrun``), ``fold_batches`` shards the batches across ranks
+(batch ``i`` on rank ``i % W``) and folds every batch's result on every rank in batch order
+(``distributed.ordered_fold``), so the statistics equal the single-process ones bit for bit. The
+unit of sharding is the batch, not the image: a batch's floating-point results depend on its
+composition, so the batches stay as the user made them.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from .batches import batch_size, call_model, graph_inputs, slice_batch
+from . import distributed
+from .batches import call_model, graph_inputs, limit_images
 from .errors import CalibrationError
 
 
@@ -60,20 +67,29 @@ class Calibration:
 
     def limited(self, max_images: int | None) -> Iterable:
         """The batches, cut so that at most ``max_images`` images are yielded (None: all)."""
+        return limit_images(self.batches(), max_images)
+
+    def fold_batches(self, compute: Callable[[Any], Any], fold: Callable[[Any], None], *,
+                     max_images: int | None = None) -> int:
+        """``fold(compute(batch))`` for every batch in order (at most ``max_images`` images), under
+        ``torch.no_grad``; with a process group each rank computes its share and every rank folds
+        all results in batch order (module docstring). Returns the number of batches."""
+        if self.is_loop:
+            raise CalibrationError("this step needs calib as an iterable of batches (it runs each batch itself), "
+                                   "not a forward_loop callable")
         batches = self.batches()
-        if max_images is None:
-            yield from batches
-            return
-        left = max_images
-        for batch in batches:
-            if left <= 0:
-                return
-            n = batch_size(batch)
-            if n is not None and n > left:
-                batch = slice_batch(batch, left)
-                n = left
-            yield batch
-            left -= n if n is not None else 1
+        total = len(batches) if hasattr(batches, "__len__") and max_images is None else None
+        with torch.no_grad(), tqdm(total=total, desc=self.desc, leave=False,
+                                   disable=not self.progress or not distributed.is_main()) as bar:
+            def step(batch):
+                out = compute(batch)
+                bar.update(distributed.world_size())
+                return out
+
+            n = distributed.ordered_fold(self.limited(max_images), step, fold)
+        if n == 0:
+            raise CalibrationError("the calibration data is empty (no batches); pass at least one batch of images")
+        return n
 
     def run(self, model: nn.Module, *, on_batch: Callable[[int, Any], None] | None = None,
             max_images: int | None = None) -> int:

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,8 +58,8 @@ def _quantize(info, recipe, data, seed: int, progress: bool, lower: bool = False
 
 
 def _write_json(path: str | None, result: dict) -> None:
-    """``--json PATH``: the result record, indented, and say where it went."""
-    if path:
+    """``--json PATH``: the result record, indented, and say where it went (rank 0 only)."""
+    if path and distributed.is_main():
         Path(path).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
 
@@ -92,11 +94,15 @@ def _quantize_from_args(args, *, limit: int, lower: bool = False, recipe_name: s
 def cmd_quantize(args) -> int:
     torch.manual_seed(args.seed)
     info, label, n_cal, data, qmodel, secs = _quantize_from_args(args, limit=0 if args.data is None else args.limit)
+    if not distributed.is_main():  # every rank holds the same model; rank 0 writes it
+        return 0
     out = artifact.save(qmodel, args.out, model_spec=args.model, example_inputs=info.example_inputs(),
                         extra={"calib_images": n_cal, "calib_seconds": round(secs, 3), "seed": args.seed,
-                               "calib_data": data.source, "recipe_label": label})
+                               "calib_data": data.source, "recipe_label": label,
+                               "calib_processes": distributed.world_size(), "state_digest": artifact.state_digest(qmodel)})
     print(fx_report_text(qmodel))
-    print(f"saved {args.recipe} model of '{args.model}' to {out} (calibration {secs:.1f} s on {n_cal} images)")
+    print(f"saved {args.recipe} model of '{args.model}' to {out} (calibration {secs:.1f} s on {n_cal} images, "
+          f"{distributed.world_size()} process(es))")
     return 0
 
 
@@ -150,12 +156,13 @@ def cmd_eval(args) -> int:
     eval_secs = time.perf_counter() - t0
     result = {"model": model_name, "recipe": recipe_name, "top1": round(acc, 4), "fp32_top1": round(fp32, 4),
               "test_images": data.test_count, "calib_images": n_cal, "calib_seconds": round(calib_secs, 3),
-              "eval_seconds": round(eval_secs, 3), "seed": args.seed}
+              "eval_seconds": round(eval_secs, 3), "seed": args.seed, "processes": distributed.world_size(),
+              "state_digest": artifact.state_digest(qmodel)}
     if args.lower:
         result["lowered"] = True
     print(_table([(model_name, recipe_name, f"{fp32:.2f}", f"{acc:.2f}", f"{acc - fp32:+.2f}", data.test_count, n_cal,
                    f"{calib_secs:.1f}")], ("model", "recipe", "fp32 top1", "top1", "delta", "images", "calib", "calib s")))
-    print(f"data: {data.source}")
+    print(f"data: {data.source}; {distributed.world_size()} process(es); state digest {result['state_digest'][:16]}")
     _write_json(args.json, result)
     return 0
 
@@ -181,7 +188,10 @@ def cmd_report(args) -> int:
         reports.append(error_report(qmodel, torch.split(x, 100), label=label, example_inputs=info.example_inputs(),
                                     progress=not args.quiet))
         meta["recipes"][label] = {"calib_images": n_cal, "calib_seconds": round(secs, 2), "data": data.source}
+    if not distributed.is_main():
+        return 0
     print(report_table(reports))
+    meta["processes"] = distributed.world_size()
     paths = write_report(reports, args.out, meta=meta)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -325,7 +335,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    distributed.init_from_env()
     cfg = FinetuneConfig(model=args.model, task=args.task, init=args.init, bits=args.bits, rank=args.rank, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
                          train_images=args.train_images, val_images=args.val_images, test_images=args.test_images,
@@ -430,12 +439,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Under ``torchrun`` every command joins the process group first: ``eval``,
+    ``quantize`` and ``report`` shard calibration and evaluation batches across the processes
+    with the single-process result (``fxquant.distributed``), ``finetune`` runs DDP; rank 0 prints
+    and writes files, the other ranks' standard output is dropped."""
     args = build_parser().parse_args(argv)
+    joined = distributed.init_from_env()
     try:
-        return args.fn(args)
+        with contextlib.ExitStack() as stack:
+            if not distributed.is_main():
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            return args.fn(args)
     except FxQuantError as e:
         print(f"fxquant: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if joined:
+            distributed.shutdown()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,7 +11,7 @@ ranks' shares is the single-process data and sums reduced across ranks equal the
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -53,6 +53,12 @@ def init_from_env(backend: str | None = None) -> bool:
     return True
 
 
+def shutdown() -> None:
+    """Leave the process group (the end of a command run under torchrun)."""
+    if is_initialized():
+        dist.destroy_process_group()
+
+
 def shard(items: Sequence):
     """This rank's share of ``items`` (a sequence or a tensor, sliced along its first dimension):
     ``items[rank::world]``."""
@@ -66,10 +72,61 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+T = TypeVar("T")
+S = TypeVar("S")
+
+
+def all_gather_objects(obj: Any) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` without a process group).
+    Objects travel pickled between the processes of this run only; nothing is written."""
+    if not (is_initialized() and world_size() > 1):
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def ordered_fold(items: Iterable[T], compute: Callable[[T], S], fold: Callable[[S], None]) -> int:
+    """Run ``compute`` on this rank's share of ``items`` and ``fold`` every item's result, on every
+    rank, in the items' global order. Returns the number of items.
+
+    Item ``i`` is computed by rank ``i % W`` (``shard``'s rule); after each round of ``W`` items the
+    ``W`` results are all-gathered and folded in item order. Every rank therefore performs the very
+    floating-point operations of the single-process loop ``for it in items: fold(compute(it))``,
+    so sums folded this way are bit-identical to one process whatever ``W`` is, while only ``W``
+    results are held at a time (memory does not grow with the number of items). Every rank must
+    iterate the same sequence of items (same data, same order); a different count is an error.
+    """
+    world, me = world_size(), rank()
+    if world == 1:
+        n = 0
+        for item in items:
+            fold(compute(item))
+            n += 1
+        return n
+    n, mine = 0, None
+    for item in items:
+        if n % world == me:
+            mine = compute(item)
+        n += 1
+        if n % world == 0:
+            for result in all_gather_objects(mine):
+                fold(result)
+            mine = None
+    if n % world:
+        for result in all_gather_objects(mine)[:n % world]:
+            fold(result)
+    counts = all_gather_objects(n)
+    if len(set(counts)) != 1:
+        raise RuntimeError(f"ranks iterated different numbers of items {counts}: every rank must see the same "
+                           f"batches in the same order (no per-rank shuffling)")
+    return n
+
+
 def barrier() -> None:
     if is_initialized() and world_size() > 1:
         dist.barrier()
 
 
-__all__ = ["is_initialized", "world_size", "rank", "is_main", "launched_by_torchrun", "init_from_env", "shard",
-           "all_reduce_sum", "barrier"]
+__all__ = ["is_initialized", "world_size", "rank", "is_main", "launched_by_torchrun", "init_from_env", "shutdown", "shard",
+           "all_reduce_sum", "all_gather_objects", "ordered_fold", "barrier"]

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .batches import call_model
 from .graph import logits_of
 
@@ -16,15 +17,25 @@ from .graph import logits_of
 def top1(model: nn.Module, batches: Iterable[tuple[Any, torch.Tensor]], *, total: int | None = None,
          progress: bool = True, desc: str = "eval") -> float:
     """Top-1 accuracy in percent over ``(inputs, labels)`` batches (inputs: a tensor or a dict of
-    model keyword arguments, as ``fxquant.batches``)."""
+    model keyword arguments, as ``fxquant.batches``).
+
+    Under ``torch.distributed`` batch ``i`` is evaluated by rank ``i % W`` and the integer counts
+    are summed across ranks, so every rank returns the single-process figure exactly."""
     correct = seen = 0
+    world, me = distributed.world_size(), distributed.rank()
     model.eval()
-    with torch.no_grad(), tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for x, y in batches:
+    with torch.no_grad(), tqdm(total=total, desc=desc, unit="img", disable=not progress or not distributed.is_main(),
+                               leave=False) as bar:
+        for i, (x, y) in enumerate(batches):
+            if i % world != me:
+                continue
             pred = logits_of(call_model(model, x)).argmax(dim=-1)
             correct += int((pred == y).sum())
             seen += len(y)
-            bar.update(len(y))
+            bar.update(len(y) * world)
+    if world > 1:
+        counts = distributed.all_reduce_sum(torch.tensor([correct, seen], dtype=torch.int64))
+        correct, seen = int(counts[0]), int(counts[1])
     if seen == 0:
         raise ValueError("evaluation set is empty")
     return 100.0 * correct / seen

@@ -26,7 +26,6 @@ what fxquant's model computes.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -42,6 +41,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .api import compile, report
 from .artifact import save as save_artifact
+from .artifact import tensors_digest
 from .data import FewShotTask, load_fewshot
 from .errors import ConfigError
 from .graph import is_hf_model, logits_of
@@ -110,15 +110,6 @@ def trainable_parameters(gm: fx.GraphModule) -> dict[str, nn.Parameter]:
         if name in keep:
             out[name] = p
     return out
-
-
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the named tensors' bytes (sorted names): equal digests = bit-identical tensors."""
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        h.update(k.encode())
-        h.update(tensors[k].detach().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _cosine(total_steps: int):

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from torch import fx
 from tqdm.auto import tqdm
 
+from fxquant import distributed
+from fxquant.batches import call_model
 from fxquant.calibration import Calibration, locate_nonfinite
 from fxquant.errors import CalibrationError, ConfigError
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
@@ -48,24 +50,89 @@ def calibrate_weights(gm: fx.GraphModule, only: set[str] | None = None) -> int:
 
 
 def observe(gm: fx.GraphModule, quantizers: list[FakeQuantize], calib: Calibration, max_images: int | None = None) -> int:
-    """Stream ``calib`` with ``quantizers`` observing; other quantizers keep their state."""
+    """Stream ``calib`` with ``quantizers`` observing; other quantizers keep their state. Returns
+    the number of batches.
+
+    Under ``torch.distributed`` the batches are sharded (``Calibration.fold_batches``) and the
+    observers end equal to the single-process ones bit for bit: histogram/min-max observers
+    (``order_free``: their merge is exact and independent of order) accumulate on each rank and are
+    merged once at the end; the others (BitLog2's float sums, IGQ's instance ranges, whose result
+    depends on the order of the batches) hand over one observer per batch, folded on every rank in
+    batch order. A forward loop (``calib`` callable) runs whole on every rank."""
     saved = {id(q): q.fake_quant_enabled for q in quantizers}
     for q in quantizers:
         q.observer_enabled, q.fake_quant_enabled, q.observer = True, False, None
-    current: dict = {}
     try:
-        return calib.run(gm, on_batch=lambda i, b: current.update(i=i, batch=b), max_images=max_images)
-    except NonFiniteInput as e:
-        where = locate_nonfinite(gm, current["batch"]) if "batch" in current else None
-        at = f"node '{where[0]}' ({where[1]})" if where else f"quantizer '{e.label}'"
-        raise CalibrationError(
-            f"calibration batch {current.get('i', '?')} produced NaN/Inf, first at {at}; "
-            f"check the input data (normalisation, corrupt images) or the model's numerics"
-        ) from None
+        if calib.is_loop:
+            current: dict = {}
+            try:
+                return calib.run(gm, on_batch=lambda i, b: current.update(i=i, batch=b), max_images=max_images)
+            except NonFiniteInput as e:
+                raise CalibrationError(_nonfinite_message(gm, current.get("batch"), e, current.get("i", "?"))) from None
+        folded: dict[int, object] = {}
+        seen = [0]
+
+        def compute(batch):
+            try:
+                call_model(gm, batch)
+            except NonFiniteInput as e:
+                return _NonFinite(gm, batch, e)
+            per_batch = []
+            for q in quantizers:
+                if q.observer is not None and not q.observer.order_free:
+                    per_batch.append(q.observer)
+                    q.observer = None
+                else:
+                    per_batch.append(None)
+            return per_batch
+
+        def fold(result):
+            if isinstance(result, _NonFinite):  # raised on every rank, in batch order
+                raise CalibrationError(result.message(seen[0]))
+            for q, ob in zip(quantizers, result):
+                if ob is not None:
+                    folded[id(q)] = ob if id(q) not in folded else folded[id(q)].merge(ob)
+            seen[0] += 1
+
+        batches = calib.fold_batches(compute, fold, max_images=max_images)
+        for q in quantizers:
+            if id(q) in folded:
+                q.observer = folded[id(q)]
+        _merge_across_ranks([q for q in quantizers if id(q) not in folded])
+        return batches
     finally:
         for q in quantizers:
             q.observer_enabled = False
             q.fake_quant_enabled = saved[id(q)]
+
+
+def _merge_across_ranks(quantizers: list[FakeQuantize]) -> None:
+    """Merge the ranks' order-free observers in rank order (exact: see ``Observer``)."""
+    if distributed.world_size() == 1 or not quantizers:
+        return
+    for q, states in zip(quantizers, zip(*distributed.all_gather_objects([q.observer for q in quantizers]))):
+        merged = None
+        for ob in states:
+            if ob is not None:
+                merged = ob if merged is None else merged.merge(ob)
+        q.observer = merged
+
+
+def _nonfinite_message(gm: fx.GraphModule, batch, e: NonFiniteInput, index) -> str:
+    where = locate_nonfinite(gm, batch) if batch is not None else None
+    at = f"node '{where[0]}' ({where[1]})" if where else f"quantizer '{e.label}'"
+    return (f"calibration batch {index} produced NaN/Inf, first at {at}; "
+            f"check the input data (normalisation, corrupt images) or the model's numerics")
+
+
+class _NonFinite:
+    """A batch's NaN/Inf, located on the rank that ran it and raised on every rank when folded."""
+
+    def __init__(self, gm: fx.GraphModule, batch, e: NonFiniteInput):
+        self.text = _nonfinite_message(gm, batch, e, "{index}")
+
+    def message(self, index: int) -> str:
+        return self.text.replace("{index}", str(index), 1)
 
 
 def quantizer_stages(gm: fx.GraphModule, quantizers: list[FakeQuantize]) -> list[list[FakeQuantize]]:

@@ -57,8 +57,9 @@ class LinearRegressionAccumulator:
         self.rows += x.shape[0]
 
     def merge(self, other: "LinearRegressionAccumulator") -> "LinearRegressionAccumulator":
+        """Add another accumulator's sums (in place; the same float64 additions as ``update``)."""
         for k in ("xtx", "xty", "sum_y", "sum_y2"):
-            setattr(self, k, getattr(self, k) + getattr(other, k))
+            getattr(self, k).add_(getattr(other, k))
         self.rows += other.rows
         return self
 
@@ -177,21 +178,27 @@ class QwTCompensate(Pass):
             qs = _block_quantizers(gm, blk, modules)
             saved = [q.fake_quant_enabled for q in qs]
             acc = LinearRegressionAccumulator(c_in, c_out)
-            for batch in calib.limited(self.max_images):
+
+            def batch_sums(batch, prefix=prefix, body=body, block_inputs=block_inputs, qs=qs, saved=saved,
+                           c_in=c_in, c_out=c_out) -> LinearRegressionAccumulator:
                 # values by source node name: the graph inputs, then the block inputs the prefix computes
                 values = input_values(gm, batch)
-                with torch.no_grad():
-                    xs = prefix(*subgraph_args(prefix, values))
-                    xs = xs if isinstance(xs, tuple) else (xs,)
-                    values.update(zip((n.name for n in block_inputs), xs))
-                    body_args = subgraph_args(body, values)
-                    for q in qs:
-                        q.fake_quant_enabled = False
-                    y_fp = body(*body_args)
-                    for q, s in zip(qs, saved):
-                        q.fake_quant_enabled = s
-                    y_q = body(*body_args)
-                acc.update(xs[0], y_fp - y_q)
+                xs = prefix(*subgraph_args(prefix, values))
+                xs = xs if isinstance(xs, tuple) else (xs,)
+                values.update(zip((n.name for n in block_inputs), xs))
+                body_args = subgraph_args(body, values)
+                for q in qs:
+                    q.fake_quant_enabled = False
+                y_fp = body(*body_args)
+                for q, s in zip(qs, saved):
+                    q.fake_quant_enabled = s
+                y_q = body(*body_args)
+                part = LinearRegressionAccumulator(c_in, c_out)
+                part.update(xs[0], y_fp - y_q)
+                return part
+
+            # one batch's sums at a time, added in batch order (sharded across torch.distributed ranks)
+            calib.fold_batches(batch_sums, acc.merge, max_images=self.max_images)
             if acc.rows == 0:
                 raise PassError("qwt: the calibration data is empty")
             w, b, r2 = acc.solve()

@@ -8,7 +8,8 @@ import sys
 
 from fxquant.cli import main
 
-EVAL_KEYS = ["model", "recipe", "top1", "fp32_top1", "test_images", "calib_images", "calib_seconds", "eval_seconds", "seed"]
+EVAL_KEYS = ["model", "recipe", "top1", "fp32_top1", "test_images", "calib_images", "calib_seconds", "eval_seconds", "seed",
+             "processes", "state_digest"]
 
 
 def test_recipes_lists_recipes_and_passes(capsys):
@@ -26,6 +27,7 @@ def test_eval_json_has_exactly_the_documented_keys(tmp_path, capsys):
     assert res["model"] == "embedded" and res["recipe"] == "w8a8" and res["test_images"] == 200 and res["calib_images"] == 32
     assert isinstance(res["top1"], float) and 0 <= res["top1"] <= 100 and abs(res["top1"] - res["fp32_top1"]) < 3
     assert res["seed"] == 0 and res["calib_seconds"] > 0 and res["eval_seconds"] > 0
+    assert res["processes"] == 1 and len(res["state_digest"]) == 64
 
 
 def test_quantize_then_eval_artifact(tmp_path, capsys):

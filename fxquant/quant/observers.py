@@ -57,7 +57,13 @@ class Observer:
     Args:
         spec: the quantizer spec (granularity and estimator decide what is kept).
         weight: whether the observed tensor is a weight (granularity's weight layout).
+
+    ``order_free``: extrema and integer bin counts, with the bin grid a function of the final
+    extrema only, so any split of the data into observers merged in any order gives the very same
+    state as one observer that saw it all (sharded calibration relies on it).
     """
+
+    order_free = True
 
     def __init__(self, spec: QuantSpec, *, weight: bool = False):
         self.spec = spec
@@ -190,7 +196,10 @@ class Observer:
 
 class BitLog2Observer:
     """Streams the sufficient statistics of BitLog2's closed-form δ: ``ΣxD``, ``ΣD²``, ``Σx²``
-    and ``max D`` (``D`` depends on ``x`` only, not on δ). Constant memory, exact merge."""
+    and ``max D`` (``D`` depends on ``x`` only, not on δ). Constant memory, exact merge.
+    ``order_free`` is False: float sums depend on the order they are added in."""
+
+    order_free = False
 
     def __init__(self, spec: QuantSpec, *, weight: bool = False):
         if weight:
@@ -243,7 +252,10 @@ class GroupRangeObserver:
     by k-means plus the spec's estimator over each group's members (``estimators.kmeans_ranges``)
     and ``choose_qparams``. Memory grows with the
     number of calibration instances: this is the data k-means clusters (IGQ-ViT calibrates on 32
-    images). Merging concatenates the points, so it is exact."""
+    images). Merging concatenates the points, so it is exact; the order of the points matters to
+    k-means, so it is not ``order_free``."""
+
+    order_free = False
 
     def __init__(self, spec: QuantSpec, *, weight: bool = False):
         if weight or not isinstance(spec.granularity, InstanceGroups):
