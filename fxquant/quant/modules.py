@@ -52,6 +52,7 @@ class FakeQuantize(nn.Module):
         self.fake_quant_enabled = False
         self.observer: Observer | None = None
         self.drop_prob = 0.0
+        self._weight_cache: tuple[tuple, torch.Tensor] | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -72,11 +73,23 @@ class FakeQuantize(nn.Module):
                     f"(fxquant.compile(..., calib=...)) before evaluating the model"
                 )
             ste = torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad)
+            if self.weight and not ste and self.drop_prob == 0.0:
+                return self._cached_weight(x)
             out = fake_quantize(x, self.scale, self.zero_point, self.spec, ste=ste)
             if self.drop_prob > 0.0:
                 out = torch.where(torch.rand_like(x) < self.drop_prob, out, x)
             return out
         return x
+
+    def _cached_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """The fake-quantized weight, recomputed only when the weight or the parameters change
+        (storage or in-place version): inference then costs no per-call weight rounding, at the
+        price of one weight-sized tensor per layer."""
+        key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape), self.scale.data_ptr(), self.scale._version,
+               self.zero_point.data_ptr(), self.zero_point._version)
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            self._weight_cache = (key, fake_quantize(w, self.scale, self.zero_point, self.spec))
+        return self._weight_cache[1]
 
     # -- parameters ---------------------------------------------------------------------
     def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:

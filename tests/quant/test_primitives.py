@@ -257,3 +257,67 @@ def test_log_count_by_compare_equals_bucketize(scheme, bits, fit):
                    t.nextafter(torch.zeros_like(t)), torch.tensor([0.0, -1.0, 2.0, float("inf")])])
     by_bucketize = quantize(r, torch.tensor(1.0), torch.tensor(0.0), spec)
     assert torch.equal(log_code_of_count(log_count_by_compare(r, t), spec).to(by_bucketize.dtype), by_bucketize)
+
+
+# ------------------------------------------------------------- the fast inference form is exact
+
+
+def _adversarial(scale: torch.Tensor, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Random values plus exact rounding ties (k + 1/2)·s, grid points, clip edges, zeros, outliers."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3
+    flat = x.view(-1)
+    s = float(scale.reshape(-1)[0])
+    ties = (torch.randint(-300, 300, (flat.numel() // 4,), generator=g).float() + 0.5) * s
+    flat[: ties.numel()] = ties
+    flat[ties.numel(): 2 * ties.numel()] = torch.randint(-300, 300, (ties.numel(),), generator=g).float() * s
+    flat[-8:] = torch.tensor([0.0, -0.0, 1e30, -1e30, 1e-30, 3.4e38, -3.4e38, 1.0])
+    return x
+
+
+@pytest.mark.parametrize("scheme,symmetric", [("uniform", True), ("uniform", False), ("log2", False),
+                                              ("log_sqrt2", False), ("bitlog2", False)])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_inference_fake_quantize_equals_the_reference_composition_bit_for_bit(scheme, bits, symmetric, dtype):
+    from fxquant.quant.primitives import fake_quantize_inference
+
+    grans = [PerTensor(), PerAxis(-1), PerGroup(4)] if scheme == "uniform" else [PerTensor()]
+    for i, gran in enumerate(grans):
+        extra = {"bitlog2_variant": "half16"} if scheme == "bitlog2" else {}
+        spec = QuantSpec(bits=bits if scheme != "bitlog2" else 4, scheme=scheme, symmetric=symmetric, granularity=gran,
+                         **extra)
+        shape = (3, 5, 16)
+        pshape = gran.param_shape(shape, weight=False)
+        g = torch.Generator().manual_seed(i)
+        if scheme == "bitlog2":
+            scale, zp = torch.tensor(200.0), torch.tensor(0.0)
+            x = torch.rand(shape, generator=g)
+            x.view(-1)[:20] = torch.arange(20) / 256.0  # exact level boundaries
+        else:
+            lo = -torch.rand(pshape, generator=g) * 4 - 0.1
+            hi = torch.rand(pshape, generator=g) * 4 + 0.1
+            scale, zp = choose_qparams(lo, hi, spec)
+            x = _adversarial(scale, shape, i)
+            if spec.is_log:
+                x = x.abs()
+        x = x.to(dtype)
+        ref = dequantize(quantize(x, scale, zp, spec), scale, zp, spec)
+        fast = fake_quantize_inference(x, scale, zp, spec)
+        assert fast.dtype == ref.dtype and torch.equal(fast, ref), (spec.short(), dtype)
+        assert torch.equal(fake_quantize(x, scale, zp, spec), ref)
+
+
+@pytest.mark.parametrize("scheme", ["log2", "log_sqrt2"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_log_count_equals_bucketize_on_every_float_near_each_midpoint(scheme, bits):
+    from fxquant.quant.primitives import log_count, log_thresholds
+
+    spec = QuantSpec(bits=bits, scheme=scheme)
+    t = log_thresholds(spec)
+    near = (t.view(torch.int32)[:, None] + torch.arange(-3000, 3001, dtype=torch.int32)[None, :]).view(torch.float32)
+    g = torch.Generator().manual_seed(0)
+    special = torch.tensor([0.0, -0.0, -1.0, math.inf, -math.inf, math.nan, 1e-45, 3.4e38, 1.0, 2.0])
+    r = torch.cat([near.flatten(), torch.rand(100_000, generator=g) * 1.5, torch.rand(1000, generator=g) * 1e-30, special])
+    expect = t.numel() - torch.bucketize(r, t.flip(0))
+    assert torch.equal(log_count(r, spec), expect)
