@@ -321,3 +321,23 @@ def test_log_count_equals_bucketize_on_every_float_near_each_midpoint(scheme, bi
     r = torch.cat([near.flatten(), torch.rand(100_000, generator=g) * 1.5, torch.rand(1000, generator=g) * 1e-30, special])
     expect = t.numel() - torch.bucketize(r, t.flip(0))
     assert torch.equal(log_count(r, spec), expect)
+
+
+def test_weight_quantizer_cache_follows_weight_and_parameter_changes():
+    from fxquant.quant import FakeQuantize
+
+    spec = QuantSpec(bits=4, symmetric=True, granularity=PerAxis(0))
+    w = torch.nn.Parameter(torch.randn(6, 8))
+    fq = FakeQuantize(spec, weight=True)
+    fq.calibrate_from(w.detach())
+    fq.fake_quant_enabled = True
+    with torch.no_grad():
+        first = fq(w)
+        assert fq(w) is first  # cached
+        assert torch.equal(first, dequantize(quantize(w, fq.scale, fq.zero_point, spec), fq.scale, fq.zero_point, spec))
+        w.mul_(2)  # in-place change: recomputed
+        assert torch.equal(fq(w), dequantize(quantize(w, fq.scale, fq.zero_point, spec), fq.scale, fq.zero_point, spec))
+        fq.set_qparams(fq.scale * 2, fq.zero_point)  # new parameters: recomputed
+        assert torch.equal(fq(w), dequantize(quantize(w, fq.scale, fq.zero_point, spec), fq.scale, fq.zero_point, spec))
+    out = fq(w)  # with gradients: the straight-through path, never the cache
+    assert out.requires_grad and out is not fq._weight_cache[1]
