@@ -17,6 +17,7 @@ from . import artifact, distributed
 from .analysis import error_report, layer_sensitivity, report_table, sensitivity_table, write_report
 from .api import compile as fx_compile
 from .api import report
+from .artifact import tensors_digest
 from .data import load_data
 from .errors import FxQuantError
 from .evaluate import top1
@@ -150,7 +151,7 @@ def cmd_eval(args) -> int:
             args, limit=args.limit, lower=args.lower, batch_size=args.batch_size)
         model_name = args.model
     progress = not args.quiet
-    fp32 = top1(info.model, data.test_batches(), total=data.test_count, progress=progress, desc="fp32")
+    fp32 = _fp32_top1(info, data, args, progress)
     t0 = time.perf_counter()
     acc = top1(qmodel, data.test_batches(), total=data.test_count, progress=progress, desc=recipe_name)
     eval_secs = time.perf_counter() - t0
@@ -165,6 +166,44 @@ def cmd_eval(args) -> int:
     print(f"data: {data.source}; {distributed.world_size()} process(es); state digest {result['state_digest'][:16]}")
     _write_json(args.json, result)
     return 0
+
+
+def _fp32_cache_path() -> Path:
+    root = os.environ.get("FXQUANT_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fxquant"
+    return Path(root) / "fp32_top1.json"
+
+
+def _fp32_top1(info, data, args, progress: bool) -> float:
+    """The float model's top-1 on this data, from the cache when this (float weights, data,
+    evaluation size, batch size, seed) was measured before (``--recompute-fp32`` measures again).
+    The key holds the SHA-256 of the float state dict, so changed weights are never served."""
+    key = tensors_digest(dict(info.model.state_dict())) + "|" + json.dumps(
+        [data.source, data.test_count, getattr(args, "batch_size", None), args.seed])
+    path = _fp32_cache_path()
+    cached = None
+    if not args.recompute_fp32 and distributed.is_main():
+        try:
+            cached = json.loads(path.read_text()).get(key)
+        except (OSError, ValueError):
+            cached = None
+    cached = distributed.all_gather_objects(cached)[0]  # every rank takes rank 0's decision
+    if cached is not None:
+        return float(cached)
+    fp32 = top1(info.model, data.test_batches(), total=data.test_count, progress=progress, desc="fp32")
+    if distributed.is_main():
+        try:
+            table = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError):
+            table = {}
+        table[key] = fp32
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(table, indent=1))
+            tmp.replace(path)  # atomic: concurrent evals never read half a file
+        except OSError as e:  # a read-only home must not fail the evaluation
+            print(f"note: could not write the FP32 cache {path}: {e}", file=sys.stderr)
+    return fp32
 
 
 def _held_out(data, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -409,6 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=200)
     e.add_argument("--json", default=None, help="write the result as JSON to this path")
     e.add_argument("--lower", action="store_true", help="run quantized Linears on integer kernels (LowerToKernels)")
+    e.add_argument("--recompute-fp32", action="store_true",
+                   help="measure the FP32 top-1 again instead of reading it from the cache "
+                        "($FXQUANT_CACHE_DIR or ~/.cache/fxquant/fp32_top1.json; keyed by the float weights' SHA-256 "
+                        "and the data)")
     e.set_defaults(fn=cmd_eval)
 
     x = sub.add_parser("export", help="quantize a model and export it to ONNX QDQ (onnxruntime)")

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from fxquant.quant.primitives import QuantSpec, bitlog2_levels, log_shifts, log_step, quantize
+from fxquant.quant.primitives import BITLOG2_VARIANTS, QuantSpec, bitlog2_levels, log_shifts, log_step, quantize
 
 try:
     import triton
@@ -65,10 +65,21 @@ def int_bmm_float64_ref(a, a_scale, a_zp, b, b_scale, b_zp) -> torch.Tensor:
     return da @ db
 
 
+def exact_float_dtype(k: int, max_a: int, max_b: int) -> torch.dtype | None:
+    """The float type whose matmul of integer operands (``|a| ≤ max_a``, ``|b| ≤ max_b``, ``K = k``)
+    is exact: every partial sum is an integer below ``k·max_a·max_b``, exact in float32 under 2^24
+    and in float64 under 2^53 whatever the summation order (so BLAS may block and vectorise as it
+    likes). None when neither is exact."""
+    bound = k * max_a * max_b
+    return torch.float32 if bound < 2**24 else torch.float64 if bound < 2**53 else None
+
+
 def int_bmm_cpu(a: torch.Tensor, a_scale, a_zp, b: torch.Tensor, b_scale, b_zp, *,
                 bits: tuple[int, int] = (8, 8)) -> torch.Tensor:
-    """Exact integer path: integer matmul of the zero-point-shifted codes, then ``s_a·s_b`` (fp32)."""
-    dt = _acc_dtype(a.shape[-1], *bits)
+    """Exact integer path: the matmul of the zero-point-shifted codes in float32/float64 BLAS where
+    that is exact (``exact_float_dtype``; integer matmul otherwise), then ``s_a·s_b`` (fp32)."""
+    # a signed b-bit code minus its (in-range) zero point is below 2^b in magnitude
+    dt = exact_float_dtype(a.shape[-1], 2 ** bits[0], 2 ** bits[1]) or _acc_dtype(a.shape[-1], *bits)
     acc = torch.matmul(a.to(dt) - int(a_zp), b.to(dt) - int(b_zp))
     return acc.to(torch.float32) * (float(a_scale) * float(b_scale))
 
@@ -174,10 +185,10 @@ def log_av_int(codes: torch.Tensor, v: torch.Tensor, spec: QuantSpec) -> tuple[t
     odd = h.bool()
     shift = e - s
     weight = torch.where(live, torch.bitwise_left_shift(torch.ones_like(c), shift.clamp(min=0)), torch.zeros_like(c))
-    # CUDA has no integer matmul: there the sums run in float64, exact because every partial sum
-    # is an integer below N·2^E·2^8 ≤ 2^53 (checked)
-    dt = torch.int64 if v.device.type == "cpu" else torch.float64
-    if dt == torch.float64 and v.shape[-2] * 2 ** (e + 9) > 2**53:
+    # the sums run in float BLAS, exact because every partial sum is an integer below
+    # N·2^E·2^9 (exact_float_dtype: float32 when that is below 2^24, else float64); int64 beyond
+    dt = exact_float_dtype(v.shape[-2], 2**e, 2**9) or torch.int64
+    if dt == torch.int64 and v.device.type != "cpu":
         raise ValueError(f"log_av_int: {v.shape[-2]} keys × 2^{e} levels exceed float64's exact integers")
     vv = v.to(dt)
     acc0 = torch.matmul(torch.where(odd, 0, weight).to(dt), vv).to(torch.int64)
@@ -210,7 +221,9 @@ def bitlog2_av_int(codes: torch.Tensor, v: torch.Tensor, variant: str) -> torch.
     sums as ``fxquant.kernels.bitlog2.bitlog2_av_ref`` without its ``[M, N, d]`` shift tensor."""
     if v.is_floating_point():
         raise TypeError("bitlog2_av_int takes integer v (quantized values minus zero point)")
-    return torch.matmul(bitlog2_levels(codes, variant).to(torch.int64), v.to(torch.int64))
+    m, _ = BITLOG2_VARIANTS[variant]
+    dt = exact_float_dtype(v.shape[-2], m, 2**9) or torch.int64  # exact float BLAS, as in log_av_int
+    return torch.matmul(bitlog2_levels(codes, variant).to(dt), v.to(dt)).to(torch.int64)
 
 
 def log_codes_of(x: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

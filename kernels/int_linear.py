@@ -78,15 +78,26 @@ def int_linear_float64_ref(a, a_scale, a_zp, w, w_scale, w_zp, bias=None) -> tor
 
 def int_linear_cpu(a: torch.Tensor, a_scale, a_zp, w: torch.Tensor, w_scale, w_zp, bias=None,
                    w_colsum: torch.Tensor | None = None) -> torch.Tensor:
-    """Exact integer path for CPUs: ``torch._int_mm`` (int8 × int8 → int32) + the epilogue."""
-    m, n = a.shape[0], w.shape[0]
+    """Exact integer path for CPUs: ``torch._int_mm`` (int8 × int8 → int32, oneDNN's VNNI GEMM) +
+    the epilogue, in place. The zero-point terms are ``[M, 1]``/``[1, N]`` vectors (no ``[M, N]``
+    products), the weight-zero-point term is skipped when every ``z_w`` is 0 (symmetric weights),
+    and the scale is the same ``s_a·s_w`` product as ``int_linear_ref``'s, so the result equals it."""
+    m, n, k = a.shape[0], w.shape[0], a.shape[1]
     acc = torch._int_mm(a.contiguous(), w.T.contiguous())
     za = _vec(a_zp, m, torch.int32)[:, None]
     zw = _vec(w_zp, n, torch.int32)[None, :]
     colsum = (w.to(torch.int32).sum(1) if w_colsum is None else w_colsum.to(torch.int32))[None, :]
-    acc = acc - za * colsum - zw * a.to(torch.int32).sum(1)[:, None] + a.shape[1] * za * zw
-    out = acc.to(torch.float32) * (_vec(a_scale, m, torch.float32)[:, None] * _vec(w_scale, n, torch.float32)[None, :])
-    return out if bias is None else out + bias.float()[None, :]
+    if torch.as_tensor(a_zp).numel() == 1:  # per-tensor activation zero point: one [1, N] correction
+        acc.sub_(za[:1] * colsum - k * za[:1] * zw)
+    else:
+        acc.sub_(za * colsum).add_(k * za * zw)
+    if bool(zw.any()):
+        acc.sub_(zw * a.to(torch.int32).sum(1)[:, None])
+    sa = _vec(a_scale, m, torch.float32)
+    sw = _vec(w_scale, n, torch.float32)[None, :]
+    scale = sa[:1, None] * sw if torch.as_tensor(a_scale).numel() == 1 else sa[:, None] * sw
+    out = acc.to(torch.float32).mul_(scale)
+    return out if bias is None else out.add_(bias.float()[None, :])
 
 
 # ------------------------------------------------------------------------------------------

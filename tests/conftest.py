@@ -9,6 +9,11 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the FP32 top-1 cache of `fxquant eval` goes to a throw-away folder, never the user's ~/.cache
+if "FXQUANT_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["FXQUANT_CACHE_DIR"] = tempfile.mkdtemp(prefix="fxquant-test-cache-")
 if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU (set before triton.jit)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # one intra-op thread per pytest-xdist worker (the default run uses one worker per core), else up to 2

@@ -52,3 +52,19 @@ def test_errors_exit_2_with_message(capsys):
 def test_console_script_entry_point():
     r = subprocess.run([sys.executable, "-m", "fxquant.cli", "recipes"], capture_output=True, text=True, check=True)
     assert "w4a4" in r.stdout
+
+
+def test_eval_reads_the_fp32_top1_from_the_cache_unless_told_to_recompute(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FXQUANT_CACHE_DIR", str(tmp_path / "cache"))
+    argv = ["eval", "--model", "embedded", "--recipe", "w8a8", "--limit", "100", "--quiet", "--json"]
+    assert main(argv + [str(tmp_path / "a.json")]) == 0
+    cache = tmp_path / "cache" / "fp32_top1.json"
+    table = json.loads(cache.read_text())
+    (key, measured), = table.items()
+    assert json.loads((tmp_path / "a.json").read_text())["fp32_top1"] == round(measured, 4)
+    cache.write_text(json.dumps({key: 12.5}))  # a planted value proves the second run reads the cache
+    assert main(argv + [str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["fp32_top1"] == 12.5
+    assert main(argv + [str(tmp_path / "c.json"), "--recompute-fp32"]) == 0
+    assert json.loads((tmp_path / "c.json").read_text())["fp32_top1"] == round(measured, 4)
+    assert json.loads(cache.read_text())[key] == measured  # and the cache is corrected

@@ -30,7 +30,17 @@ def code_offset(spec: QuantSpec) -> int:
 
 
 def to_signed_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Signed integer codes (int8) of ``x`` under ``spec`` (the rounding rule of ``primitives.quantize``)."""
+    """Signed integer codes (int8) of ``x`` under ``spec`` (the rounding rule of ``primitives.quantize``).
+
+    For per-tensor integer zero points (every lowered activation) the codes are computed as
+    ``clamp(round(x/s), qmin - z, qmax - z) + (z - offset)`` in place, which is
+    ``clamp(round(x/s) + z, qmin, qmax) - offset`` exactly (integer-valued floats throughout)."""
+    if (spec.scheme == "uniform" and spec.zero_point_domain == "int" and scale.numel() == 1 and zero_point.numel() == 1
+            and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)):
+        z = float(zero_point)
+        y = x / scale.reshape(())
+        y.round_().clamp_(spec.qmin - z, spec.qmax - z).add_(z - code_offset(spec))
+        return y.to(torch.int8)
     return (quantize(x, scale, zero_point, spec) - code_offset(spec)).to(torch.int8)
 
 

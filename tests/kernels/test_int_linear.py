@@ -87,9 +87,18 @@ def test_per_row_activation_scales_and_fp16_output():
 
 
 def test_cpu_integer_path_equals_reference():
+    """Every epilogue branch: per-tensor or per-row activation scale/zero point, asymmetric or
+    symmetric (all-zero) weight zero points, with and without bias, given or computed column sums."""
     for m, k, n in SHAPES:
         a, w, ws, wz, bias = _operands(m, k, n, 8, 8, seed=k)
-        assert torch.equal(int_linear_cpu(a, 0.02, 7, w, ws, wz, bias), int_linear_ref(a, 0.02, 7, w, ws, wz, bias))
+        g = torch.Generator().manual_seed(m)
+        rows_s, rows_z = torch.rand(m, generator=g) * 0.05 + 0.01, torch.randint(-20, 20, (m,), generator=g)
+        for sa, za in ((0.02, 7), (torch.tensor(0.02), torch.tensor(-3)), (rows_s, rows_z)):
+            for wz_ in (wz, torch.zeros_like(wz)):
+                for b in (bias, None):
+                    ref = int_linear_ref(a, sa, za, w, ws, wz_, b)
+                    assert torch.equal(int_linear_cpu(a, sa, za, w, ws, wz_, b), ref)
+                    assert torch.equal(int_linear_cpu(a, sa, za, w, ws, wz_, b, w_colsum=w.to(torch.int32).sum(1)), ref)
 
 
 def test_pack_round_trip_and_errors():
