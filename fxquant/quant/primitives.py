@@ -575,10 +575,9 @@ def log_count_by_compare(ratio: torch.Tensor, thresholds: torch.Tensor) -> torch
 
 
 def log_codes(ratio: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Codes (int64) of ``r = x / Δ``: the count of midpoints ``T_j ≥ r``, capped (see module doc)."""
-    t = log_thresholds(spec).to(ratio.device)
-    count = t.numel() - torch.bucketize(ratio.contiguous(), t.flip(0))  # = #{j : r <= T_j}
-    return log_code_of_count(count, spec)
+    """Codes (int64) of ``r = x / Δ``: the count of midpoints ``T_j ≥ r``, capped (see module doc);
+    the count is ``log_count``'s (equal to ``bucketize`` against the midpoints, tested)."""
+    return log_code_of_count(log_count(ratio, spec), spec)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec, *,
