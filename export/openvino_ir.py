@@ -80,10 +80,15 @@ def runtime_precisions(model_path: str | Path, *, threads: int | None = None) ->
     counts: dict[str, Counter] = {}
     for op in compiled.get_runtime_model().get_ops():
         info = op.get_rt_info()
-        kind = str(info["layerType"]) if "layerType" in info else op.get_type_name()
-        prec = str(info["runtimePrecision"]) if "runtimePrecision" in info else "?"
+        kind = _text(info["layerType"]) if "layerType" in info else op.get_type_name()
+        prec = _text(info["runtimePrecision"]) if "runtimePrecision" in info else "?"
         counts.setdefault(kind, Counter())[prec] += 1
     return {k: dict(v) for k, v in sorted(counts.items())}
+
+
+def _text(value) -> str:
+    """An rt_info entry (an ``OVAny``) as text."""
+    return value.astype(str) if hasattr(value, "astype") else str(value)
 
 
 def run_openvino(model_path: str | Path, inputs: Sequence[torch.Tensor], *, threads: int | None = None) -> torch.Tensor:

@@ -1,0 +1,56 @@
+"""OpenVINO IR export: the IR files, the CPU plugin's logits against fxquant's fake-quant model
+(the ONNX QDQ tolerance of test_onnx_qdq.py: W8A8 max |Δ| <= 0.15 on logits of size ~5; OpenVINO
+may run float parts in bf16 on CPUs that have it, so the check pins f32), the layer-precision
+record, and the errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxquant
+from fxquant.errors import ConfigError
+from fxquant.quant import QuantLinear
+from fxquant.testing import toy_calib, toy_vit
+
+ov = pytest.importorskip("openvino")
+
+from fxquant.export import run_openvino, runtime_precisions, to_openvino  # noqa: E402
+
+
+def test_openvino_ir_matches_fake_quant_and_reports_int8_layers(tmp_path):
+    calib = toy_calib()
+    q = fxquant.compile(toy_vit(), recipe="w8a8", calib=calib, example_inputs=(calib[0],), progress=False)
+    res = to_openvino(q, (calib[0],), tmp_path / "toy.xml")
+    assert res.xml.exists() and res.bin.exists() and res.bin.stat().st_size > 0
+    x = torch.cat(calib)
+    with torch.no_grad():
+        ref = q(x)
+    core = ov.Core()
+    compiled = core.compile_model(str(res.xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    got = torch.from_numpy(compiled([x.numpy()])[compiled.output(0)].copy())
+    assert (got - ref).abs().max().item() <= 0.15
+    assert run_openvino(res.xml, (x,)).shape == ref.shape
+    # the record is the compiled model's own: every executed layer type with its precisions
+    assert res.layers == runtime_precisions(res.xml)
+    linears = sum(isinstance(m, QuantLinear) for m in q.modules())
+    i8, total = res.int8_count("FullyConnected")
+    assert total == linears and 1 <= i8 <= total  # LayerNorm-fed Linears run in int8 (see README for which don't)
+
+
+def test_openvino_export_wants_an_xml_path(tmp_path):
+    calib = toy_calib()
+    q = fxquant.compile(toy_vit(), recipe="w8a8", calib=calib, example_inputs=(calib[0],), progress=False)
+    with pytest.raises(ConfigError, match=r"<name>.xml"):
+        to_openvino(q, (calib[0],), tmp_path / "toy.onnx")
+
+
+def test_export_command_writes_openvino_ir(tmp_path, capsys):
+    from fxquant.cli import main
+
+    out = tmp_path / "vit.xml"
+    assert main(["export", "--model", "embedded", "--recipe", "w8a8", "--format", "openvino", "--out", str(out),
+                 "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert out.exists() and out.with_suffix(".bin").exists()
+    assert "FullyConnected layers run in int8" in text and "max |Δlogit|" in text
