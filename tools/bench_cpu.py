@@ -1,0 +1,235 @@
+"""CPU deployment benchmark (issue 16): latency and top-1 of fxquant's exported models in
+onnxruntime and OpenVINO next to the FP32 models and the two usual INT8 tool chains, in one run.
+
+Variants, all from the same captured FP32 graph and the same 32 calibration images:
+  * ``fp32-ort`` / ``fp32-ov``: fxquant's ``fp32`` recipe exported to ONNX, in onnxruntime / OpenVINO;
+  * ``ort-quantize-static``: ``onnxruntime.quantization.quantize_static`` on the FP32 ONNX model
+    (after ``quant_pre_process``): QDQ, per-channel weights, its default MinMax calibrator;
+  * ``nncf-ov``: ``nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER)`` on the FP32
+    model read by OpenVINO (default preset), run by OpenVINO;
+  * ``fxquant-<recipe>-ort`` / ``-ov``: each ``--recipes`` entry (default ``w8a8`` and ``w8a8-sym``, the
+    same recipe with symmetric weights and activations) exported as QDQ (``to_onnx``) and run by
+    onnxruntime, and the same file read by OpenVINO.
+OpenVINO rows also record how many FullyConnected / Convolution layers and fused attention
+subgraphs its CPU plugin runs in int8 (``runtime_precisions``). OpenVINO runs with its default
+inference precision (bf16 on CPUs with AVX512-BF16/AMX, else f32), which the JSON records.
+
+Latency: median of ``--reps`` runs after warm-up, ``--threads`` threads, batch 1 and 32 (CIFAR ViT)
+or 1 and 8 (224-pixel model, random init: latency only). Top-1 on all CIFAR-10 test images.
+
+    python tools/bench_cpu.py [--model cifar-vit|timm:vit_small_patch16_224] [--threads 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import fxquant
+from fxquant.data import load_data
+from fxquant.export import runtime_precisions, to_onnx
+from fxquant.models import load_model
+from fxquant.recipes import get_recipe
+
+MODELS = {"cifar-vit": (1, 32), "timm:vit_small_patch16_224": (1, 8)}
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return platform.processor()
+    names = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return " ".join(names) or "no AVX2"
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def latency_ms(path: Path, x: torch.Tensor, threads: int, reps: int, warmup: int = 3) -> float:
+    sess = _session(path, threads)
+    feed = {sess.get_inputs()[0].name: x.numpy()}
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def top1(path: Path, batches, threads: int) -> float:
+    sess = _session(path, threads)
+    name = sess.get_inputs()[0].name
+    correct = n = 0
+    for x, y in batches:
+        pred = sess.run(None, {name: x.numpy()})[0].argmax(1)
+        correct += int((pred == y.numpy()).sum())
+        n += len(y)
+    return 100.0 * correct / n
+
+
+def ort_quantize_static(fp32_path: Path, out: Path, calib: torch.Tensor) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"input": calib[i:i + 1].numpy()} for i in range(len(calib))])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    pre = out.with_name(out.stem + "_pre.onnx")
+    quant_pre_process(str(fp32_path), str(pre))
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    return out
+
+
+def _ov_compiled(path: Path, threads: int):
+    import openvino as ov
+
+    return ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads})
+
+
+def ov_latency_ms(path: Path, x: torch.Tensor, threads: int, reps: int, warmup: int = 3) -> float:
+    compiled = _ov_compiled(path, threads)
+    request = compiled.create_infer_request()
+    arr = x.numpy()
+    for _ in range(warmup):
+        request.infer([arr])
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        request.infer([arr])
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def ov_top1(path: Path, batches, threads: int) -> float:
+    compiled = _ov_compiled(path, threads)
+    correct = n = 0
+    for x, y in batches:
+        pred = compiled([x.numpy()])[compiled.output(0)].argmax(1)
+        correct += int((pred == y.numpy()).sum())
+        n += len(y)
+    return 100.0 * correct / n
+
+
+def nncf_quantize(fp32_path: Path, out: Path, calib: torch.Tensor) -> Path:
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(fp32_path))
+    dataset = nncf.Dataset([calib[i:i + 1].numpy() for i in range(len(calib))])
+    q = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib))
+    ov.save_model(q, str(out), compress_to_fp16=False)
+    return out
+
+
+def int8_layers(path: Path) -> str:
+    counts = runtime_precisions(path)
+    parts = []
+    for kind in ("FullyConnected", "Convolution", "Subgraph", "MatMul"):
+        c = counts.get(kind, {})
+        total = sum(v for k, v in c.items() if k != "dynamic")
+        if total:
+            parts.append(f"{kind} {sum(v for k, v in c.items() if k in ('i8', 'u8'))}/{total}")
+    return ", ".join(parts)
+
+
+RECIPES = {"w8a8": ("w8a8", {}), "w8a8-sym": ("w8a8", {"w_symmetric": True, "a_symmetric": True})}
+
+
+def bench_model(spec: str, threads: int, tmp: Path, with_top1: bool, recipes: list[str]) -> list[dict]:
+    info = load_model(spec)
+    batches_sizes = MODELS[spec]
+    if info.dataset == "cifar10":
+        data = load_data(info, "cifar10", calib_images=32, batch_size=500)
+        calib = data.calib
+        x = next(iter(data.test_batches()))[0]
+    else:  # latency only: random inputs of the model's size
+        g = torch.Generator().manual_seed(0)
+        calib = torch.randn(32, *info.input_size, generator=g)
+        x = torch.randn(max(batches_sizes), *info.input_size, generator=g)
+        data = None
+    ex = info.example_inputs()
+    tag = spec.replace(":", "_")
+    fp = fxquant.compile(info.model, recipe="fp32", example_inputs=ex, progress=False)
+    fp32_onnx = to_onnx(fp, ex, tmp / f"{tag}_fp32.onnx").path
+    variants = {"fp32-ort": ("ort", fp32_onnx), "fp32-ov": ("ov", fp32_onnx),
+                "ort-quantize-static": ("ort", ort_quantize_static(fp32_onnx, tmp / f"{tag}_ortq.onnx", calib)),
+                "nncf-ov": ("ov", nncf_quantize(fp32_onnx, tmp / f"{tag}_nncf.xml", calib))}
+    for name in recipes:
+        recipe, options = RECIPES.get(name, (name, {}))
+        q = fxquant.compile(info.model, recipe=get_recipe(recipe, **options), calib=list(torch.split(calib, 32)),
+                            example_inputs=ex, progress=False)
+        path = to_onnx(q, ex, tmp / f"{tag}_{name}.onnx").path
+        variants[f"fxquant-{name}-ort"] = ("ort", path)
+        variants[f"fxquant-{name}-ov"] = ("ov", path)
+    rows = []
+    for variant, (runtime, path) in variants.items():
+        acc = None
+        if with_top1 and data is not None:
+            acc = top1(path, data.test_batches(), threads) if runtime == "ort" else ov_top1(path, data.test_batches(), threads)
+        layers = int8_layers(path) if runtime == "ov" else ""
+        for b in batches_sizes:
+            reps = 200 if (b == 1 and info.dataset == "cifar10") else 30 if info.dataset == "cifar10" else 20 if b == 1 else 10
+            ms = (latency_ms if runtime == "ort" else ov_latency_ms)(path, x[:b], threads, reps)
+            rows.append({"model": spec, "variant": variant, "runtime": runtime, "batch": b, "threads": threads,
+                         "ms_median": round(ms, 3), "top1": None if acc is None else round(acc, 2),
+                         "openvino_int8_layers": layers, "load_avg": os.getloadavg()[0]})
+            print(f"{spec:28s} {variant:24s} batch {b:3d}  {ms:9.2f} ms" + ("" if acc is None else f"  top1 {acc:.2f}")
+                  + (f"  [{layers}]" if layers else ""), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, choices=list(MODELS), help="one model (default: both)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--recipes", nargs="+", default=["w8a8", "w8a8-sym"],
+                    help="fxquant recipes to export (w8a8-sym: w8a8 with symmetric weights and activations)")
+    ap.add_argument("--no-top1", action="store_true", help="latency only")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    import onnxruntime as ort
+    import openvino as ov
+
+    torch.set_num_threads(args.threads)
+    hint = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
+    print(f"CPU: {cpu_flags()}; onnxruntime {ort.__version__}; OpenVINO {ov.__version__} (inference precision {hint}); "
+          f"{args.threads} threads; load {os.getloadavg()[0]:.2f}")
+    tmp = Path(tempfile.mkdtemp(prefix="fxq_bench_"))
+    rows = []
+    for spec in ([args.model] if args.model else list(MODELS)):
+        rows += bench_model(spec, args.threads, tmp, not args.no_top1, args.recipes)
+    print()
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    print(f"{'model, batch':32s} " + " ".join(f"{v[:22]:>22s}" for v in variants))
+    for spec in dict.fromkeys(r["model"] for r in rows):
+        for b in MODELS[spec]:
+            ms = {r["variant"]: r["ms_median"] for r in rows if r["model"] == spec and r["batch"] == b}
+            print(f"{spec + ', ' + str(b):32s} " + " ".join(f"{ms[v]:19.2f} ms" for v in variants))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cpu": cpu_flags(), "threads": args.threads, "openvino_precision": str(hint),
+                                               "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
