@@ -14,8 +14,10 @@ OpenVINO rows also record how many FullyConnected / Convolution layers and fused
 subgraphs its CPU plugin runs in int8 (``runtime_precisions``). OpenVINO runs with its default
 inference precision (bf16 on CPUs with AVX512-BF16/AMX, else f32), which the JSON records.
 
-Latency: median of ``--reps`` runs after warm-up, ``--threads`` threads, batch 1 and 32 (CIFAR ViT)
-or 1 and 8 (224-pixel model, random init: latency only). Top-1 on all CIFAR-10 test images.
+Latency: the median of a set of runs after warm-up, measured in ``--rounds`` interleaved rounds over
+all variants (the best median is kept, so that load from elsewhere hits every variant alike),
+``--threads`` threads, batch 1 and 32 (CIFAR ViT) or 1 and 8 (224-pixel model, random init:
+latency only). Top-1 on all CIFAR-10 test images.
 
     python tools/bench_cpu.py [--model cifar-vit|timm:vit_small_patch16_224] [--threads 2] [--json out.json]
 """
@@ -156,7 +158,7 @@ def int8_layers(path: Path) -> str:
 RECIPES = {"w8a8": ("w8a8", {}), "w8a8-sym": ("w8a8", {"w_symmetric": True, "a_symmetric": True})}
 
 
-def bench_model(spec: str, threads: int, tmp: Path, with_top1: bool, recipes: list[str]) -> list[dict]:
+def bench_model(spec: str, threads: int, tmp: Path, with_top1: bool, recipes: list[str], rounds: int) -> list[dict]:
     info = load_model(spec)
     batches_sizes = MODELS[spec]
     if info.dataset == "cifar10":
@@ -182,18 +184,31 @@ def bench_model(spec: str, threads: int, tmp: Path, with_top1: bool, recipes: li
         path = to_onnx(q, ex, tmp / f"{tag}_{name}.onnx").path
         variants[f"fxquant-{name}-ort"] = ("ort", path)
         variants[f"fxquant-{name}-ov"] = ("ov", path)
-    rows = []
+    # top-1 and the int8 layer record first; then latency in interleaved rounds (every variant once
+    # per round, best median kept), so that load from elsewhere on the machine hits them alike
+    info_rows = {}
     for variant, (runtime, path) in variants.items():
         acc = None
         if with_top1 and data is not None:
             acc = top1(path, data.test_batches(), threads) if runtime == "ort" else ov_top1(path, data.test_batches(), threads)
-        layers = int8_layers(path) if runtime == "ov" else ""
+        info_rows[variant] = (acc, int8_layers(path) if runtime == "ov" else "")
+    best: dict[tuple[str, int], float] = {}
+    loads = []
+    for _ in range(rounds):
+        for variant, (runtime, path) in variants.items():
+            for b in batches_sizes:
+                reps = 100 if (b == 1 and info.dataset == "cifar10") else 15 if info.dataset == "cifar10" else 10 if b == 1 else 5
+                ms = (latency_ms if runtime == "ort" else ov_latency_ms)(path, x[:b], threads, reps)
+                best[(variant, b)] = min(best.get((variant, b), float("inf")), ms)
+        loads.append(os.getloadavg()[0])
+    rows = []
+    for variant, (runtime, _) in variants.items():
+        acc, layers = info_rows[variant]
         for b in batches_sizes:
-            reps = 200 if (b == 1 and info.dataset == "cifar10") else 30 if info.dataset == "cifar10" else 20 if b == 1 else 10
-            ms = (latency_ms if runtime == "ort" else ov_latency_ms)(path, x[:b], threads, reps)
+            ms = best[(variant, b)]
             rows.append({"model": spec, "variant": variant, "runtime": runtime, "batch": b, "threads": threads,
-                         "ms_median": round(ms, 3), "top1": None if acc is None else round(acc, 2),
-                         "openvino_int8_layers": layers, "load_avg": os.getloadavg()[0]})
+                         "ms_best_median": round(ms, 3), "rounds": rounds, "top1": None if acc is None else round(acc, 2),
+                         "openvino_int8_layers": layers, "load_avg_per_round": loads})
             print(f"{spec:28s} {variant:24s} batch {b:3d}  {ms:9.2f} ms" + ("" if acc is None else f"  top1 {acc:.2f}")
                   + (f"  [{layers}]" if layers else ""), flush=True)
     return rows
@@ -206,6 +221,7 @@ def main() -> None:
     ap.add_argument("--recipes", nargs="+", default=["w8a8", "w8a8-sym"],
                     help="fxquant recipes to export (w8a8-sym: w8a8 with symmetric weights and activations)")
     ap.add_argument("--no-top1", action="store_true", help="latency only")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds (the best median is kept)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import onnxruntime as ort
@@ -218,13 +234,13 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="fxq_bench_"))
     rows = []
     for spec in ([args.model] if args.model else list(MODELS)):
-        rows += bench_model(spec, args.threads, tmp, not args.no_top1, args.recipes)
+        rows += bench_model(spec, args.threads, tmp, not args.no_top1, args.recipes, args.rounds)
     print()
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     print(f"{'model, batch':32s} " + " ".join(f"{v[:22]:>22s}" for v in variants))
     for spec in dict.fromkeys(r["model"] for r in rows):
         for b in MODELS[spec]:
-            ms = {r["variant"]: r["ms_median"] for r in rows if r["model"] == spec and r["batch"] == b}
+            ms = {r["variant"]: r["ms_best_median"] for r in rows if r["model"] == spec and r["batch"] == b}
             print(f"{spec + ', ' + str(b):32s} " + " ".join(f"{ms[v]:19.2f} ms" for v in variants))
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": cpu_flags(), "threads": args.threads, "openvino_precision": str(hint),
