@@ -34,8 +34,11 @@ from fxquant.quant.primitives import (
     QuantSpec,
     bitlog2_codes_from_int,
     bitlog2_input,
+    bitlog2_level_by_input,
     bitlog2_level_table,
+    log_code_of_count,
     log_codes,
+    log_count,
     log_shifts,
     log_step,
     quantize,
@@ -223,6 +226,26 @@ def log_av(codes: torch.Tensor, log_scale, v: torch.Tensor, v_scale, spec: Quant
     return (total * (float(log_scale) * float(v_scale) * 2.0 ** -log_max_shift(spec))).float()
 
 
+def log_av_from_ratio(ratio: torch.Tensor, log_scale, v: torch.Tensor, v_scale, spec: QuantSpec) -> torch.Tensor:
+    """``log_av(log_codes(ratio), ...)`` from ``r = A/Δ`` directly: the per-code weights composed
+    with ``log_code_of_count`` into per-count tables, looked up at ``log_count(r)``, and the exact
+    float BLAS sums combined in float64 without the int64 round trip (the sums are integers below
+    2^53, so their float64 values are the int64 ones)."""
+    if v.is_floating_point():
+        raise TypeError("log_av_from_ratio takes integer v (quantized values minus zero point)")
+    e = log_max_shift(spec)
+    dt = exact_float_dtype(v.shape[-2], 2**e, 2**9)
+    if e > MAX_LOG_SHIFT or dt is None:
+        return log_av(log_codes(ratio, spec), log_scale, v, v_scale, spec)
+    count = log_count(ratio, spec)
+    by_count = log_code_of_count(torch.arange(2**spec.bits + 1), spec)
+    even, odd = (t[by_count].to(device=v.device, dtype=dt) for t in _log_weight_tables(spec))
+    vv = v.to(dt)
+    acc0, acc1 = torch.matmul(torch.take(even, count), vv), torch.matmul(torch.take(odd, count), vv)
+    total = acc0.double() + math.sqrt(2.0) * acc1.double()
+    return (total * (float(log_scale) * float(v_scale) * 2.0 ** -log_max_shift(spec))).float()
+
+
 def log_av_float64_ref(codes: torch.Tensor, log_scale, v: torch.Tensor, v_scale, spec: QuantSpec) -> torch.Tensor:
     """Float64 ``Â @ v̂`` with ``Â = Δ·2^(-t·c)`` (zero code → 0), independent of the shifts."""
     step = log_step(spec)
@@ -245,6 +268,18 @@ def bitlog2_av_int(codes: torch.Tensor, v: torch.Tensor, variant: str) -> torch.
     dt = exact_float_dtype(v.shape[-2], m, 2**9) or torch.int64  # exact float BLAS, as in log_av_int
     levels = bitlog2_level_table(variant).to(device=codes.device, dtype=dt)
     return torch.matmul(torch.take(levels, codes.to(torch.int64)), v.to(dt)).to(torch.int64)
+
+
+def bitlog2_av_from_input(n: torch.Tensor, v: torch.Tensor, variant: str) -> torch.Tensor:
+    """``bitlog2_av_int(bitlog2_codes_from_int(n), v)`` from the integer BitLog2 inputs ``n``
+    (``bitlog2_input``) directly: each ``n``'s level looked up in ``bitlog2_level_by_input``
+    (one gather instead of the shift-and-compare code arithmetic), the same exact float BLAS sums."""
+    if v.is_floating_point():
+        raise TypeError("bitlog2_av_from_input takes integer v (quantized values minus zero point)")
+    m, _ = BITLOG2_VARIANTS[variant]
+    dt = exact_float_dtype(v.shape[-2], m, 2**9) or torch.int64
+    levels = bitlog2_level_by_input(variant).to(device=n.device, dtype=dt)
+    return torch.matmul(torch.take(levels, n.to(torch.int64)), v.to(dt)).to(torch.int64)
 
 
 def log_codes_of(x: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

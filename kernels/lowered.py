@@ -25,10 +25,19 @@ from fxquant.quant import (
     to_signed_codes,
     unpack_int4,
 )
+from fxquant.quant.primitives import bitlog2_input
 
 from .bitlog2 import bitlog2_av
 from .grouped_linear import contiguous_group_idx, grouped_linear, grouped_linear_cpu
-from .int_attention import bitlog2_av_int, int_bmm, int_bmm_cpu, log_av, log_codes_of
+from .int_attention import (
+    bitlog2_av_from_input,
+    bitlog2_av_int,
+    int_bmm,
+    int_bmm_cpu,
+    log_av,
+    log_av_from_ratio,
+    log_codes_of,
+)
 from .int_linear import HAS_TRITON, int_linear, int_linear_cpu, quantize_act
 
 
@@ -252,11 +261,17 @@ class LoweredMatmul(nn.Module):
                                self.b_scale, zb, out_dtype=a.dtype)
             return int_bmm_cpu(va, self.a_scale, za, vb, self.b_scale, zb,
                                bits=(self.a_spec.bits, self.b_spec.bits)).to(a.dtype)
-        codes = log_codes_of(a, self.a_scale, self.a_spec)
         v = vb.to(torch.int32) - zb
+        variant = self.a_spec.bitlog2_variant
+        if self.kind == "bitlog2" and not gpu:  # levels straight from the integer inputs (one gather)
+            acc = bitlog2_av_from_input(bitlog2_input(a, variant), v, variant)
+            return (acc.to(torch.float32) * (self.b_scale / self.a_scale)).to(a.dtype)
+        if self.kind == "log" and self.a_scale.numel() == 1:  # per-count weights, no codes (one gather each)
+            return log_av_from_ratio(a.float() / self.a_scale.reshape(()), self.a_scale, v, self.b_scale,
+                                     self.a_spec).to(a.dtype)
+        codes = log_codes_of(a, self.a_scale, self.a_spec)
         if self.kind == "log":
             return log_av(codes, self.a_scale, v, self.b_scale, self.a_spec).to(a.dtype)
-        variant = self.a_spec.bitlog2_variant
         if gpu and codes.shape[-1] == codes.shape[-2] and codes.shape[:-2] == v.shape[:-2]:
             acc = bitlog2_av(codes.to(torch.int8), v, variant, packed=False)
         else:

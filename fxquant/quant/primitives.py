@@ -657,8 +657,9 @@ def log_count(ratio: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _bitlog2_value_by_input(variant: str) -> torch.Tensor:
-    """Level ``D`` (float32) of every integer BitLog2 input ``n`` in ``[0, M)``."""
+def bitlog2_level_by_input(variant: str) -> torch.Tensor:
+    """Level ``D`` (float32, exact integers) of every integer BitLog2 input ``n`` in ``[0, M)``:
+    ``bitlog2_levels(bitlog2_codes_from_int(n))`` as a table (at most 65,536 entries)."""
     m, _ = BITLOG2_VARIANTS[variant]
     return bitlog2_levels(bitlog2_codes_from_int(torch.arange(m, dtype=torch.int32), variant), variant).float()
 
@@ -683,7 +684,7 @@ def fake_quantize_inference(x: torch.Tensor, scale: torch.Tensor, zero_point: to
     if isinstance(spec.granularity, InstanceGroups):
         raise ConfigError("fake_quantize_inference: InstanceGroups parameters need resolve_params; use fake_quantize")
     if spec.scheme == "bitlog2":
-        table = _on(_bitlog2_value_by_input(spec.bitlog2_variant), x.device)
+        table = _on(bitlog2_level_by_input(spec.bitlog2_variant), x.device)
         return torch.take(table, bitlog2_input(x, spec.bitlog2_variant).long()).to(x.dtype) / expand_params(scale, x.shape)
     s = expand_params(scale, x.shape)
     if spec.is_log:

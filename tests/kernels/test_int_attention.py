@@ -118,3 +118,33 @@ def test_bitlog2_av_int_equals_shift_reference(variant):
     assert torch.equal(log_codes_of(p, torch.tensor(1.0), spec), codes.long())
     v = torch.randint(-128, 128, (2, 29, 24), generator=torch.Generator().manual_seed(2))
     assert torch.equal(bitlog2_av_int(codes, v, variant), bitlog2_av_ref(codes, v, variant))
+
+
+@pytest.mark.parametrize("variant", ["half16", "half17", "single16"])
+def test_bitlog2_av_from_integer_inputs_equals_the_code_path(variant):
+    from fxquant.kernels.int_attention import bitlog2_av_from_input
+    from fxquant.quant.primitives import BITLOG2_VARIANTS, bitlog2_codes_from_int
+
+    m, _ = BITLOG2_VARIANTS[variant]
+    g = torch.Generator().manual_seed(m)
+    n = torch.randint(0, m, (2, 3, 17, 23), generator=g, dtype=torch.int32)
+    n.view(-1)[:m if m < n.numel() else n.numel()] = torch.arange(min(m, n.numel()), dtype=torch.int32)  # every level
+    v = torch.randint(-255, 256, (2, 3, 23, 8), generator=g, dtype=torch.int32)
+    codes = bitlog2_codes_from_int(n, variant)
+    assert torch.equal(bitlog2_av_from_input(n, v, variant), bitlog2_av_int(codes, v, variant))
+
+
+@pytest.mark.parametrize("scheme", ["log2", "log_sqrt2"])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_log_av_from_ratio_equals_the_code_path(scheme, bits):
+    from fxquant.kernels.int_attention import log_av_from_ratio
+    from fxquant.quant.primitives import log_codes
+
+    spec = QuantSpec(bits=bits, scheme=scheme)
+    g = torch.Generator().manual_seed(bits)
+    attn = torch.softmax(torch.randn(2, 3, 19, 19, generator=g) * 3, dim=-1)
+    attn.view(-1)[:5] = torch.tensor([0.0, 1.0, 1e-30, 0.5, 0.25])
+    ratio = attn / 0.9
+    v = torch.randint(-255, 256, (2, 3, 19, 8), generator=g, dtype=torch.int32)
+    expect = log_av(log_codes(ratio, spec), 0.9, v, 0.03, spec)
+    assert torch.equal(log_av_from_ratio(ratio, 0.9, v, 0.03, spec), expect)
