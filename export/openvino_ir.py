@@ -7,7 +7,7 @@ it with ``openvino.save_model`` (weights kept in their int8/f32 types: ``compres
 
 What the CPU plugin runs in int8 (openvino 2026.4, CIFAR ViT ``w8a8``, ``runtime_precisions``):
 every quantized Linear (25/25) and the patch-embedding conv; the attention matmuls only when their
-operands are quantized symmetrically (``--set a_symmetric=true --set w_symmetric=true``: the fused
+operands are quantized symmetrically (recipe ``w8a8-sym``, or ``--set a_symmetric=true``: the fused
 attention subgraphs then run in i8, 6/6; with the default asymmetric activations q·kᵀ and A·v stay
 float, 0/12). ``openvino.convert_model`` on the same file gives a graph with 12 of the 25 Linears
 in float, hence ``read_model``. OpenVINO

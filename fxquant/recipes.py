@@ -505,6 +505,9 @@ register_recipe("aphq-mr", FloatRecipe, "APHQ-ViT stage A only: MLP reconstructi
                 calib_images=1024, stages=(Stage(MLPReconstruct()),))
 register_recipe("w8a8", UniformRecipe, "uniform W8A8: symmetric per-channel weights, asymmetric per-tensor activations (PctMSE)",
                 w_bits=8, a_bits=8, w_symmetric=True)
+register_recipe("w8a8-sym", UniformRecipe, "uniform W8A8 with symmetric activations too: the Q/DQ pattern OpenVINO's CPU "
+                "plugin runs wholly in int8, attention matmuls included (tools/bench_cpu.py)",
+                w_bits=8, a_bits=8, w_symmetric=True, a_symmetric=True)
 register_recipe("w6a6", UniformRecipe, "uniform W6A6: asymmetric per-channel weights and per-tensor activations (PctMSE)",
                 w_bits=6, a_bits=6)
 register_recipe("w4a4", UniformRecipe, "uniform W4A4: asymmetric per-channel weights and per-tensor activations (PctMSE)",

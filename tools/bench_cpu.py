@@ -8,7 +8,7 @@ Variants, all from the same captured FP32 graph and the same 32 calibration imag
   * ``nncf-ov``: ``nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER)`` on the FP32
     model read by OpenVINO (default preset), run by OpenVINO;
   * ``fxquant-<recipe>-ort`` / ``-ov``: each ``--recipes`` entry (default ``w8a8`` and ``w8a8-sym``, the
-    same recipe with symmetric weights and activations) exported as QDQ (``to_onnx``) and run by
+    same recipe with symmetric activations) exported as QDQ (``to_onnx``) and run by
     onnxruntime, and the same file read by OpenVINO.
 OpenVINO rows also record how many FullyConnected / Convolution layers and fused attention
 subgraphs its CPU plugin runs in int8 (``runtime_precisions``). OpenVINO runs with its default
@@ -155,9 +155,6 @@ def int8_layers(path: Path) -> str:
     return ", ".join(parts)
 
 
-RECIPES = {"w8a8": ("w8a8", {}), "w8a8-sym": ("w8a8", {"w_symmetric": True, "a_symmetric": True})}
-
-
 def bench_model(spec: str, threads: int, tmp: Path, with_top1: bool, recipes: list[str], rounds: int) -> list[dict]:
     info = load_model(spec)
     batches_sizes = MODELS[spec]
@@ -178,8 +175,7 @@ def bench_model(spec: str, threads: int, tmp: Path, with_top1: bool, recipes: li
                 "ort-quantize-static": ("ort", ort_quantize_static(fp32_onnx, tmp / f"{tag}_ortq.onnx", calib)),
                 "nncf-ov": ("ov", nncf_quantize(fp32_onnx, tmp / f"{tag}_nncf.xml", calib))}
     for name in recipes:
-        recipe, options = RECIPES.get(name, (name, {}))
-        q = fxquant.compile(info.model, recipe=get_recipe(recipe, **options), calib=list(torch.split(calib, 32)),
+        q = fxquant.compile(info.model, recipe=get_recipe(name), calib=list(torch.split(calib, 32)),
                             example_inputs=ex, progress=False)
         path = to_onnx(q, ex, tmp / f"{tag}_{name}.onnx").path
         variants[f"fxquant-{name}-ort"] = ("ort", path)
@@ -219,7 +215,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, choices=list(MODELS), help="one model (default: both)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--recipes", nargs="+", default=["w8a8", "w8a8-sym"],
-                    help="fxquant recipes to export (w8a8-sym: w8a8 with symmetric weights and activations)")
+                    help="fxquant recipes to export (w8a8-sym: w8a8 with symmetric activations)")
     ap.add_argument("--no-top1", action="store_true", help="latency only")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds (the best median is kept)")
     ap.add_argument("--json", default=None)
