@@ -705,8 +705,8 @@ def fake_quantize_inference(x: torch.Tensor, scale: torch.Tensor, zero_point: to
       division. ``(clamp(round(x/s) + z, qmin, qmax) - z)`` is that clamp exactly (every term an
       integer-valued float; a quotient so large that ``+ z`` would round is clamped either way);
     * log2 / log√2: the level is a function of the count ``#{j : r ≤ T_j}`` alone: ``log_count``
-      (a ``log2`` estimate corrected by two exact compares, instead of ``bucketize``'s binary
-      search), then one gather from a per-spec table;
+      (read off ``frexp`` of ``r``, instead of ``bucketize``'s binary search), then one gather from
+      a per-spec table;
     * BitLog2: the level is a function of the integer input ``n`` alone: one gather from the ``M``
       levels (at most 65,536 floats), then ``/ δ``.
     Other forms (float zero point) take the reference composition."""
