@@ -83,9 +83,12 @@ class LoweredLinear(nn.Module):
         Below 8 bits the weight zero point is folded into the codes, ``w - z_w`` (within ±(2^b - 1),
         so int8 holds it): ``Σ(a - z_a)(w - z_w)`` is then the same integer with ``z_w = 0``, and the
         epilogue skips its ``[M, N]`` rank-one term."""
-        key = (self.w_codes.data_ptr(), self.w_codes._version, self.w_zp.data_ptr(), self.w_zp._version)
+        if self.w_codes.is_inference() or self.w_zp.is_inference():  # no version counter: no cache
+            key = None
+        else:
+            key = (self.w_codes.data_ptr(), self.w_codes._version, self.w_zp.data_ptr(), self.w_zp._version)
         cache = getattr(self, "_cpu_weight_cache", None)
-        if cache is None or cache[0] != key:
+        if key is None or cache is None or cache[0] != key:
             codes, zp = self.weight_codes(), self.w_zp
             if self.weight_spec.bits < 8 and bool(zp.any()):
                 codes = (codes.to(torch.int32) - zp.to(torch.int32)[:, None]).to(torch.int8)

@@ -84,7 +84,10 @@ class FakeQuantize(nn.Module):
     def _cached_weight(self, w: torch.Tensor) -> torch.Tensor:
         """The fake-quantized weight, recomputed only when the weight or the parameters change
         (storage or in-place version): inference then costs no per-call weight rounding, at the
-        price of one weight-sized tensor per layer."""
+        price of one weight-sized tensor per layer. Inference tensors (made under
+        ``torch.inference_mode``) have no version counter: they are not cached."""
+        if w.is_inference() or self.scale.is_inference() or self.zero_point.is_inference():
+            return fake_quantize(w, self.scale, self.zero_point, self.spec)
         key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape), self.scale.data_ptr(), self.scale._version,
                self.zero_point.data_ptr(), self.zero_point._version)
         if self._weight_cache is None or self._weight_cache[0] != key:

@@ -341,3 +341,16 @@ def test_weight_quantizer_cache_follows_weight_and_parameter_changes():
         assert torch.equal(fq(w), dequantize(quantize(w, fq.scale, fq.zero_point, spec), fq.scale, fq.zero_point, spec))
     out = fq(w)  # with gradients: the straight-through path, never the cache
     assert out.requires_grad and out is not fq._weight_cache[1]
+
+
+def test_weight_quantizer_under_inference_mode_with_inference_weights():
+    from fxquant.quant import FakeQuantize
+
+    spec = QuantSpec(bits=8, symmetric=True, granularity=PerAxis(0))
+    with torch.inference_mode():
+        w = torch.randn(4, 8)  # an inference tensor: no version counter, never cached
+        fq = FakeQuantize(spec, weight=True)
+        fq.calibrate_from(w)
+        fq.fake_quant_enabled = True
+        expect = dequantize(quantize(w, fq.scale, fq.zero_point, spec), fq.scale, fq.zero_point, spec)
+        assert torch.equal(fq(w), expect) and fq._weight_cache is None
