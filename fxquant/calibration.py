@@ -91,39 +91,27 @@ class Calibration:
             raise CalibrationError("the calibration data is empty (no batches); pass at least one batch of images")
         return n
 
-    def run(self, model: nn.Module, *, on_batch: Callable[[int, Any], None] | None = None,
-            max_images: int | None = None) -> int:
-        """Stream the batches (at most ``max_images`` images) through ``model``; returns the number
-        of batches (loops: model calls seen; a loop runs whole, ``max_images`` cannot cut it)."""
-        if self.is_loop:
-            calls = [0]
+    def run(self, model: nn.Module, *, max_images: int | None = None) -> int:
+        """Stream the batches (at most ``max_images`` images) through ``model`` (sharded under
+        ``torch.distributed``, as ``fold_batches``); returns the number of batches (loops: model
+        calls seen; a loop runs whole on every rank, ``max_images`` cannot cut it)."""
+        if not self.is_loop:
+            return self.fold_batches(lambda batch: call_model(model, batch), lambda _: None, max_images=max_images)
+        calls = [0]
 
-            def count(_m, _i, _o):
-                calls[0] += 1
+        def count(_m, _i, _o):
+            calls[0] += 1
 
-            handle = model.register_forward_hook(count)
-            try:
-                with torch.no_grad():
-                    self.data(model)
-            finally:
-                handle.remove()
-            if calls[0] == 0:
-                raise CalibrationError("the calibration forward_loop(model) never called the model; "
-                                       "it must run calibration batches through it")
-            return calls[0]
-        batches = self.batches()
-        total = len(batches) if hasattr(batches, "__len__") and max_images is None else None
-        batches = self.limited(max_images)
-        n = 0
-        with torch.no_grad():
-            for batch in tqdm(batches, total=total, desc=self.desc, disable=not self.progress, leave=False):
-                if on_batch:
-                    on_batch(n, batch)
-                call_model(model, batch)
-                n += 1
-        if n == 0:
-            raise CalibrationError("the calibration data is empty (no batches); pass at least one batch of images")
-        return n
+        handle = model.register_forward_hook(count)
+        try:
+            with torch.no_grad():
+                self.data(model)
+        finally:
+            handle.remove()
+        if calls[0] == 0:
+            raise CalibrationError("the calibration forward_loop(model) never called the model; "
+                                   "it must run calibration batches through it")
+        return calls[0]
 
 
 def locate_nonfinite(gm: fx.GraphModule, batch: Any) -> tuple[str, str] | None:

@@ -184,6 +184,15 @@ def log_max_shift(spec: QuantSpec) -> int:
     return int(log_shifts(torch.tensor(spec.qmax), spec)[0])
 
 
+def exact_level_matmul(levels: torch.Tensor, index: torch.Tensor, v: torch.Tensor, max_level: int) -> torch.Tensor:
+    """``Σ_j levels[index_j]·v_j`` (int64) for integer ``v`` (``|v| < 2^9``) and integer levels
+    below ``max_level``: the per-element levels gathered from their table, summed in float32/float64
+    BLAS where that is exact (``exact_float_dtype``), int64 otherwise."""
+    dt = exact_float_dtype(v.shape[-2], max_level, 2**9) or torch.int64
+    a = torch.take(levels.to(device=index.device, dtype=dt), index.to(torch.int64))
+    return torch.matmul(a, v.to(dt)).to(torch.int64)
+
+
 @functools.lru_cache(maxsize=None)
 def _log_weight_tables(spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-code integer weights ``2^(E - s)`` of the even (no √2) and odd (√2) levels, 0 elsewhere
@@ -207,43 +216,39 @@ def log_av_int(codes: torch.Tensor, v: torch.Tensor, spec: QuantSpec) -> tuple[t
     if e > MAX_LOG_SHIFT:
         raise ValueError(f"{spec.short()}: levels down to 2^-{e} need shifts beyond {MAX_LOG_SHIFT} bits")
     # the sums run in float BLAS, exact because every partial sum is an integer below
-    # N·2^E·2^9 (exact_float_dtype: float32 when that is below 2^24, else float64); int64 beyond
-    dt = exact_float_dtype(v.shape[-2], 2**e, 2**9) or torch.int64
-    if dt == torch.int64 and v.device.type != "cpu":
+    # N·2^E·2^9 (exact_float_dtype: float32 when that is below 2^24, else float64); int64 beyond,
+    # which CUDA's matmul does not have
+    if exact_float_dtype(v.shape[-2], 2**e, 2**9) is None and v.device.type != "cpu":
         raise ValueError(f"log_av_int: {v.shape[-2]} keys × 2^{e} levels exceed float64's exact integers")
-    c = codes.to(torch.int64)
-    vv = v.to(dt)
-    even, odd = (t.to(device=c.device, dtype=dt) for t in _log_weight_tables(spec))
-    acc0 = torch.matmul(torch.take(even, c), vv).to(torch.int64)
-    acc1 = torch.matmul(torch.take(odd, c), vv).to(torch.int64)
-    return acc0, acc1
+    even, odd = _log_weight_tables(spec)
+    return exact_level_matmul(even, codes, v, 2**e), exact_level_matmul(odd, codes, v, 2**e)
 
 
 def log_av(codes: torch.Tensor, log_scale, v: torch.Tensor, v_scale, spec: QuantSpec) -> torch.Tensor:
     """``A·v`` (fp32) from log codes of A (scale ``Δ``) and integer ``v`` (scale ``s_v``)."""
-    acc0, acc1 = log_av_int(codes, v, spec)
+    return _log_av_scaled(*log_av_int(codes, v, spec), log_scale, v_scale, spec)
+
+
+def _log_av_scaled(acc0: torch.Tensor, acc1: torch.Tensor, log_scale, v_scale, spec: QuantSpec) -> torch.Tensor:
+    """``Δ·s_v·2^(-E)·(acc_0 + √2·acc_1)`` in float64, returned as float32."""
     total = acc0.double() + math.sqrt(2.0) * acc1.double()
     return (total * (float(log_scale) * float(v_scale) * 2.0 ** -log_max_shift(spec))).float()
 
 
 def log_av_from_ratio(ratio: torch.Tensor, log_scale, v: torch.Tensor, v_scale, spec: QuantSpec) -> torch.Tensor:
     """``log_av(log_codes(ratio), ...)`` from ``r = A/Δ`` directly: the per-code weights composed
-    with ``log_code_of_count`` into per-count tables, looked up at ``log_count(r)``, and the exact
-    float BLAS sums combined in float64 without the int64 round trip (the sums are integers below
-    2^53, so their float64 values are the int64 ones)."""
+    with ``log_code_of_count`` into per-count tables and looked up at ``log_count(r)``, so no codes
+    are formed."""
     if v.is_floating_point():
         raise TypeError("log_av_from_ratio takes integer v (quantized values minus zero point)")
     e = log_max_shift(spec)
-    dt = exact_float_dtype(v.shape[-2], 2**e, 2**9)
-    if e > MAX_LOG_SHIFT or dt is None:
+    if e > MAX_LOG_SHIFT or exact_float_dtype(v.shape[-2], 2**e, 2**9) is None:
         return log_av(log_codes(ratio, spec), log_scale, v, v_scale, spec)
     count = log_count(ratio, spec)
     by_count = log_code_of_count(torch.arange(2**spec.bits + 1), spec)
-    even, odd = (t[by_count].to(device=v.device, dtype=dt) for t in _log_weight_tables(spec))
-    vv = v.to(dt)
-    acc0, acc1 = torch.matmul(torch.take(even, count), vv), torch.matmul(torch.take(odd, count), vv)
-    total = acc0.double() + math.sqrt(2.0) * acc1.double()
-    return (total * (float(log_scale) * float(v_scale) * 2.0 ** -log_max_shift(spec))).float()
+    even, odd = (t[by_count] for t in _log_weight_tables(spec))
+    return _log_av_scaled(exact_level_matmul(even, count, v, 2**e), exact_level_matmul(odd, count, v, 2**e),
+                          log_scale, v_scale, spec)
 
 
 def log_av_float64_ref(codes: torch.Tensor, log_scale, v: torch.Tensor, v_scale, spec: QuantSpec) -> torch.Tensor:
@@ -264,10 +269,7 @@ def bitlog2_av_int(codes: torch.Tensor, v: torch.Tensor, variant: str) -> torch.
     sums as ``fxquant.kernels.bitlog2.bitlog2_av_ref`` without its ``[M, N, d]`` shift tensor."""
     if v.is_floating_point():
         raise TypeError("bitlog2_av_int takes integer v (quantized values minus zero point)")
-    m, _ = BITLOG2_VARIANTS[variant]
-    dt = exact_float_dtype(v.shape[-2], m, 2**9) or torch.int64  # exact float BLAS, as in log_av_int
-    levels = bitlog2_level_table(variant).to(device=codes.device, dtype=dt)
-    return torch.matmul(torch.take(levels, codes.to(torch.int64)), v.to(dt)).to(torch.int64)
+    return exact_level_matmul(bitlog2_level_table(variant), codes, v, BITLOG2_VARIANTS[variant][0])
 
 
 def bitlog2_av_from_input(n: torch.Tensor, v: torch.Tensor, variant: str) -> torch.Tensor:
@@ -276,10 +278,7 @@ def bitlog2_av_from_input(n: torch.Tensor, v: torch.Tensor, variant: str) -> tor
     (one gather instead of the shift-and-compare code arithmetic), the same exact float BLAS sums."""
     if v.is_floating_point():
         raise TypeError("bitlog2_av_from_input takes integer v (quantized values minus zero point)")
-    m, _ = BITLOG2_VARIANTS[variant]
-    dt = exact_float_dtype(v.shape[-2], m, 2**9) or torch.int64
-    levels = bitlog2_level_by_input(variant).to(device=n.device, dtype=dt)
-    return torch.matmul(torch.take(levels, n.to(torch.int64)), v.to(dt)).to(torch.int64)
+    return exact_level_matmul(bitlog2_level_by_input(variant), n, v, BITLOG2_VARIANTS[variant][0])
 
 
 def log_codes_of(x: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

@@ -34,7 +34,6 @@ from .int_attention import (
     bitlog2_av_int,
     int_bmm,
     int_bmm_cpu,
-    log_av,
     log_av_from_ratio,
     log_codes_of,
 )
@@ -269,12 +268,9 @@ class LoweredMatmul(nn.Module):
         if self.kind == "bitlog2" and not gpu:  # levels straight from the integer inputs (one gather)
             acc = bitlog2_av_from_input(bitlog2_input(a, variant), v, variant)
             return (acc.to(torch.float32) * (self.b_scale / self.a_scale)).to(a.dtype)
-        if self.kind == "log" and self.a_scale.numel() == 1:  # per-count weights, no codes (one gather each)
-            return log_av_from_ratio(a.float() / self.a_scale.reshape(()), self.a_scale, v, self.b_scale,
-                                     self.a_spec).to(a.dtype)
+        if self.kind == "log":  # per-count weights, no codes (one gather each)
+            return log_av_from_ratio(a.float() / self.a_scale, self.a_scale, v, self.b_scale, self.a_spec).to(a.dtype)
         codes = log_codes_of(a, self.a_scale, self.a_spec)
-        if self.kind == "log":
-            return log_av(codes, self.a_scale, v, self.b_scale, self.a_spec).to(a.dtype)
         if gpu and codes.shape[-1] == codes.shape[-2] and codes.shape[:-2] == v.shape[:-2]:
             acc = bitlog2_av(codes.to(torch.int8), v, variant, packed=False)
         else:

@@ -63,12 +63,11 @@ def observe(gm: fx.GraphModule, quantizers: list[FakeQuantize], calib: Calibrati
     for q in quantizers:
         q.observer_enabled, q.fake_quant_enabled, q.observer = True, False, None
     try:
-        if calib.is_loop:
-            current: dict = {}
+        if calib.is_loop:  # the loop owns its batches: the error can name the quantizer, not the node
             try:
-                return calib.run(gm, on_batch=lambda i, b: current.update(i=i, batch=b), max_images=max_images)
+                return calib.run(gm, max_images=max_images)
             except NonFiniteInput as e:
-                raise CalibrationError(_nonfinite_message(gm, current.get("batch"), e, current.get("i", "?"))) from None
+                raise CalibrationError(_nonfinite_message(gm, None, e, "?")) from None
         folded: dict[int, object] = {}
         seen = [0]
 

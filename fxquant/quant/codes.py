@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .primitives import QuantSpec, quantize
+from .primitives import QuantSpec, quantize, round_clamp_centered_
 
 INT4_RANGE = {True: (-8, 7), False: (0, 15)}  # signed -> (lowest, highest) code a nibble holds
 
@@ -32,15 +32,13 @@ def code_offset(spec: QuantSpec) -> int:
 def to_signed_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Signed integer codes (int8) of ``x`` under ``spec`` (the rounding rule of ``primitives.quantize``).
 
-    For per-tensor integer zero points (every lowered activation) the codes are computed as
-    ``clamp(round(x/s), qmin - z, qmax - z) + (z - offset)`` in place, which is
-    ``clamp(round(x/s) + z, qmin, qmax) - offset`` exactly (integer-valued floats throughout)."""
+    For per-tensor integer zero points (every lowered activation) the codes are computed in place as
+    ``round_clamp_centered_(x/s, z) + (z - offset)``, which is ``quantize(x) - offset`` exactly."""
     if (spec.scheme == "uniform" and spec.zero_point_domain == "int" and scale.numel() == 1 and zero_point.numel() == 1
             and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)):
-        z = float(zero_point)
-        y = x / scale.reshape(())
-        y.round_().clamp_(spec.qmin - z, spec.qmax - z).add_(z - code_offset(spec))
-        return y.to(torch.int8)
+        z = zero_point.reshape(())
+        y = round_clamp_centered_(x / scale.reshape(()), z, spec)
+        return y.add_(float(z) - code_offset(spec)).to(torch.int8)
     return (quantize(x, scale, zero_point, spec) - code_offset(spec)).to(torch.int8)
 
 

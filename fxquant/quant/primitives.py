@@ -693,6 +693,19 @@ def bitlog2_level_by_input(variant: str) -> torch.Tensor:
     return bitlog2_levels(bitlog2_codes_from_int(torch.arange(m, dtype=torch.int32), variant), variant).float()
 
 
+def round_clamp_centered_(y: torch.Tensor, z: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """In place: ``y = x/s`` rounded and clamped to ``[qmin - z, qmax - z]``, which is
+    ``quantize(x) - z`` exactly for an integer zero point ``z`` (broadcast against ``y``): every term
+    is an integer-valued float, and a quotient so large that ``+ z`` would round is clamped either
+    way. Shared by ``fake_quantize_inference`` (then ``·s``) and ``codes.to_signed_codes`` (then
+    ``+ z - offset``)."""
+    y.round_()
+    if z.dim() == 0 and z.device.type == "cpu":  # scalar bounds: a cheaper clamp, no device sync on CPU
+        zf = float(z)
+        return y.clamp_(spec.qmin - zf, spec.qmax - zf)
+    return y.clamp_(min=(spec.qmin - z).to(y.dtype), max=(spec.qmax - z).to(y.dtype))
+
+
 def _on(table: torch.Tensor, device: torch.device) -> torch.Tensor:
     return table if table.device == device else table.to(device)
 
@@ -701,9 +714,7 @@ def fake_quantize_inference(x: torch.Tensor, scale: torch.Tensor, zero_point: to
                             spec: QuantSpec) -> torch.Tensor:
     """``dequantize(quantize(x))`` without gradients, equal to it bit for bit, in fewer passes:
 
-    * uniform, integer zero point: ``clamp(round(x/s), qmin - z, qmax - z)·s``, in place after the
-      division. ``(clamp(round(x/s) + z, qmin, qmax) - z)`` is that clamp exactly (every term an
-      integer-valued float; a quotient so large that ``+ z`` would round is clamped either way);
+    * uniform, integer zero point: ``round_clamp_centered_(x/s, z)·s``, in place after the division;
     * log2 / log√2: the level is a function of the count ``#{j : r ≤ T_j}`` alone: ``log_count``
       (read off ``frexp`` of ``r``, instead of ``bucketize``'s binary search), then one gather from
       a per-spec table;
@@ -720,15 +731,7 @@ def fake_quantize_inference(x: torch.Tensor, scale: torch.Tensor, zero_point: to
         return s * torch.take(_on(_log_tables(spec)[1], x.device), log_count(x / s, spec))
     if spec.zero_point_domain == "float":
         return dequantize(quantize(x, scale, zero_point, spec), scale, zero_point, spec)
-    z = expand_params(zero_point, x.shape)
-    y = x / s
-    y.round_()
-    if z.dim() == 0 and z.device.type == "cpu":  # scalar bounds: a cheaper clamp, no device sync on CPU
-        zf = float(z)
-        y.clamp_(spec.qmin - zf, spec.qmax - zf)
-    else:
-        y.clamp_(min=(spec.qmin - z).to(y.dtype), max=(spec.qmax - z).to(y.dtype))
-    return y.mul_(s)
+    return round_clamp_centered_(x / s, expand_params(zero_point, x.shape), spec).mul_(s)
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def test_openvino_ir_matches_fake_quant_and_reports_int8_layers(tmp_path):
     assert res.layers == runtime_precisions(res.xml)
     linears = sum(isinstance(m, QuantLinear) for m in q.modules())
     i8, total = res.int8_count("FullyConnected")
-    assert total == linears and 1 <= i8 <= total  # LayerNorm-fed Linears run in int8 (see README for which don't)
+    assert total == linears and i8 == total  # read_model's graph: every quantized Linear in int8
 
 
 def test_openvino_export_wants_an_xml_path(tmp_path):
