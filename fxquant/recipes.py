@@ -309,12 +309,14 @@ class UniformRecipe(Recipe):
     a_estimator: str = "pctmse"
     head_stem_8bit: bool = False
     quantize_attention: bool = True
+    attention_matmuls: tuple[str, ...] = ("qk", "av")
     skip: tuple[str, ...] = ()
     bit_budget: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
         self.weight_spec(), self.act_spec()  # validate early, with the spec's error messages
+        self.base_passes()  # and the annotation options, with the pass's messages
         if self.bit_budget is not None:
             MixedPrecision(bit_budget=self.bit_budget)  # validates the budget
 
@@ -336,7 +338,8 @@ class UniformRecipe(Recipe):
     def base_passes(self) -> list[Pass]:
         return [
             AnnotateUniform(weight=self.weight_spec(), act=self.act_spec(), head_stem_8bit=self.head_stem_8bit,
-                            quantize_attention=self.quantize_attention, skip=self.skip),
+                            quantize_attention=self.quantize_attention, attention_matmuls=self.attention_matmuls,
+                            skip=self.skip),
             InsertQuantizers(),
             Calibrate(),
         ]

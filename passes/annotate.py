@@ -22,6 +22,7 @@ from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import PctMSE, PerAxis, PerTensor, QuantSpec
 
 LAYER_KINDS = ("linear", "conv")
+ATTENTION_MATMULS = ("qk", "av")
 
 
 def _skipped(fqn: str, globs: tuple[str, ...]) -> bool:
@@ -41,6 +42,8 @@ class AnnotateUniform(Pass):
         head_stem_8bit: patch embedding and classifier head(s) at 8 bits (weights and inputs).
         head_stem_float: patch embedding and classifier head(s) left in floating point.
         quantize_attention: quantize q, kᵀ, softmax output and v at the attention matmuls.
+        attention_matmuls: which attention matmuls get quantized operands: ``"qk"`` (q·kᵀ) and/or
+            ``"av"`` (softmax·v). ``("qk",)`` is NNCF's transformer scheme (A·v stays in float).
         layer_kinds: which layer kinds to quantize (``"linear"``, ``"conv"``).
         skip: FQN globs of modules to leave in floating point (``"head"``, ``"blocks.0.*"``).
     """
@@ -54,6 +57,7 @@ class AnnotateUniform(Pass):
     head_stem_8bit: bool = False
     head_stem_float: bool = False
     quantize_attention: bool = True
+    attention_matmuls: tuple[str, ...] = ("qk", "av")
     layer_kinds: tuple[str, ...] = LAYER_KINDS
     skip: tuple[str, ...] = ()
 
@@ -63,6 +67,10 @@ class AnnotateUniform(Pass):
             raise ConfigError(f"annotate_uniform: unknown layer kinds {bad}; known: {list(LAYER_KINDS)}")
         if self.head_stem_8bit and self.head_stem_float:
             raise ConfigError("annotate_uniform: head_stem_8bit and head_stem_float exclude each other; pick one")
+        bad = [m for m in self.attention_matmuls if m not in ATTENTION_MATMULS]
+        if bad or not self.attention_matmuls:
+            raise ConfigError(f"annotate_uniform: attention_matmuls takes a non-empty subset of {list(ATTENTION_MATMULS)}, "
+                              f"got {list(self.attention_matmuls)}; use quantize_attention=False for none")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         modules = match.modules_of(gm)
@@ -93,6 +101,8 @@ class AnnotateUniform(Pass):
                     n_skipped += 1
                     continue
                 for mm, role in ((att.qk, "attn.qk"), (att.av, "attn.av")):
+                    if role[len("attn."):] not in self.attention_matmuls:
+                        continue
                     set_input_spec(mm, 0, self.act)
                     set_input_spec(mm, 1, self.act)
                     mm.meta[ROLE] = role

@@ -20,11 +20,13 @@ all variants (the best median is kept, so that load from elsewhere hits every va
 latency only). Top-1 on all CIFAR-10 test images.
 
     python tools/bench_cpu.py [--model cifar-vit|timm:vit_small_patch16_224] [--threads 2] [--json out.json]
+        [--recipes w8a8 'w8a8-sym:attention_matmuls=qk'] [--variants 'nncf-ov' 'fxquant-*-ov']
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import platform
@@ -155,7 +157,15 @@ def int8_layers(path: Path) -> str:
     return ", ".join(parts)
 
 
-def bench_model(spec: str, threads: int, tmp: Path, with_top1: bool, recipes: list[str], rounds: int) -> list[dict]:
+def recipe_from_arg(arg: str):
+    """``name`` or ``name:key=value[;key=value]`` (the CLI's ``--set`` options) → a recipe."""
+    name, _, rest = arg.partition(":")
+    overrides = dict(kv.split("=", 1) for kv in rest.split(";") if kv)
+    return get_recipe(name, **overrides)
+
+
+def bench_model(spec: str, threads: int, tmp: Path, with_top1: bool, recipes: list[str], rounds: int,
+                keep: list[str] | None = None) -> list[dict]:
     info = load_model(spec)
     batches_sizes = MODELS[spec]
     if info.dataset == "cifar10":
@@ -175,11 +185,13 @@ def bench_model(spec: str, threads: int, tmp: Path, with_top1: bool, recipes: li
                 "ort-quantize-static": ("ort", ort_quantize_static(fp32_onnx, tmp / f"{tag}_ortq.onnx", calib)),
                 "nncf-ov": ("ov", nncf_quantize(fp32_onnx, tmp / f"{tag}_nncf.xml", calib))}
     for name in recipes:
-        q = fxquant.compile(info.model, recipe=get_recipe(name), calib=list(torch.split(calib, 32)),
+        q = fxquant.compile(info.model, recipe=recipe_from_arg(name), calib=list(torch.split(calib, 32)),
                             example_inputs=ex, progress=False)
-        path = to_onnx(q, ex, tmp / f"{tag}_{name}.onnx").path
+        path = to_onnx(q, ex, tmp / f"{tag}_{name.replace(':', '_').replace(';', '_')}.onnx").path
         variants[f"fxquant-{name}-ort"] = ("ort", path)
         variants[f"fxquant-{name}-ov"] = ("ov", path)
+    if keep:
+        variants = {k: v for k, v in variants.items() if any(fnmatch.fnmatch(k, pat) for pat in keep)}
     # top-1 and the int8 layer record first; then latency in interleaved rounds (every variant once
     # per round, best median kept), so that load from elsewhere on the machine hits them alike
     info_rows = {}
@@ -216,6 +228,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--recipes", nargs="+", default=["w8a8", "w8a8-sym"],
                     help="fxquant recipes to export (w8a8-sym: w8a8 with symmetric activations)")
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="glob patterns of the variants to run (default: all), e.g. 'nncf-ov' 'fxquant-*-ov'")
     ap.add_argument("--no-top1", action="store_true", help="latency only")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds (the best median is kept)")
     ap.add_argument("--json", default=None)
@@ -230,7 +244,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="fxq_bench_"))
     rows = []
     for spec in ([args.model] if args.model else list(MODELS)):
-        rows += bench_model(spec, args.threads, tmp, not args.no_top1, args.recipes, args.rounds)
+        rows += bench_model(spec, args.threads, tmp, not args.no_top1, args.recipes, args.rounds, args.variants)
     print()
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     print(f"{'model, batch':32s} " + " ".join(f"{v[:22]:>22s}" for v in variants))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import fxquant
 from fxquant import match
+from fxquant.errors import ConfigError
 from fxquant.passes import AnnotateUniform, Calibrate, InsertQuantizers
 from fxquant.quant import FakeQuantize, QuantConv2d, QuantLinear
 from fxquant.testing import toy_calib, toy_vit
@@ -59,6 +61,19 @@ def test_skip_glob_and_head_stem_8bit():
     stem_in = next(n for n in q.graph.nodes if n.op == "call_module" and n.target == "patch").args[0]
     assert q.get_submodule(stem_in.target).spec.bits == 8
     assert q.get_submodule("block.fc1").weight_fake_quant.spec.bits == 4
+
+
+def test_attention_matmuls_selects_the_quantized_attention_operands():
+    """``attention_matmuls=("qk",)`` (NNCF's transformer scheme): q and kᵀ quantized, softmax·v in float."""
+    q = fxquant.compile(toy_vit(), recipe="w8a8", calib=toy_calib(), progress=False, attention_matmuls=("qk",))
+    mods = dict(q.named_modules())
+    qnodes = _act_quantizer_nodes(q)
+    assert len(qnodes) == 8  # the 10 of w8a8 less A and v
+    (att,) = match.find_attention(q, mods)
+    assert att.qk.args[0] in qnodes and att.qk.args[1] in qnodes
+    assert att.av.args[0] not in qnodes and att.av.args[1] not in qnodes
+    with pytest.raises(ConfigError, match=r"attention_matmuls takes a non-empty subset of \['qk', 'av'\], got \['kv'\]"):
+        fxquant.recipes.get_recipe("w8a8", attention_matmuls="kv")
 
 
 def test_layer_kind_selection():
