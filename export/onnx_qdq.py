@@ -42,10 +42,12 @@ export-ready modules and runs ``torch.onnx.export(dynamo=True)``:
 * **QwT compensation**: a float ``Gemm`` (fp16 compute is emulated in fp32 with fp16-rounded weights,
   input and output, since onnxruntime's CPU provider has no fp16 Gemm).
 * **lowered graphs** (``compile(..., lower=True)``): a ``LoweredLinear`` already holds the signed
-  weight codes and its input quantizer; it becomes the same ``Q→DQ(x)``, ``DQ(W)`` → ``MatMul``. A
+  weight codes and its input quantizer; it becomes the same ``Q→DQ(x)``, ``DQ(W)`` → ``MatMul``
+  (a ``LoweredPatchConv``: ``Q→DQ(x)``, ``DQ(W)`` → ``Conv``, its codes back in ``[O, C, kh, kw]``). A
   ``LoweredGroupedLinear`` (IGQ) does too, its input quantizer exported as a grouped
   ``FakeQuantize`` is (above: contiguous groups per channel, instance-aware groups refused). A
-  ``LoweredMatmul`` becomes ``matmul`` of its two operand quantizers.
+  ``LoweredMatmul`` becomes ``matmul`` of its two operand quantizers, and a fused
+  ``LoweredAttention`` its two matmuls around a ``Softmax`` again.
 * RepQ-ViT reparameterization needs nothing: the folded LayerNorm and Linear parameters are the
   graph's parameters.
 
@@ -77,7 +79,7 @@ from torch import fx, nn
 
 from fxquant.errors import ConfigError
 from fxquant.graph import logits_of
-from fxquant.kernels.lowered import LoweredGroupedLinear, LoweredLinear, LoweredMatmul
+from fxquant.kernels.lowered import LoweredAttention, LoweredGroupedLinear, LoweredLinear, LoweredMatmul, LoweredPatchConv
 from fxquant.quant import (
     AdaRoundWeight,
     CompensationLinear,
@@ -247,13 +249,25 @@ class ExportLinear(nn.Module):
 
 
 class ExportConv2d(nn.Module):
-    def __init__(self, mod: QuantConv2d):
+    """``conv2d(x, DQ(W))``; with ``act`` (a lowered patch convolution, stride = kernel, no padding)
+    the input quantizer in front."""
+
+    def __init__(self, mod: QuantConv2d | None = None, *, w: _ExportWeight | None = None, bias: torch.Tensor | None = None,
+                 stride: tuple[int, int] | None = None, act: ExportActQuant | None = None):
         super().__init__()
-        self.w = _ExportWeight.from_fake_quant(mod.weight, mod.weight_fake_quant)
-        self.bias = None if mod.bias is None else nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
-        self.stride, self.padding, self.dilation, self.groups = mod.stride, mod.padding, mod.dilation, mod.groups
+        self.act = act
+        if mod is not None:
+            self.w = _ExportWeight.from_fake_quant(mod.weight, mod.weight_fake_quant)
+            bias = mod.bias
+            self.stride, self.padding, self.dilation, self.groups = mod.stride, mod.padding, mod.dilation, mod.groups
+        else:
+            self.w = w
+            self.stride, self.padding, self.dilation, self.groups = stride, 0, 1, 1
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x):
+        if self.act is not None:
+            x = self.act(x)
         return F.conv2d(x, self.w(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -350,6 +364,14 @@ def _export_lowered_linear(mod: LoweredLinear, name: str, act_dtype: str) -> nn.
     return ExportLinear(w, mod.bias, act)
 
 
+@register_export_handler(LoweredPatchConv)
+def _export_lowered_patch_conv(mod: LoweredPatchConv, name: str, act_dtype: str) -> nn.Module:
+    # the [O, K] codes back in the convolution's [O, C, kh, kw] layout: the fake-quant conv's QDQ form
+    act = ExportActQuant(mod.act_spec, mod.a_scale, mod.a_zp, f"{name} (input)", act_dtype)
+    codes = mod.weight_codes().reshape(mod.out_channels, mod.in_channels, *mod.kernel_size)
+    return ExportConv2d(w=_ExportWeight(codes, mod.w_scale, mod.w_zp, name), bias=mod.bias, stride=mod.kernel_size, act=act)
+
+
 @register_export_handler(LoweredGroupedLinear)
 def _export_lowered_grouped_linear(mod: LoweredGroupedLinear, name: str, act_dtype: str) -> nn.Module:
     # contiguous groups: the [C/g] block parameters, exported per channel like a PerGroup FakeQuantize;
@@ -363,6 +385,25 @@ def _export_lowered_grouped_linear(mod: LoweredGroupedLinear, name: str, act_dty
 def _export_lowered_matmul(mod: LoweredMatmul, name: str, act_dtype: str) -> nn.Module:
     return ExportMatmul(ExportActQuant(mod.a_spec, mod.a_scale, mod.a_zp, f"{name} (first operand)", act_dtype),
                         ExportActQuant(mod.b_spec, mod.b_scale, mod.b_zp, f"{name} (second operand)", act_dtype))
+
+
+class ExportAttention(nn.Module):
+    """``matmul(softmax(matmul(Q/DQ(q), Q/DQ(kᵀ))), ...)``: a fused lowered attention, unfused back into QDQ form."""
+
+    def __init__(self, qk: ExportMatmul, av: ExportMatmul, score_op: str | None):
+        super().__init__()
+        self.qk, self.av, self.score_op = qk, av, score_op
+
+    def forward(self, q, kt, v, scale=None):
+        s = self.qk(q, kt)
+        s = s * scale if self.score_op == "mul" else s / scale if self.score_op == "div" else s
+        return self.av(torch.softmax(s, dim=-1), v)
+
+
+@register_export_handler(LoweredAttention)
+def _export_lowered_attention(mod: LoweredAttention, name: str, act_dtype: str) -> nn.Module:
+    return ExportAttention(_export_lowered_matmul(mod.qk, f"{name}.qk", act_dtype),
+                           _export_lowered_matmul(mod.av, f"{name}.av", act_dtype), mod.score_op)
 
 
 def _is_fxquant_module(mod: nn.Module) -> bool:

@@ -53,7 +53,7 @@ def compile(
     progress: bool = True,
     leaf_modules: Sequence[type] = (),
     concrete_args: dict | None = None,
-    lower: bool = False,
+    lower: bool | LowerToKernels = False,
     **recipe_options: Any,
 ) -> fx.GraphModule:
     """Quantize ``model`` and return the rewritten ``torch.fx.GraphModule``.
@@ -71,15 +71,17 @@ def compile(
             from the first calibration batch when possible).
         seed: makes every random choice reproducible; same seed and inputs → bit-identical output.
         progress: show progress bars.
-        lower: finish with ``LowerToKernels``: quantized Linears run on integer kernels (Triton on
-            CUDA, exact integer matmuls on CPU) instead of fake quantization.
+        lower: finish with ``LowerToKernels``: quantized Linears, the patch-embedding convolution and the
+            attention matmuls run on integer kernels (Triton on
+            CUDA, exact integer matmuls on CPU) instead of fake quantization; a ``LowerToKernels(...)``
+            instance sets its options (e.g. ``fuse_attention=False``).
 
     Returns:
         The quantized graph module. ``fxquant.report(gm)`` holds the per-pass summary.
     """
     pass_list, recipe_obj = _resolve_passes(passes, recipe, recipe_options)
     if lower:
-        pass_list = pass_list + [LowerToKernels()]
+        pass_list = pass_list + [lower if isinstance(lower, LowerToKernels) else LowerToKernels()]
     cal = Calibration(calib, progress=progress) if calib is not None else None
     if example_inputs is None and cal is not None:
         first = cal.first_batch()

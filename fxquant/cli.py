@@ -460,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images")
     e.add_argument("--batch-size", type=int, default=200)
     e.add_argument("--json", default=None, help="write the result as JSON to this path")
-    e.add_argument("--lower", action="store_true", help="run quantized Linears on integer kernels (LowerToKernels)")
+    e.add_argument("--lower", action="store_true",
+                   help="run quantized Linears, the patch embedding and attention matmuls on integer kernels (LowerToKernels)")
     e.add_argument("--recompute-fp32", action="store_true",
                    help="measure the FP32 top-1 again instead of reading it from the cache "
                         "($FXQUANT_CACHE_DIR or ~/.cache/fxquant/fp32_top1.json; keyed by the float weights' SHA-256 "

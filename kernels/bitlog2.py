@@ -10,9 +10,11 @@ The story, as in the Triton tutorials:
    ``pack_int4(signed=False)`` layout (even index in the low nibble, odd tail padded with 0).
 2. **Kernels**: ``_softmax_codes_kernel`` (one program per attention row: max, exp, sum, then the
    code of each probability, written as int8 codes or packed two 4-bit codes per byte for the
-   16-level schemes) and ``_bitlog2_av_kernel`` (one program per (row block, head-dim block):
-   decode ``k, h`` from the codes and accumulate shifted ``v`` in int32). They restate the rules
-   in ``tl`` code; the tests hold them bit-exact to the references.
+   16-level schemes) and ``_bitlog2_av_kernel`` (one program per (row block, head-dim block): the
+   levels ``D`` of a code tile split into 7-bit digit planes ``D = D_0 + 2^7·D_1 [+ 2^14·D_2]``,
+   each plane an int8 operand of a tensor-core ``tl.dot`` with int8 ``v``, so ``D·v`` is two (half
+   variants) or three (single variants) int8 GEMMs, with no ``[R, K, d]`` shift tensor). They
+   restate the rules in ``tl`` code; the tests hold them bit-exact to the references.
 3. **Host wrappers** check dtypes/shapes and launch; ``tests/kernels/test_bitlog2.py`` compares
    them with the references under ``TRITON_INTERPRET=1`` on CPU, ``tools/bench_bitlog2.py``
    times them on a GPU.
@@ -24,7 +26,14 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.quant.primitives import BITLOG2_VARIANTS, bitlog2_codes_from_int, bitlog2_input, bitlog2_levels, bitlog2_shifts
+from fxquant.quant.primitives import (
+    BITLOG2_VARIANTS,
+    bitlog2_codes_from_int,
+    bitlog2_input,
+    bitlog2_level_table,
+    bitlog2_levels,
+    bitlog2_shifts,
+)
 
 try:
     import triton
@@ -129,42 +138,69 @@ if HAS_TRITON:
             tl.store(out_ptr + row * out_row_stride + cols, c.to(tl.int8), mask=cols < n_cols)
 
     @triton.jit
-    def _bitlog2_av_kernel(c_ptr, v_ptr, out_ptr, n_keys, head_dim,
+    def _level(code, HALF: tl.constexpr):
+        """The integer level ``D`` of a code (int32): ``2^k + h·2^(k-1)``, 0 for the zero code."""
+        if HALF:
+            k = tl.where(code >= 2, code >> 1, 0)
+            h = tl.where(code >= 2, code & 1, 0)
+            d = (1 << k) + h * ((1 << k) >> 1)
+        else:
+            d = 1 << tl.maximum(code - 1, 0)
+        return tl.where(code > 0, d, 0)
+
+    @triton.jit
+    def _bitlog2_av_kernel(c_ptr, v_ptr, out_ptr, n_keys, head_dim, v_zp,
                            c_stride_b, c_stride_r, v_stride_b, v_stride_r, o_stride_b, o_stride_r,
-                           HALF: tl.constexpr, PACKED: tl.constexpr,
+                           HALF: tl.constexpr, PACKED: tl.constexpr, PLANES: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One (batch·head, row block, head-dim block) per program: ``Σ_j D_j·(v_j - z_v)`` as int8
+        tensor-core GEMMs. The levels are split into 7-bit digit planes, ``D = Σ_p 2^(7p)·D_p`` with
+        ``D_p ∈ [0, 127]`` (int8), so ``D·v = Σ_p 2^(7p)·(D_p·v)``: ``PLANES`` int8 ``tl.dot``s per key
+        block (2 for the half variants, whose levels stay below 2^14; 3 for the single ones), and the
+        zero point by the row sums of ``D``."""
         bh = tl.program_id(0)
         rb = tl.program_id(1)
         db = tl.program_id(2)
         rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
         dims = db * BLOCK_D + tl.arange(0, BLOCK_D)
-        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.int32)
+        acc0 = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.int32)
+        acc1 = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.int32)
+        acc2 = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.int32)
+        dsum = tl.zeros((BLOCK_R,), dtype=tl.int32)
         for k0 in range(0, n_keys, BLOCK_K):
             keys = k0 + tl.arange(0, BLOCK_K)
-            cmask = (rows[:, None] < n_keys) & (keys[None, :] < n_keys)
-            if PACKED:
-                byte = tl.load(c_ptr + bh * c_stride_b + rows[:, None] * c_stride_r + (keys[None, :] // 2),
-                               mask=cmask, other=0).to(tl.int32)
-                code = (byte >> ((keys[None, :] % 2) * 4)) & 0xF
+            if PACKED:  # pack_int4(signed=False): key 2j in the low nibble of byte j, 2j+1 in the high one
+                half = tl.arange(0, BLOCK_K // 2)
+                byte = tl.load(c_ptr + bh * c_stride_b + rows[:, None] * c_stride_r + (k0 // 2 + half)[None, :],
+                               mask=(rows[:, None] < n_keys) & ((k0 + 2 * half) < n_keys)[None, :], other=0).to(tl.int32)
+                code = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BLOCK_R, BLOCK_K))
+                code = tl.where(keys[None, :] < n_keys, code, 0)
             else:
                 code = tl.load(c_ptr + bh * c_stride_b + rows[:, None] * c_stride_r + keys[None, :],
-                               mask=cmask, other=0).to(tl.int32)
-            if HALF:
-                kk = tl.where(code >= 2, code >> 1, 0)
-                hh = tl.where(code >= 2, code & 1, 0)
-            else:
-                kk = tl.maximum(code - 1, 0)
-                hh = tl.zeros_like(code)
+                               mask=(rows[:, None] < n_keys) & (keys[None, :] < n_keys), other=0).to(tl.int32)
+            d = _level(code, HALF)
             v = tl.load(v_ptr + bh * v_stride_b + keys[:, None] * v_stride_r + dims[None, :],
-                        mask=(keys[:, None] < n_keys) & (dims[None, :] < head_dim), other=0).to(tl.int32)
-            # [R, K, 1] shifts of [1, K, D] values: (v << k) + h * (v << (k - 1)); zero codes add nothing
-            v3 = v[None, :, :]
-            k3 = kk[:, :, None]
-            term = (v3 << k3) + hh[:, :, None] * (v3 << tl.maximum(k3 - 1, 0))
-            term = tl.where(code[:, :, None] > 0, term, 0)
-            acc += tl.sum(term, axis=1)
+                        mask=(keys[:, None] < n_keys) & (dims[None, :] < head_dim), other=0)
+            acc0 += tl.dot((d & 127).to(tl.int8), v, out_dtype=tl.int32)
+            acc1 += tl.dot(((d >> 7) & 127).to(tl.int8), v, out_dtype=tl.int32)
+            if PLANES == 3:
+                acc2 += tl.dot((d >> 14).to(tl.int8), v, out_dtype=tl.int32)
+            dsum += tl.sum(d, axis=1)
+        acc = acc0 + (acc1 << 7) + (acc2 << 14) - v_zp * dsum[:, None]
         tl.store(out_ptr + bh * o_stride_b + rows[:, None] * o_stride_r + dims[None, :], acc,
                  mask=(rows[:, None] < n_keys) & (dims[None, :] < head_dim))
+
+
+def level_planes(variant: str) -> int:
+    """How many 7-bit digit planes (int8 GEMMs) hold the variant's largest level."""
+    top = int(bitlog2_level_table(variant).max())
+    return max(1, -(-top.bit_length() // 7))
+
+
+def av_int32_fits(n_keys: int, variant: str, v_zp: int = 0) -> bool:
+    """Whether the int32 accumulators of ``Σ_j D_j·(v_j - z_v)`` over ``n_keys`` keys (int8 ``v``,
+    zero point ``v_zp``) cannot overflow: every partial sum is at most ``N·max D·(128 + |z_v|)``."""
+    return n_keys * int(bitlog2_level_table(variant).max()) * (128 + abs(int(v_zp))) < 2**31
 
 
 def _check_variant(variant: str) -> tuple[int, bool]:
@@ -198,26 +234,40 @@ def softmax_bitlog2_codes(x: torch.Tensor, variant: str, *, pack: bool | None = 
     return out.reshape(*x.shape[:-1], out_cols)
 
 
-def bitlog2_av(codes: torch.Tensor, v: torch.Tensor, variant: str, *, packed: bool | None = None,
-               block_r: int = 16, block_k: int = 16, block_d: int = 16) -> torch.Tensor:
-    """Triton: ``Σ_j D_j·v_j`` in int32 for codes ``[B, N, N]`` (or packed ``[B, N, ceil(N/2)]``)
-    and integer ``v`` ``[B, N, d]`` (leading dims are flattened into B)."""
+def bitlog2_av(codes: torch.Tensor, v: torch.Tensor, variant: str, *, v_zp: int = 0, packed: bool | None = None,
+               blocks: tuple[int, int, int] = (16, 32, 32)) -> torch.Tensor:
+    """Triton: ``Σ_j D_j·(v_j - z_v)`` in int32 for codes ``[B, N, N]`` (or packed ``[B, N, ceil(N/2)]``)
+    and integer ``v`` ``[B, N, d]`` (leading dims are flattened into B), on int8 tensor cores.
+
+    ``v`` is int8 (the signed codes of v's quantizer) with its signed zero point ``v_zp``; any other
+    integer tensor whose values span at most 256 consecutive integers is shifted into int8 first
+    (``v_zp`` then adds to the shift). ``blocks`` = ``(BLOCK_R, BLOCK_K, BLOCK_D)``, each ≥ 16."""
     if not HAS_TRITON:  # pragma: no cover
         raise RuntimeError("triton is not installed")
     _, half = _check_variant(variant)
     if v.is_floating_point():
-        raise TypeError("bitlog2_av takes integer v (quantized values minus zero point)")
+        raise TypeError("bitlog2_av takes integer v (signed codes, with v_zp, or values minus zero point)")
     n, d = v.shape[-2], v.shape[-1]
     packed = codes.dtype == torch.uint8 if packed is None else packed
     expect = (n + 1) // 2 if packed else n
     if codes.shape[-1] != expect or codes.shape[-2] != n:
         raise ValueError(f"codes of shape {tuple(codes.shape)} do not fit v of shape {tuple(v.shape)} (packed={packed})")
+    if v.dtype != torch.int8:  # e.g. values minus zero point in [-255, 255]: re-centre into int8
+        lo, hi = (int(v.min()), int(v.max())) if v.numel() else (0, 0)
+        if hi - lo > 255:
+            raise ValueError(f"bitlog2_av: v spans [{lo}, {hi}], more than the 256 values of int8 codes")
+        shift = lo + 128
+        v, v_zp = (v.to(torch.int32) - shift).to(torch.int8), int(v_zp) - shift
+    if not av_int32_fits(n, variant, v_zp):
+        raise ValueError(f"bitlog2_av: {n} keys × level {int(bitlog2_level_table(variant).max())} × (128 + |{v_zp}|) could "
+                         "overflow the int32 accumulator; use bitlog2_av_int (int64) for this shape")
     lead = v.shape[:-2]
     c3 = codes.reshape(-1, n, codes.shape[-1]).contiguous()
-    v3 = v.reshape(-1, n, d).to(torch.int32).contiguous()
+    v3 = v.reshape(-1, n, d).contiguous()
     out = torch.empty(v3.shape[0], n, d, dtype=torch.int32, device=v.device)
+    block_r, block_k, block_d = blocks
     grid = (v3.shape[0], triton.cdiv(n, block_r), triton.cdiv(d, block_d))
-    _bitlog2_av_kernel[grid](c3, v3, out, n, d, c3.stride(0), c3.stride(1), v3.stride(0), v3.stride(1),
-                             out.stride(0), out.stride(1), HALF=half, PACKED=packed,
+    _bitlog2_av_kernel[grid](c3, v3, out, n, d, int(v_zp), c3.stride(0), c3.stride(1), v3.stride(0), v3.stride(1),
+                             out.stride(0), out.stride(1), HALF=half, PACKED=packed, PLANES=level_planes(variant),
                              BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_D=block_d)
     return out.reshape(*lead, n, d)

@@ -4,9 +4,12 @@ Integer representation (``fxquant.quant.codes``, shared by references, kernels, 
 and the ONNX exporter): a uniform quantizer's codes ``q`` (``quant.primitives.quantize``) are stored
 *signed*, ``c = q - offset`` with ``offset = 2^(b-1)`` for asymmetric specs (0 for symmetric)
 (``code_offset`` / ``to_signed_codes``), so 8-bit codes fit int8 and 4-bit codes fit a signed nibble,
-packed two per byte by ``pack_int4(signed=True)``; the zero point moves with them
-(``z_c = z - offset``). The Triton kernels apply the same rules in ``tl`` code (``_rint``, the
-nibble shifts), checked bit for bit against ``to_signed_codes`` / ``pack_int4`` by the tests. Then
+packed two per byte by ``pack_int4(signed=True)`` (k and k+1 in the low and high nibble of one
+byte); the zero point moves with them (``z_c = z - offset``). The Triton kernels apply the same
+rules in ``tl`` code (``_rint``, the nibble shifts), checked bit for bit against ``to_signed_codes``
+/ ``pack_int4`` by the tests. A packed tile ``[R, BK/2]`` is one load; its nibbles are sign-extended
+and joined back to the ``[R, BK]`` int8 tile in registers, so W4A8 and W4A4 run the same single
+int8 ``tl.dot`` per K step as W8A8 (there is no int4 MMA on Hopper), with half the weight bytes. Then
 
     y[m, n] = s_a · s_w[n] · Σ_k (a[m,k] - z_a)(w[n,k] - z_w[n]) + bias[n]
             = s_a · s_w[n] · (acc - z_a·Σ_k w[n,k] - z_w[n]·Σ_k a[m,k] + K·z_a·z_w[n]) + bias[n],
@@ -23,6 +26,8 @@ On CPU (no GPU, or in CI) the lowering pass runs the exact integer path ``int_li
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -146,18 +151,14 @@ if HAS_TRITON:
             tl.store(out_ptr + row * out_stride + cols, q.to(tl.int8), mask=cols < n_cols)
 
     @triton.jit
-    def _unpack_lo_hi(p):
+    def _unpack_int4_rows(p, ROWS: tl.constexpr, COLS: tl.constexpr):
+        """A ``[ROWS, COLS // 2]`` tile of ``pack_int4(signed=True)`` bytes → the ``[ROWS, COLS]`` int8
+        codes in their natural order, in registers: each nibble sign-extended (``(n ^ 8) - 8``), joined
+        as (even, odd) and flattened, so that one ``tl.dot`` takes them."""
         p = p.to(tl.int32)
-        lo = p & 0xF
-        hi = (p >> 4) & 0xF
-        lo = tl.where(lo >= 8, lo - 16, lo).to(tl.int8)
-        hi = tl.where(hi >= 8, hi - 16, hi).to(tl.int8)
-        return lo, hi
-
-    @triton.jit
-    def _split_even_odd(x, ROWS: tl.constexpr, COLS: tl.constexpr):
-        """(even, odd) columns of a contiguously loaded [ROWS, COLS] tile."""
-        return tl.split(tl.reshape(x, (ROWS, COLS // 2, 2)))
+        lo = (((p & 0xF) ^ 8) - 8).to(tl.int8)
+        hi = ((((p >> 4) & 0xF) ^ 8) - 8).to(tl.int8)
+        return tl.reshape(tl.join(lo, hi), (ROWS, COLS))
 
     @triton.jit
     def _int_gemm_kernel(a_ptr, w_ptr, c_ptr, a_scale_ptr, a_zp_ptr, w_scale_ptr, w_zp_ptr, w_colsum_ptr, bias_ptr,
@@ -166,10 +167,11 @@ if HAS_TRITON:
                          HAS_W_ZP: tl.constexpr, OUT_FP16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         """C = epilogue(A·Wᵀ): int8/int4 operands, int32 accumulation, fused zero-point correction,
-        scales, bias and output cast. Unpacked int8 operands are loaded as contiguous tiles and
-        meet in one ``tl.dot``. Packed int4 operands hold (even, odd) k in (low, high) nibbles;
-        their product is split as dot(even) + dot(odd), the unpacked side split to match, so no
-        interleave is needed. Row sums of A (for the weight zero points) only when there are any."""
+        scales, bias and output cast. Every operand tile is one load; packed int4 tiles (two codes
+        per byte, ``pack_int4``'s interleaved layout) are unpacked to int8 in registers
+        (``_unpack_int4_rows``), so int8 and int4 operands alike meet in a single int8 ``tl.dot`` per
+        K step (Hopper has no int4 MMA; there are no split dots). Row sums of A (for the weight zero
+        points) only when there are any."""
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
@@ -185,33 +187,23 @@ if HAS_TRITON:
         rk = tl.arange(0, BLOCK_K)
         half = tl.arange(0, BLOCK_K // 2)
         for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
-            if A_PACKED:
+            if A_PACKED:  # K is even, so byte j of the tile is in range iff its even code is
                 pa = tl.load(a_ptr + rm[:, None] * stride_am + (k0 // 2 + half)[None, :],
                              mask=(rm[:, None] < M) & ((k0 + 2 * half) < K)[None, :], other=0)
-                a_e, a_o = _unpack_lo_hi(pa)
+                a = _unpack_int4_rows(pa, BLOCK_M, BLOCK_K)
             else:
+                kk = k0 + rk
                 a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0)
             if W_PACKED:
-                pw = tl.load(w_ptr + rn[None, :] * stride_wn + (k0 // 2 + half)[:, None],
-                             mask=(rn[None, :] < N) & ((k0 + 2 * half) < K)[:, None], other=0)
-                w_e, w_o = _unpack_lo_hi(pw)
+                pw = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 // 2 + half)[None, :],
+                             mask=(rn[:, None] < N) & ((k0 + 2 * half) < K)[None, :], other=0)
+                w = tl.trans(_unpack_int4_rows(pw, BLOCK_N, BLOCK_K))
             else:
+                kk = k0 + rk
                 w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)
-            if A_PACKED or W_PACKED:
-                if not A_PACKED:
-                    a_e, a_o = _split_even_odd(a, BLOCK_M, BLOCK_K)
-                if not W_PACKED:
-                    w_e, w_o = _split_even_odd(tl.trans(w), BLOCK_N, BLOCK_K)
-                    w_e, w_o = tl.trans(w_e), tl.trans(w_o)
-                acc += tl.dot(a_e, w_e, out_dtype=tl.int32)
-                acc += tl.dot(a_o, w_o, out_dtype=tl.int32)
-                if HAS_W_ZP:
-                    arow += tl.sum(a_e.to(tl.int32), axis=1) + tl.sum(a_o.to(tl.int32), axis=1)
-            else:
-                acc += tl.dot(a, w, out_dtype=tl.int32)
-                if HAS_W_ZP:
-                    arow += tl.sum(a.to(tl.int32), axis=1)
+            acc += tl.dot(a, w, out_dtype=tl.int32)
+            if HAS_W_ZP:
+                arow += tl.sum(a.to(tl.int32), axis=1)
         if A_PER_ROW:
             s_a = tl.load(a_scale_ptr + rm, mask=rm < M, other=0.0)
             z_a = tl.load(a_zp_ptr + rm, mask=rm < M, other=0).to(tl.int32)
@@ -232,16 +224,40 @@ if HAS_TRITON:
             tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], out, mask=cmask)
 
     def get_cuda_autotune_config() -> list:
-        """Tile candidates for Hopper/Ampere-class GPUs (int8 tensor cores want BLOCK_K >= 64)."""
+        """Tile candidates for Hopper/Ampere-class GPUs on ViT shapes (M = batch·tokens from ~200 to
+        ~13k, N/K in 384…3072). int8 tensor cores want BLOCK_K >= 64; deeper pipelines (4–5 stages)
+        for the K = 3072 GEMMs, narrow M tiles for the memory-bound small-batch GEMMs."""
         out = []
-        for bm, bn, bk, w, s in [(128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 4, 4), (128, 128, 64, 4, 4),
-                                 (64, 256, 128, 4, 4), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (64, 64, 128, 4, 5),
-                                 (32, 64, 128, 4, 5)]:
+        for bm, bn, bk, w, s in [(128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 128, 4, 4),
+                                 (128, 128, 64, 4, 4), (128, 256, 64, 8, 4), (64, 256, 128, 4, 4), (128, 64, 128, 4, 4),
+                                 (64, 128, 128, 4, 4), (64, 128, 256, 4, 3), (64, 64, 128, 4, 5), (32, 64, 128, 4, 5),
+                                 (32, 128, 256, 4, 4), (16, 64, 256, 4, 4), (16, 128, 128, 4, 5)]:
             out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s))
         return out
 
+    def known_good_gemm_config(m: int, n: int, k: int) -> triton.Config:
+        """One config per shape class, for ``FXQUANT_AUTOTUNE=0`` (GPU tests compile one kernel per
+        shape instead of every candidate): small M is memory-bound (narrow M tile, wide K), large M
+        compute-bound (the Triton matmul tutorial's 128×256 int8 tile)."""
+        if m <= 32:
+            bm, bn, bk, w, s = 16, 64, 256, 4, 4
+        elif m <= 256:
+            bm, bn, bk, w, s = 64, 128, 128, 4, 4
+        elif m <= 2048:
+            bm, bn, bk, w, s = 128, 128, 128, 8, 4
+        else:
+            bm, bn, bk, w, s = 128, 256, 128, 8, 3
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": min(bn, max(16, triton.next_power_of_2(n))),
+                              "BLOCK_K": min(bk, max(32, triton.next_power_of_2(k))), "GROUP_M": 8}, num_warps=w, num_stages=s)
+
     _int_gemm_tuned = triton.autotune(configs=get_cuda_autotune_config(), key=["M", "N", "K", "A_PACKED", "W_PACKED"])(
         _int_gemm_kernel)
+
+
+def autotune_enabled() -> bool:
+    """False when ``FXQUANT_AUTOTUNE=0``: every kernel launches one known-good config per shape class
+    instead of autotuning over its candidates (read at each call, so tests may set it)."""
+    return os.environ.get("FXQUANT_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def quantize_act(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None, zero_point: torch.Tensor | None = None,
@@ -312,9 +328,14 @@ def int_linear(a: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor, w: to
                  HAS_W_ZP=bool(w_zp.any()), OUT_FP16=out_dtype == torch.float16)
     # enable_fp_fusion=False: the epilogue's multiply-then-add must round like the reference's
     # (a fused multiply-add rounds once and differs from it in the last bit)
-    if blocks is None and dev.type == "cuda":
+    if blocks is None and dev.type == "cuda" and autotune_enabled():
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _int_gemm_tuned[grid](*args, **flags, enable_fp_fusion=False)
+    elif blocks is None and dev.type == "cuda":
+        cfg = known_good_gemm_config(m, n, k)
+        grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * triton.cdiv(n, cfg.kwargs["BLOCK_N"]),)
+        _int_gemm_kernel[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                               enable_fp_fusion=False)
     else:
         bm, bn, bk = blocks or (16, 16, 32)
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)

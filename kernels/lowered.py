@@ -1,4 +1,5 @@
-"""Runtime modules of lowered graphs: ``LoweredLinear``, ``LoweredGroupedLinear`` and ``LoweredMatmul``.
+"""Runtime modules of lowered graphs: ``LoweredLinear``, ``LoweredPatchConv``, ``LoweredGroupedLinear`` and
+``LoweredMatmul``.
 
 ``fxquant.passes.lower.LowerToKernels`` creates them from fake-quantized layers; they are defined
 here, beside the kernels they dispatch to. On CUDA with Triton they run the Triton kernels of
@@ -17,6 +18,7 @@ from fxquant.quant import (
     FakeQuantize,
     InstanceGroups,
     PerGroup,
+    QuantConv2d,
     QuantLinear,
     QuantSpec,
     code_offset,
@@ -27,7 +29,8 @@ from fxquant.quant import (
 )
 from fxquant.quant.primitives import bitlog2_input
 
-from .bitlog2 import bitlog2_av
+from .bitlog2 import av_int32_fits, bitlog2_av
+from .fused_attention import fused_attention
 from .grouped_linear import contiguous_group_idx, grouped_linear, grouped_linear_cpu
 from .int_attention import (
     bitlog2_av_from_input,
@@ -59,19 +62,25 @@ class LoweredLinear(nn.Module):
 
     @classmethod
     def from_quantized(cls, linear: QuantLinear, act: FakeQuantize) -> "LoweredLinear":
-        wq = linear.weight_fake_quant
-        new = cls(linear.in_features, linear.out_features, act.spec, wq.spec, linear.bias is not None)
-        with torch.no_grad():
-            codes = to_signed_codes(linear.weight.float(), wq.scale, wq.zero_point, wq.spec)
-            new.w_codes = pack_int4(codes, signed=True) if new.w_packed else codes
-            new.w_scale = wq.scale.reshape(-1).float().expand(linear.out_features).clone()
-            new.w_zp = (wq.zero_point.reshape(-1).expand(linear.out_features) - code_offset(wq.spec)).to(torch.int32).clone()
-            new.w_colsum = codes.to(torch.int32).sum(1)
-            new.a_scale = act.scale.reshape(()).float().clone()
-            new.a_zp = act.zero_point.reshape(()).float().clone()
-            if linear.bias is not None:
-                new.bias = linear.bias.detach().float().clone()
+        new = cls(linear.in_features, linear.out_features, act.spec, linear.weight_fake_quant.spec, linear.bias is not None)
+        new._fill(linear.weight, linear.weight_fake_quant, act, linear.bias)
         return new
+
+    def _fill(self, weight: torch.Tensor, wq: FakeQuantize, act: FakeQuantize, bias: torch.Tensor | None) -> None:
+        """Store the integer form of a fake-quantized layer: the signed codes of ``weight``
+        (``[N, ...]``, flattened to ``[N, K]`` in its own order), per-channel weight scales, signed
+        zero points and column sums, and the per-tensor input quantizer's parameters."""
+        n = self.out_features
+        with torch.no_grad():
+            codes = to_signed_codes(weight.float(), wq.scale, wq.zero_point, wq.spec).reshape(n, -1)
+            self.w_codes = pack_int4(codes, signed=True) if self.w_packed else codes
+            self.w_scale = wq.scale.reshape(-1).float().expand(n).clone()
+            self.w_zp = (wq.zero_point.reshape(-1).expand(n) - code_offset(wq.spec)).to(torch.int32).clone()
+            self.w_colsum = codes.to(torch.int32).sum(1)
+            self.a_scale = act.scale.reshape(()).float().clone()
+            self.a_zp = act.zero_point.reshape(()).float().clone()
+            if bias is not None:
+                self.bias = bias.detach().float().clone()
 
     def weight_codes(self) -> torch.Tensor:
         return unpack_int4(self.w_codes, signed=True) if self.w_packed else self.w_codes
@@ -98,10 +107,15 @@ class LoweredLinear(nn.Module):
         wt, zp, colsum = cache[1]
         return wt.T, zp, colsum
 
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        """Whether ``forward`` runs the Triton kernels: on CUDA tensors (tests patch this to run them
+        on CPU tensors under ``TRITON_INTERPRET=1``)."""
+        return x.is_cuda and HAS_TRITON
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.is_cuda and HAS_TRITON:
+        if self._use_triton(x2):
             pack_a = self.act_spec.bits <= 4 and self.w_packed
             a, s_a, z_a = quantize_act(x2, self.act_spec, self.a_scale, self.a_zp, pack=pack_a)
             y = int_linear(a, s_a, z_a, self.w_codes, self.w_scale, self.w_zp, self.bias, k=self.in_features,
@@ -116,6 +130,77 @@ class LoweredLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, w={self.weight_spec.short()}"
                 f"{' (int4 packed)' if self.w_packed else ''}, a={self.act_spec.short()}")
+
+
+def patch_conv_mismatch(conv: nn.Conv2d) -> str:
+    """Why ``conv`` is not a patch embedding (stride = kernel, no padding, dilation 1, one group,
+    zero padding mode), or ``""`` when it is one, i.e. a Linear over non-overlapping patches."""
+    if tuple(conv.stride) != tuple(conv.kernel_size):
+        return f"convolution is not a patch embedding (stride {tuple(conv.stride)} != kernel {tuple(conv.kernel_size)})"
+    if conv.padding != "valid" and (isinstance(conv.padding, str) or any(p != 0 for p in conv.padding)):
+        return f"convolution is not a patch embedding (padding {conv.padding})"
+    if any(d != 1 for d in conv.dilation):
+        return f"convolution is not a patch embedding (dilation {tuple(conv.dilation)})"
+    if conv.groups != 1:
+        return f"convolution is not a patch embedding ({conv.groups} groups)"
+    if conv.padding_mode != "zeros":
+        return f"convolution is not a patch embedding (padding mode {conv.padding_mode})"
+    return ""
+
+
+class LoweredPatchConv(LoweredLinear):
+    """An integer patch-embedding convolution: a ``LoweredLinear`` over non-overlapping patches.
+
+    A ``Conv2d`` with ``stride = kernel = (kh, kw)``, no padding, dilation 1 and one group maps
+    ``x [B, C, H, W]`` to ``y [B, O, H', W']`` with ``H' = ⌊H/kh⌋``, ``W' = ⌊W/kw⌋`` (the remainder
+    rows and columns are dropped, as ``Conv2d`` drops them)::
+
+        y[b, o, i, j] = bias_o + Σ_{c,u,v} W[o, c, u, v] · x[b, c, i·kh + u, j·kw + v]
+
+    which is a Linear with ``K = C·kh·kw`` inputs over the patch rows
+    ``P[(b, i, j), (c, u, v)] = x[b, c, i·kh + u, j·kw + v]`` and the weight
+    ``W.reshape(O, K)`` (same ``(c, u, v)`` order). The input quantizer is per tensor, so quantizing
+    ``x`` and unfolding commute, and ``y = s_a·s_w·Σ(a - z_a)(w - z_w) + bias`` runs on
+    ``LoweredLinear``'s integer path (``kernels/int_linear.py``: the Triton kernels on CUDA, the
+    exact ``torch._int_mm`` path elsewhere). The patches are gathered with one reshape/permute copy
+    (no ``F.unfold``); the output is contiguous NCHW in ``x``'s dtype, like ``Conv2d``'s."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], act_spec: QuantSpec,
+                 weight_spec: QuantSpec, has_bias: bool, label: str = ""):
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        super().__init__(in_channels * kh * kw, out_channels, act_spec, weight_spec, has_bias)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
+        self.label = label
+
+    @classmethod
+    def from_quantized(cls, conv: QuantConv2d, act: FakeQuantize, label: str = "") -> "LoweredPatchConv":
+        why = patch_conv_mismatch(conv)
+        if why:
+            raise ConfigError(f"'{label or type(conv).__name__}': {why}")
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, act.spec, conv.weight_fake_quant.spec,
+                  conv.bias is not None, label)
+        new._fill(conv.weight, conv.weight_fake_quant, act, conv.bias)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = x.dim() == 3
+        xb = x.unsqueeze(0) if unbatched else x
+        kh, kw = self.kernel_size
+        name = f"patch convolution '{self.label}'" if self.label else "LoweredPatchConv"
+        if xb.dim() != 4 or xb.shape[1] != self.in_channels:
+            raise ValueError(f"{name} expects [B, {self.in_channels}, H, W] input, got {tuple(x.shape)}")
+        b, c, h, w = xb.shape
+        hp, wp = h // kh, w // kw
+        if hp == 0 or wp == 0:
+            raise ValueError(f"{name}: input {h}x{w} is smaller than the {kh}x{kw} kernel")
+        # [B, C, H'·kh, W'·kw] → [B, H', W', C, kh, kw] → [B·H'·W', K]: the one copy
+        patches = (xb[:, :, :hp * kh, :wp * kw].reshape(b, c, hp, kh, wp, kw).permute(0, 2, 4, 1, 3, 5)
+                   .reshape(b * hp * wp, self.in_features))
+        y = super().forward(patches).reshape(b, hp, wp, self.out_features).permute(0, 3, 1, 2).contiguous()
+        return y[0] if unbatched else y
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel={self.kernel_size}, " + super().extra_repr()
 
 
 def act_num_groups(act_spec: QuantSpec, in_features: int) -> int:
@@ -271,11 +356,78 @@ class LoweredMatmul(nn.Module):
         if self.kind == "log":  # per-count weights, no codes (one gather each)
             return log_av_from_ratio(a.float() / self.a_scale, self.a_scale, v, self.b_scale, self.a_spec).to(a.dtype)
         codes = log_codes_of(a, self.a_scale, self.a_spec)
-        if gpu and codes.shape[-1] == codes.shape[-2] and codes.shape[:-2] == v.shape[:-2]:
-            acc = bitlog2_av(codes.to(torch.int8), v, variant, packed=False)
+        if (gpu and codes.shape[-1] == codes.shape[-2] and codes.shape[:-2] == vb.shape[:-2]
+                and av_int32_fits(codes.shape[-1], variant, zb)):
+            acc = bitlog2_av(codes.to(torch.int8), vb, variant, v_zp=zb, packed=False)
         else:
             acc = bitlog2_av_int(codes, v, variant)
         return (acc.to(torch.float32) * (self.b_scale / self.a_scale)).to(a.dtype)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, a={self.a_spec.short()}, b={self.b_spec.short()}"
+
+
+class LoweredAttention(nn.Module):
+    """A lowered attention core ``softmax(q·kᵀ)·v`` whose two matmuls are ``LoweredMatmul``s with
+    a uniform ``q·kᵀ`` and a uniform or BitLog2 ``A`` (``kernels/fused_attention.py``).
+
+    On CUDA with Triton it runs the fused kernel (scores, softmax, A's codes and the integer A·v in
+    one pass, no ``N×N`` tensor in memory); elsewhere, or when the operands do not fit it, it runs
+    the two ``LoweredMatmul``s and ``torch.softmax`` exactly as the unfused graph did. ``backend``:
+    ``"auto"`` (that rule), ``"triton"`` (the fused kernel wherever Triton runs, e.g. under
+    ``TRITON_INTERPRET=1`` in the tests) or ``"unfused"``."""
+
+    BACKENDS = ("auto", "triton", "unfused")
+    SCORE_OPS = (None, "mul", "div")
+
+    def __init__(self, qk: LoweredMatmul, av: LoweredMatmul, score_op: str | None = None, backend: str = "auto"):
+        super().__init__()
+        if qk.kind != "uniform" or av.kind not in ("uniform", "bitlog2"):
+            raise ConfigError(f"LoweredAttention fuses a uniform q·kᵀ with a uniform or BitLog2 A·v, got "
+                              f"{qk.kind} and {av.kind}")
+        if score_op not in self.SCORE_OPS:
+            raise ConfigError(f"LoweredAttention score_op must be one of {list(self.SCORE_OPS)}, got {score_op!r}")
+        self.qk, self.av = qk, av
+        self.score_op = score_op  # the graph's scalar multiply/divide of the scores before the softmax
+        self.backend = backend
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in self.BACKENDS:
+            raise ConfigError(f"LoweredAttention backend must be one of {list(self.BACKENDS)}, got {value!r}")
+        self._backend = value
+
+    def _fusable(self, q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, scale) -> bool:
+        if self.backend == "unfused" or not HAS_TRITON or (self.backend == "auto" and not q.is_cuda):
+            return False
+        if isinstance(scale, torch.Tensor) and scale.numel() != 1:
+            return False
+        n = q.shape[-2]
+        return (q.dim() >= 3 and q.shape[:-2] == kt.shape[:-2] == v.shape[:-2] and kt.shape[-2:] == (q.shape[-1], n)
+                and v.shape[-2] == n and (self.av.kind != "bitlog2" or av_int32_fits(n, self.av.a_spec.bitlog2_variant)))
+
+    def forward(self, q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, scale=None) -> torch.Tensor:
+        if not self._fusable(q, kt, v, scale):
+            s = self.qk(q, kt)
+            s = s * scale if self.score_op == "mul" else s / scale if self.score_op == "div" else s
+            return self.av(torch.softmax(s, dim=-1), v)
+        qc, zq = self.qk._signed(q, "a")
+        kc, zk = self.qk._signed(kt, "b")
+        vc, zv = self.av._signed(v, "b")
+        av = self.av
+        if av.kind == "bitlog2":  # A·v = (s_v/δ)·Σ D·(v - z_v), as LoweredMatmul's epilogue
+            out_scale = float(av.b_scale / av.a_scale)
+        else:
+            out_scale = float(av.a_scale) * float(av.b_scale)
+        c = None if self.score_op is None else float(scale)
+        return fused_attention(qc, zq, kc.transpose(-1, -2), zk, vc, zv, float(self.qk.a_scale) * float(self.qk.b_scale),
+                               av.a_spec, float(av.a_scale), float(av.a_zp), out_scale,
+                               score_mul=c if self.score_op == "mul" else None, score_div=c if self.score_op == "div" else None,
+                               out_dtype=torch.float16 if q.dtype == torch.float16 else torch.float32).to(q.dtype)
+
+    def extra_repr(self) -> str:
+        return f"A={self.av.a_spec.short()}, scores {self.score_op or 'unscaled'}, backend={self.backend}"

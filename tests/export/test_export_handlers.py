@@ -27,7 +27,7 @@ def _runtime_module_kinds() -> list[type]:
 def test_every_runtime_module_kind_has_a_handler():
     kinds = _runtime_module_kinds()
     assert {k.__name__ for k in kinds} >= {"FakeQuantize", "QuantLinear", "QuantConv2d", "CompensationLinear",
-                                          "LoweredLinear", "LoweredMatmul"}
+                                          "LoweredLinear", "LoweredPatchConv", "LoweredMatmul"}
     assert [k.__name__ for k in kinds if export_handler(k.__new__(k)) is None] == []
 
 
@@ -50,6 +50,7 @@ def test_lowered_graph_exports_like_its_fake_quant_form(recipe, options, tmp_pat
     fake = fxquant.compile(toy_vit(), recipe=recipe, calib=toy_calib(), progress=False, **options)
     low = fxquant.compile(toy_vit(), recipe=recipe, calib=toy_calib(), progress=False, lower=True, **options)
     assert any(isinstance(m, (lowered.LoweredLinear, lowered.LoweredGroupedLinear)) for m in low.modules())
+    assert isinstance(low.get_submodule("patch"), lowered.LoweredPatchConv)  # exported as Q/DQ(x), DQ(W) → Conv
     got_fake = run_onnx(to_onnx(fake, (x[:2],), tmp_path / "fake.onnx").path, (x,))
     got_low = run_onnx(to_onnx(low, (x[:2],), tmp_path / "low.onnx").path, (x,))
     assert torch.equal(got_low, got_fake)

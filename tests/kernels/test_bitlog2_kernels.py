@@ -55,14 +55,34 @@ def test_integer_av_equals_reference(variant, shape):
     b, h, n, d = shape
     g = torch.Generator().manual_seed(n + d)
     scores = torch.randn(b, h, n, n, generator=g) * 2
-    v = torch.randint(-255, 256, (b, h, n, d), generator=g, dtype=torch.int32)
+    v8 = torch.randint(-128, 128, (b, h, n, d), generator=g, dtype=torch.int8)  # signed 8-bit codes of v
+    zp = 37
+    v = v8.to(torch.int32) - zp  # values minus zero point: int32, re-centred into int8 by the wrapper
     codes = bitlog2_codes_ref(scores, variant)
     ref = bitlog2_av_ref(codes, v, variant)
     assert torch.equal(ref.double(), bitlog2_av_float64_ref(codes, v, variant))  # shifts == D·v
     got = on_device(bitlog2_av, codes.to(torch.int8), v, variant, packed=False)
     assert got.dtype == torch.int32 and torch.equal(got.to(torch.int64), ref)
+    # int8 codes with their zero point (the lowered form): the same sums
+    assert torch.equal(on_device(bitlog2_av, codes.to(torch.int8), v8, variant, v_zp=zp, packed=False).to(torch.int64), ref)
     if variant.endswith("16"):
         assert torch.equal(on_device(bitlog2_av, pack_int4(codes, signed=False), v, variant).to(torch.int64), ref)
+        assert torch.equal(on_device(bitlog2_av, pack_int4(codes, signed=False), v8, variant, v_zp=zp).to(torch.int64), ref)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_level_planes_decompose_every_level(variant):
+    """The digit planes the A·v kernel multiplies: 7-bit digits of every level recombine to it, and
+    their count (int8 GEMMs per key block) is 2 for the half variants, 3 for the single ones."""
+    from fxquant.kernels.bitlog2 import level_planes
+    from fxquant.quant.primitives import bitlog2_level_table
+
+    levels = bitlog2_level_table(variant).to(torch.int64)
+    p = level_planes(variant)
+    assert p == (2 if variant.startswith("half") else 3)
+    digits = [(levels >> (7 * i)) & 127 for i in range(p)]
+    assert all(int(dg.max()) <= 127 for dg in digits)
+    assert torch.equal(sum(dg << (7 * i) for i, dg in enumerate(digits)), levels)
 
 
 def test_av_rejects_float_v_and_bad_shapes():
@@ -71,6 +91,13 @@ def test_av_rejects_float_v_and_bad_shapes():
         on_device(bitlog2_av, codes, torch.randn(1, 4, 2), "half17")
     with pytest.raises(ValueError, match="do not fit"):
         on_device(bitlog2_av, codes, torch.zeros(1, 5, 2, dtype=torch.int32), "half17")
+    with pytest.raises(ValueError, match=r"v spans \[-200, 100\], more than the 256 values of int8 codes"):
+        on_device(bitlog2_av, codes, torch.tensor([-200, 100, 0, 0]).reshape(1, 4, 1).to(torch.int32), "half17")
+    with pytest.raises(ValueError, match="overflow the int32 accumulator"):
+        big = torch.zeros(1, 2**16, 1, dtype=torch.int8)  # 65536 keys × 2^15 levels
+        from fxquant.kernels.bitlog2 import av_int32_fits
+        assert not av_int32_fits(big.shape[1], "single17")
+        on_device(bitlog2_av, torch.zeros(1, 2**16, 1, dtype=torch.int8).expand(1, 2**16, 2**16), big, "single17", packed=False)
 
 
 def test_integer_av_matches_fake_quant_graph(cifar_compiled, cifar_data):

@@ -113,3 +113,27 @@ def test_pack_round_trip_and_errors():
     with pytest.raises(ValueError, match="inner dimensions"):
         on_device(int_linear, torch.zeros(2, 16, dtype=torch.int8), torch.tensor(1.0), torch.tensor(0),
                   torch.zeros(4, 32, dtype=torch.int8), torch.ones(4), torch.zeros(4))
+
+
+def test_autotune_switch_and_known_good_configs(monkeypatch):
+    """``FXQUANT_AUTOTUNE=0`` picks one config per shape class; every class's tile is legal for an
+    int8 ``tl.dot`` (powers of two, ≥ 16) and no wider than the problem needs; the interpreter runs
+    the small-M class's config exactly."""
+    from fxquant.kernels.int_linear import autotune_enabled, known_good_gemm_config
+
+    monkeypatch.setenv("FXQUANT_AUTOTUNE", "0")
+    assert not autotune_enabled()
+    monkeypatch.setenv("FXQUANT_AUTOTUNE", "1")
+    assert autotune_enabled()
+    for m, n, k in [(1, 384, 384), (197, 2304, 768), (1576, 768, 3072), (12608, 3072, 768), (50, 10, 20)]:
+        cfg = known_good_gemm_config(m, n, k)
+        for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+            size = cfg.kwargs[key]
+            assert size >= 16 and size & (size - 1) == 0, (m, n, k, cfg)
+        assert cfg.kwargs["BLOCK_N"] <= max(16, 2 * n) and cfg.kwargs["BLOCK_K"] <= max(32, 2 * k)
+    a, w, ws, wz, bias = _operands(5, 40, 24, 4, 4, seed=7)
+    cfg = known_good_gemm_config(5, 24, 40)
+    blocks = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"])
+    got = on_device(int_linear, pack_int4(a, signed=True), torch.tensor(0.05), torch.tensor(1), pack_int4(w, signed=True),
+                    ws, wz, bias, k=40, a_packed=True, w_packed=True, blocks=blocks)
+    assert torch.equal(got, int_linear_ref(a, torch.tensor(0.05), torch.tensor(1), w, ws, wz, bias))

@@ -9,18 +9,24 @@ import torch
 import fxquant
 from fxquant import artifact
 from fxquant.errors import ConfigError
-from fxquant.kernels.lowered import LoweredLinear, LoweredMatmul
-from fxquant.quant import QuantLinear
+from fxquant.kernels.lowered import LoweredAttention, LoweredLinear, LoweredMatmul, LoweredPatchConv
+from fxquant.passes import LowerToKernels
+from fxquant.quant import QuantConv2d, QuantLinear
 from fxquant.testing import toy_calib, toy_vit
 
 
 def test_toy_lowering_structure_and_report():
     q = fxquant.compile(toy_vit(), recipe="w8a8", calib=toy_calib(), progress=False, lower=True)
-    lowered = [n for n, m in q.named_modules() if isinstance(m, LoweredLinear)]
+    lowered = [n for n, m in q.named_modules() if isinstance(m, LoweredLinear) and not isinstance(m, LoweredPatchConv)]
     assert sorted(lowered) == sorted(["block.q", "block.k", "block.v", "block.proj", "block.fc1", "block.fc2", "head"])
-    assert not any(isinstance(m, QuantLinear) for m in q.modules())
+    assert isinstance(q.patch, LoweredPatchConv) and q.patch.kernel_size == (4, 4) and q.patch.in_features == 48
+    assert not any(isinstance(m, (QuantLinear, QuantConv2d)) for m in q.modules())
     rec = fxquant.report(q)["lower_to_kernels"].record
-    assert rec["kept"] == {"patch": "convolution (patch embedding) stays fake-quantized"}
+    assert rec["kept"] == {} and rec["patch_convs"] == ["patch"] and "patch" in rec["lowered"]
+    assert "7 Linears, 1 patch convolution and 2 attention matmuls" in fxquant.report(q)["lower_to_kernels"].summary
+    # the patch conv reads the image itself (its input quantizer is gone into the lowered module)
+    (patch,) = [n for n in q.graph.nodes if n.op == "call_module" and n.target == "patch"]
+    assert patch.args[0].op == "placeholder"
     mms = {n: m for n, m in q.named_modules() if isinstance(m, LoweredMatmul)}
     assert len(mms) == 2 and {m.kind for m in mms.values()} == {"uniform"} and len(rec["lowered_matmuls"]) == 2
     assert not any(n.op == "call_function" and "matmul" in str(n.target) for n in q.graph.nodes)
@@ -56,7 +62,8 @@ def _matmul_io(fq: torch.fx.GraphModule, x: torch.Tensor) -> list[dict]:
                                          ("repq-w6a6", "log"), ("bitlog2-w4a4", "bitlog2")])
 def test_each_lowered_matmul_equals_its_fake_quant_matmul(recipe, kind):
     fq = fxquant.compile(toy_vit(), recipe=recipe, calib=toy_calib(), progress=False)
-    low = fxquant.compile(toy_vit(), recipe=recipe, calib=toy_calib(), progress=False, lower=True)
+    low = fxquant.compile(toy_vit(), recipe=recipe, calib=toy_calib(), progress=False,
+                          lower=LowerToKernels(fuse_attention=False))
     ios = _matmul_io(fq, toy_calib()[0])
     assert len(ios) == 2
     kinds = []
@@ -68,6 +75,42 @@ def test_each_lowered_matmul_equals_its_fake_quant_matmul(recipe, kind):
         # integer accumulation vs float matmul of dequantized values: equal within fp32 rounding
         assert torch.allclose(got, io["y"], rtol=1e-5, atol=1e-5 * io["y"].abs().max().item()), io["name"]
     assert kinds == ["uniform", kind]
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a4", "bitlog2-w4a4"])
+def test_attention_fuses_and_the_fused_kernel_equals_the_unfused_path(recipe, tmp_path):
+    """q·kᵀ → ·1/√d → softmax → A·v becomes one LoweredAttention (uniform or BitLog2 A); its Triton
+    kernel (forced on CPU tensors, TRITON_INTERPRET=1) gives the unfused integer path's output;
+    a saved artifact reloads fused and bit-identical."""
+    low = fxquant.compile(toy_vit(), recipe=recipe, calib=toy_calib(), progress=False, lower=True)
+    rec = fxquant.report(low)["lower_to_kernels"].record
+    (att,) = [m for m in low.modules() if isinstance(m, LoweredAttention)]
+    assert rec["fused_attention"] == ["lowered_attention.lowered_matmuls_matmul_1"] and att.score_op == "mul"
+    assert not any(n.target in (torch.softmax, torch.nn.functional.softmax) for n in low.graph.nodes)
+    x = toy_calib()[0][:4]
+    with torch.no_grad():
+        y_auto = low(x)  # CPU: the unfused modules inside LoweredAttention
+        att.backend = "unfused"
+        y_unfused = low(x)
+        att.backend = "triton"
+        y_fused = low(x)
+    assert torch.equal(y_auto, y_unfused)
+    # the same codes (no probability at a boundary on these images), so the same function up to the
+    # fp32 epilogue of A·v (int32 sums × s_A·s_v vs the unfused fp32 product) feeding the head
+    assert torch.allclose(y_fused, y_unfused, rtol=1e-5, atol=1e-5 * y_unfused.abs().max().item())
+    att.backend = "auto"
+    artifact.save(low, tmp_path / "l")
+    loaded = artifact.load(tmp_path / "l", model=toy_vit())
+    assert any(isinstance(m, LoweredAttention) for m in loaded.modules()) and torch.equal(loaded(x), low(x))
+
+
+def test_attention_fusion_is_optional_and_log_attention_stays_unfused():
+    rep = fxquant.compile(toy_vit(), recipe="repq-w4a4", calib=toy_calib(), progress=False, lower=True)
+    assert fxquant.report(rep)["lower_to_kernels"].record["fused_attention"] == []  # log√2 A: LoweredMatmul
+    off = fxquant.compile(toy_vit(), recipe="w8a8", calib=toy_calib(), progress=False,
+                          lower=LowerToKernels(fuse_attention=False))
+    assert not any(isinstance(m, LoweredAttention) for m in off.modules())
+    assert sum(isinstance(m, LoweredMatmul) for m in off.modules()) == 2
 
 
 def test_8bit_log_softmax_stays_in_float_with_reason():
@@ -90,15 +133,19 @@ def test_each_lowered_layer_equals_its_fake_quant_layer(recipe):
             hooks.append(act.register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, {}).update(x=i[0])))
             hooks.append(fq.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: seen[name].update(y=o)))
     with torch.no_grad():
-        fq(toy_calib()[0])
+        y_fq = fq(toy_calib()[0])
     for h in hooks:
         h.remove()
-    assert len(seen) == 7
+    assert len(seen) == 8 and isinstance(low.get_submodule("patch"), LoweredPatchConv)  # 7 Linears + the patch conv
     for name, io in seen.items():
         with torch.no_grad():
             got = low.get_submodule(name)(io["x"])
-        # integer accumulation vs float matmul of dequantized values: equal within fp32 rounding
+        # integer accumulation vs float matmul (patch conv: Conv2d) of dequantized values: equal within fp32 rounding
         assert torch.allclose(got, io["y"], rtol=1e-5, atol=1e-5 * io["y"].abs().max().item()), name
+    with torch.no_grad():
+        y_low = low(toy_calib()[0])
+    # the whole model: the same codes everywhere (no rounding boundary crossed on these images), fp32 rounding
+    assert torch.allclose(y_low, y_fq, rtol=1e-5, atol=1e-5 * y_fq.abs().max().item())
     if recipe.startswith("repq"):
         assert fxquant.report(low)["repq_reparam"].record["sites"]  # folded weights were lowered
 
@@ -109,6 +156,7 @@ def test_qwt_and_repq_survive_lowering(tmp_path):
     assert "qwt.block" in fxquant.report(q)["lower_to_kernels"].record["kept"]
     artifact.save(q, tmp_path / "l")
     loaded = artifact.load(tmp_path / "l", model=toy_vit())
+    assert isinstance(loaded.get_submodule("patch"), LoweredPatchConv)  # rebuilt from shapes + specs (replay)
     x = toy_calib()[0]
     assert torch.equal(loaded(x), q(x))
 
@@ -118,15 +166,44 @@ def test_nothing_to_lower_is_an_error():
         fxquant.compile(toy_vit(), recipe="w8a8", calib=toy_calib(), progress=False, lower=True, skip=("*",))
 
 
+def test_overlapping_conv_is_kept_with_reason():
+    """A convolution that is not a patch embedding (stride 2 < kernel 4: overlapping windows) stays
+    fake-quantized, with the reason in the pass record; the Linears are lowered all the same."""
+    model = toy_vit()
+    torch.manual_seed(0)
+    model.patch = torch.nn.Conv2d(3, 16, 4, 2)
+    q = fxquant.compile(model, recipe="w8a8", calib=toy_calib(), progress=False, lower=True)
+    rec = fxquant.report(q)["lower_to_kernels"].record
+    assert rec["kept"] == {"patch": "convolution is not a patch embedding (stride (2, 2) != kernel (4, 4))"}
+    assert rec["patch_convs"] == [] and "patch" not in rec["lowered"] and len(rec["lowered"]) == 7
+    assert type(q.patch) is QuantConv2d and not any(isinstance(m, LoweredPatchConv) for m in q.modules())
+
+
 def test_lowered_cifar_vit_matches_fake_quant(cifar_info, cifar_data, cifar_w8a8):
     calib, x, y = cifar_data
     low = fxquant.compile(cifar_info.model, recipe="w8a8", calib=[calib], progress=False, lower=True)
+    # the 4x4 stride-4 patch embedding runs on the integer kernels too
+    assert isinstance(low.get_submodule("patch_embed.proj"), LoweredPatchConv)
+    assert fxquant.report(low)["lower_to_kernels"].record["patch_convs"] == ["patch_embed.proj"]
     with torch.no_grad():
         a, b = cifar_w8a8(x), low(x)
     assert (a.argmax(1) == b.argmax(1)).float().mean().item() >= 0.99
     acc_fq = (a.argmax(1) == y).float().mean().item()
     acc_low = (b.argmax(1) == y).float().mean().item()
     assert abs(acc_fq - acc_low) <= 0.004  # 500 images: at most 2 predictions net (10k-image figure in the note)
+    # every block's attention fused (timm scales q before q·kᵀ: no score op; its no-mask calls folded);
+    # block 0's fused Triton kernel (interpreter) on real activations gives the unfused output
+    fused = [m for m in low.modules() if isinstance(m, LoweredAttention)]
+    assert len(fused) == 6 and all(m.score_op is None for m in fused)
+    seen = {}
+    hook = fused[0].register_forward_hook(lambda m, i, o: seen.update(args=i, out=o))
+    with torch.no_grad():
+        low(x[:2])
+        hook.remove()
+        fused[0].backend = "triton"
+        got = fused[0](*seen["args"])
+        fused[0].backend = "auto"
+    assert torch.allclose(got, seen["out"], rtol=1e-5, atol=1e-5 * seen["out"].abs().max().item())
 
 
 def test_cli_eval_lower_json(tmp_path):
