@@ -316,7 +316,7 @@ class UniformRecipe(Recipe):
     def __post_init__(self):
         super().__post_init__()
         self.weight_spec(), self.act_spec()  # validate early, with the spec's error messages
-        self.base_passes()  # and the annotation options, with the pass's messages
+        AnnotateUniform(attention_matmuls=self.attention_matmuls)  # and the option, with the pass's message
         if self.bit_budget is not None:
             MixedPrecision(bit_budget=self.bit_budget)  # validates the budget
 

@@ -48,7 +48,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .bitlog2 import _code, _level, level_planes
+    from .bitlog2 import _code, _level, av_int32_fits, level_planes
     from .int_linear import _rint
 
     HAS_TRITON = True
@@ -214,8 +214,6 @@ def fused_attention(q: torch.Tensor, q_zp: int, k: torch.Tensor, k_zp: int, v: t
                          "(self-attention: q and k [..., N, d], v [..., N, dv])")
     if a_spec.scheme == "bitlog2":
         kind, (m, half) = KIND_BITLOG2, BITLOG2_VARIANTS[a_spec.bitlog2_variant]
-        from .bitlog2 import av_int32_fits
-
         if not av_int32_fits(n, a_spec.bitlog2_variant, v_zp):
             raise ValueError(f"fused_attention: {n} keys overflow the int32 accumulator of {a_spec.bitlog2_variant}")
         planes, qmin, qmax, offset = level_planes(a_spec.bitlog2_variant), 0, 0, 0

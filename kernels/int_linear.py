@@ -294,13 +294,14 @@ def quantize_act(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = 
 def int_linear(a: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                w_zp: torch.Tensor, bias: torch.Tensor | None = None, *, k: int | None = None, a_packed: bool = False,
                w_packed: bool = False, w_colsum: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
-               blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+               blocks: tuple[int, int, int] | None = None, has_w_zp: bool | None = None) -> torch.Tensor:
     """Triton: ``y = s_a·s_w·Σ(a - z_a)(w - z_w) + bias`` with int8 or packed-int4 operands.
 
     ``a``: ``[M, K]`` int8 or ``[M, K/2]`` uint8 packed; ``w``: ``[N, K]`` int8 or ``[N, K/2]`` packed;
     ``a_scale``/``a_zp``: one value or per row; ``w_scale``/``w_zp``: per output channel.
     ``blocks`` fixes ``(BLOCK_M, BLOCK_N, BLOCK_K)``; by default CUDA autotunes and the interpreter
-    uses (16, 16, 32)."""
+    uses (16, 16, 32). ``has_w_zp``: whether any weight zero point is non-zero, when the caller knows
+    (else read from ``w_zp``, a host sync on CUDA)."""
     if not HAS_TRITON:  # pragma: no cover
         raise RuntimeError("triton is not installed")
     m = a.shape[0]
@@ -325,7 +326,7 @@ def int_linear(a: torch.Tensor, a_scale: torch.Tensor, a_zp: torch.Tensor, w: to
     bias_t = bias.float().contiguous() if bias is not None else c
     args = (a, w, c, a_scale, a_zp, w_scale, w_zp, w_colsum, bias_t, m, n, k, a.stride(0), w.stride(0), c.stride(0))
     flags = dict(A_PACKED=a_packed, W_PACKED=w_packed, A_PER_ROW=per_row, HAS_BIAS=bias is not None,
-                 HAS_W_ZP=bool(w_zp.any()), OUT_FP16=out_dtype == torch.float16)
+                 HAS_W_ZP=bool(w_zp.any()) if has_w_zp is None else has_w_zp, OUT_FP16=out_dtype == torch.float16)
     # enable_fp_fusion=False: the epilogue's multiply-then-add must round like the reference's
     # (a fused multiply-add rounds once and differs from it in the last bit)
     if blocks is None and dev.type == "cuda" and autotune_enabled():

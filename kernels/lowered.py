@@ -107,6 +107,17 @@ class LoweredLinear(nn.Module):
         wt, zp, colsum = cache[1]
         return wt.T, zp, colsum
 
+    def _has_w_zp(self) -> bool:
+        """Whether any weight zero point is non-zero, read once per change of ``w_zp`` (no host sync
+        per forward on CUDA)."""
+        key = None if self.w_zp.is_inference() else (self.w_zp.data_ptr(), self.w_zp._version)
+        cache = getattr(self, "_w_zp_cache", None)
+        if key is None or cache is None or cache[0] != key:
+            cache = (key, bool(self.w_zp.any()))
+            if key is not None:
+                self._w_zp_cache = cache
+        return cache[1]
+
     def _use_triton(self, x: torch.Tensor) -> bool:
         """Whether ``forward`` runs the Triton kernels: on CUDA tensors (tests patch this to run them
         on CPU tensors under ``TRITON_INTERPRET=1``)."""
@@ -119,7 +130,8 @@ class LoweredLinear(nn.Module):
             pack_a = self.act_spec.bits <= 4 and self.w_packed
             a, s_a, z_a = quantize_act(x2, self.act_spec, self.a_scale, self.a_zp, pack=pack_a)
             y = int_linear(a, s_a, z_a, self.w_codes, self.w_scale, self.w_zp, self.bias, k=self.in_features,
-                           a_packed=pack_a, w_packed=self.w_packed, w_colsum=self.w_colsum, out_dtype=x.dtype)
+                           a_packed=pack_a, w_packed=self.w_packed, w_colsum=self.w_colsum, out_dtype=x.dtype,
+                           has_w_zp=self._has_w_zp())
         else:
             a = to_signed_codes(x2.float(), self.a_scale, self.a_zp, self.act_spec)
             a_zp = (self.a_zp - code_offset(self.act_spec)).round().to(torch.int32)
@@ -331,11 +343,29 @@ class LoweredMatmul(nn.Module):
                 setattr(new, f"{side}_zp", fq.zero_point.reshape(()).float().clone())
         return new
 
+    def host_params(self) -> dict[str, float | int]:
+        """The quantizer parameters as Python numbers (scales, zero points, signed zero points ``za``/``zb``,
+        ``b_scale/a_scale`` in fp32 as the epilogue divides them), read from the device once and again
+        only when a buffer changes (keyed by storage and version): no host sync per forward on CUDA."""
+        bufs = (self.a_scale, self.a_zp, self.b_scale, self.b_zp)
+        key = None if any(b.is_inference() for b in bufs) else tuple((b.data_ptr(), b._version) for b in bufs)
+        cache = getattr(self, "_host_cache", None)
+        if key is not None and cache is not None and cache[0] == key:
+            return cache[1]
+        a_scale, a_zp, b_scale, b_zp = (float(b.item()) for b in bufs)
+        vals = {"a_scale": a_scale, "a_zp": a_zp, "b_scale": b_scale, "b_zp": b_zp,
+                "za": int(a_zp) - code_offset(self.a_spec) if self.a_spec.scheme == "uniform" else 0,
+                "zb": int(b_zp) - code_offset(self.b_spec),
+                "b_over_a": float((self.b_scale.detach().cpu() / self.a_scale.detach().cpu()).item())}
+        if key is not None:
+            self._host_cache = (key, vals)
+        return vals
+
     def _signed(self, x: torch.Tensor, side: str) -> tuple[torch.Tensor, int]:
         """int8 codes of one uniform operand and its signed zero point."""
         spec = self.a_spec if side == "a" else self.b_spec
         scale, zp = getattr(self, f"{side}_scale"), getattr(self, f"{side}_zp")
-        return to_signed_codes(x.float(), scale, zp, spec), int(zp.item()) - code_offset(spec)
+        return to_signed_codes(x.float(), scale, zp, spec), self.host_params()["za" if side == "a" else "zb"]
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         vb, zb = self._signed(b, "b")
@@ -344,8 +374,9 @@ class LoweredMatmul(nn.Module):
             va, za = self._signed(a, "a")
             if gpu:
                 lead = torch.broadcast_shapes(va.shape[:-2], vb.shape[:-2])
-                return int_bmm(va.expand(*lead, *va.shape[-2:]), self.a_scale, za, vb.expand(*lead, *vb.shape[-2:]),
-                               self.b_scale, zb, out_dtype=a.dtype)
+                hp = self.host_params()
+                return int_bmm(va.expand(*lead, *va.shape[-2:]), hp["a_scale"], za, vb.expand(*lead, *vb.shape[-2:]),
+                               hp["b_scale"], zb, out_dtype=a.dtype)
             return int_bmm_cpu(va, self.a_scale, za, vb, self.b_scale, zb,
                                bits=(self.a_spec.bits, self.b_spec.bits)).to(a.dtype)
         v = vb.to(torch.int32) - zb
@@ -361,7 +392,7 @@ class LoweredMatmul(nn.Module):
             acc = bitlog2_av(codes.to(torch.int8), vb, variant, v_zp=zb, packed=False)
         else:
             acc = bitlog2_av_int(codes, v, variant)
-        return (acc.to(torch.float32) * (self.b_scale / self.a_scale)).to(a.dtype)
+        return (acc.to(torch.float32) * self.host_params()["b_over_a"]).to(a.dtype)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, a={self.a_spec.short()}, b={self.b_spec.short()}"
@@ -418,14 +449,14 @@ class LoweredAttention(nn.Module):
         qc, zq = self.qk._signed(q, "a")
         kc, zk = self.qk._signed(kt, "b")
         vc, zv = self.av._signed(v, "b")
-        av = self.av
-        if av.kind == "bitlog2":  # A·v = (s_v/δ)·Σ D·(v - z_v), as LoweredMatmul's epilogue
-            out_scale = float(av.b_scale / av.a_scale)
+        qk, av = self.qk.host_params(), self.av.host_params()  # Python numbers: no host sync per call
+        if self.av.kind == "bitlog2":  # A·v = (s_v/δ)·Σ D·(v - z_v), as LoweredMatmul's epilogue
+            out_scale = av["b_over_a"]
         else:
-            out_scale = float(av.a_scale) * float(av.b_scale)
+            out_scale = av["a_scale"] * av["b_scale"]
         c = None if self.score_op is None else float(scale)
-        return fused_attention(qc, zq, kc.transpose(-1, -2), zk, vc, zv, float(self.qk.a_scale) * float(self.qk.b_scale),
-                               av.a_spec, float(av.a_scale), float(av.a_zp), out_scale,
+        return fused_attention(qc, zq, kc.transpose(-1, -2), zk, vc, zv, qk["a_scale"] * qk["b_scale"],
+                               self.av.a_spec, av["a_scale"], av["a_zp"], out_scale,
                                score_mul=c if self.score_op == "mul" else None, score_div=c if self.score_op == "div" else None,
                                out_dtype=torch.float16 if q.dtype == torch.float16 else torch.float32).to(q.dtype)
 

@@ -43,6 +43,7 @@ import operator
 from dataclasses import dataclass
 
 import torch
+from timm.layers import attention as timm_attention
 from torch import fx, nn
 
 from fxquant import match
@@ -293,11 +294,8 @@ def _score_scaling(node: fx.Node) -> tuple[fx.Node, str, object] | None:
 
 
 def _timm_mask_functions() -> tuple[object, object] | None:
-    try:
-        from timm.layers import attention
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return None
-    fns = (getattr(attention, "maybe_add_mask", None), getattr(attention, "resolve_self_attn_mask", None))
+    """timm's traced mask helpers (timm >= 1.0.20), or None with older timm."""
+    fns = (getattr(timm_attention, "maybe_add_mask", None), getattr(timm_attention, "resolve_self_attn_mask", None))
     return fns if all(fns) else None
 
 

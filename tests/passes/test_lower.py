@@ -282,3 +282,21 @@ def test_grouped_inputs_lower_to_grouped_linear(mode, tmp_path):
     assert isinstance(loaded.get_submodule("1"), LoweredGroupedLinear)
     with torch.no_grad():
         assert torch.equal(loaded(x), y_low)
+
+
+def test_lowered_modules_read_their_scalars_once():
+    """The lowered modules turn their scalar buffers into Python numbers once (a host sync on CUDA)
+    and again only when a buffer changes (load_state_dict, in-place edits)."""
+    low = fxquant.compile(toy_vit(), recipe="w8a8", calib=toy_calib(), progress=False,
+                          lower=LowerToKernels(fuse_attention=False))
+    mm = next(m for m in low.modules() if isinstance(m, LoweredMatmul))
+    first = mm.host_params()
+    assert mm.host_params() is first and first["b_scale"] == mm.b_scale.item()
+    with torch.no_grad():
+        mm.b_scale.mul_(2)
+    assert mm.host_params() is not first and mm.host_params()["b_scale"] == mm.b_scale.item()
+    lin = low.get_submodule("block.fc1")
+    assert lin._has_w_zp() is False  # symmetric weights: the kernel skips A's row sums
+    with torch.no_grad():
+        lin.w_zp[0] = 1
+    assert lin._has_w_zp() is True
