@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
+
+from _device import cuda_or_interpreter
 
 
 def main(argv=None) -> int:
@@ -35,14 +36,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    if args.device == "cpu":  # before triton.jit runs
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if not cuda_or_interpreter(args.device, "bench_bitlog2"):
+        return 0
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_bitlog2: no CUDA GPU found; nothing to time (kernel correctness is tested on CPU with TRITON_INTERPRET=1; "
-              "`--device cpu` smoke-tests this script).")
-        return 0
     from fxquant.kernels.bitlog2 import bitlog2_av, softmax_bitlog2_codes
     from fxquant.quant import QuantSpec, fake_quantize
 

@@ -39,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+from _device import cuda_or_interpreter
+
 TOKENS = 197
 SHAPES = {  # (N, K) of the Linear layers, nn.Linear(K, N)
     "vit_b": [(2304, 768), (768, 768), (3072, 768), (768, 3072)],
@@ -218,14 +220,9 @@ def bench_attention(torch, timer: Timer, dev: str, batches: list[int], tokens: i
 
 def main(argv=None) -> int:
     args = _parse_args(argv)
-    if args.device == "cpu":  # must be set before triton.jit runs (first import of the kernels)
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_kernels: no CUDA GPU found; nothing to time (kernel correctness is tested on CPU with "
-              "TRITON_INTERPRET=1; `--device cpu` smoke-tests this script).")
+    if not cuda_or_interpreter(args.device, "bench_kernels"):
         return 0
+    import torch
     dev = args.device
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))

@@ -655,27 +655,52 @@ def _log_mantissas(spec: QuantSpec) -> tuple[float, ...] | None:
     return tuple(float(v) for v in mants)
 
 
-_TINY = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23  # the smallest positive float32
+_SMALLEST_NORMAL = float(torch.finfo(torch.float32).smallest_normal)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_mantissa_fields(spec: QuantSpec) -> tuple[int, ...] | None:
+    """The 23-bit fraction fields of ``_log_mantissas`` (each in ``[0.5, 1)``): for a normal float32
+    ``r = (0.5 + f·2^-24)·2^(E-126)`` (``E`` its biased exponent, ``f`` its fraction field), ``m_r ≤ m_k``
+    exactly when ``f ≤ f_k``."""
+    mants = _log_mantissas(spec)
+    if mants is None:
+        return None
+    return tuple(int(torch.tensor([m], dtype=torch.float32).view(torch.int32).item()) & 0x7FFFFF for m in mants)
+
+
+def _log_count_int32(ratio: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
+    """``log_count`` as int32, from the float32 bits of ``r`` (no ``frexp``): with the biased exponent
+    ``E`` and fraction field ``f``, ``count = clamp(-p·(E - 126) + #{k : f ≤ f_k}, 0, n)``. ``r`` is
+    first clamped to ``[smallest normal, 2]`` (every midpoint is a normal float32 below 2, so the
+    count is unchanged: subnormals count ``n`` like 0 does, values above 1 count 0). None when the
+    midpoints do not have the mantissa/exponent form."""
+    fields = _log_mantissa_fields(spec)
+    if fields is None:
+        return None
+    padded, _ = _log_tables(spec)
+    n, p = padded.numel() - 2, len(fields)
+    r = ratio.float().nan_to_num(nan=2.0, posinf=2.0, neginf=0.0).clamp_(_SMALLEST_NORMAL, 2.0)
+    bits = r.view(torch.int32)
+    count = torch.bitwise_right_shift(bits, 23).mul_(-p).add_(126 * p)
+    bits.bitwise_and_(0x7FFFFF)
+    for f in fields:
+        count += bits <= f
+    return count.clamp_(0, n)
 
 
 def log_count(ratio: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """``#{j : r ≤ T_j}`` (int64), equal to ``log_codes``' ``bucketize`` count (tested on every
     float32 near each midpoint), without a binary search: the midpoints are ``m_k·2^(-i)``
-    (``_log_mantissas``), so with ``r = m_r·2^(e_r)`` (``frexp``) the count is
-    ``clamp(-p·e_r + #{k : m_r ≤ m_k}, 0, n)``. ``r ≤ 0`` counts ``n`` and NaN counts 0, as with
-    ``bucketize`` (NaN and ±inf are mapped to values with those counts first, since ``frexp``'s
-    exponent of a non-finite value is unspecified). Tables without that form fall back to a
-    ``log2`` estimate corrected by two exact compares."""
+    (``_log_mantissas``), so with ``r = m_r·2^(e_r)`` the count is ``clamp(-p·e_r + #{k : m_r ≤ m_k},
+    0, n)``, read off the float32 bits of ``r`` (``_log_count_int32``). ``r ≤ 0`` counts ``n`` and NaN
+    counts 0, as with ``bucketize`` (NaN and ±inf are mapped to values with those counts first).
+    Tables without that form fall back to a ``log2`` estimate corrected by two exact compares."""
+    count = _log_count_int32(ratio, spec)
+    if count is not None:
+        return count.long()
     padded, _ = _log_tables(spec)
     n = padded.numel() - 2
-    mants = _log_mantissas(spec)
-    if mants is not None:
-        r = ratio.float().nan_to_num(nan=2.0, posinf=2.0, neginf=0.0).clamp_(_TINY, 2.0)
-        m, e = torch.frexp(r)
-        count = e.mul_(-len(mants))
-        for mk in mants:
-            count += m <= mk
-        return count.clamp_(0, n).long()
     padded = _on(padded, ratio.device)
     r = ratio.float().clamp(min=0)  # every midpoint is ≥ a negative r, as it is ≥ 0
     est = (0.5 - torch.log2(r) / log_step(spec)).floor_().nan_to_num_(nan=0, posinf=n, neginf=0).clamp_(0, n)
@@ -700,7 +725,7 @@ def round_clamp_centered_(y: torch.Tensor, z: torch.Tensor, spec: QuantSpec) -> 
     way. Shared by ``fake_quantize_inference`` (then ``·s``) and ``codes.to_signed_codes`` (then
     ``+ z - offset``)."""
     y.round_()
-    if z.dim() == 0 and z.device.type == "cpu":  # scalar bounds: a cheaper clamp, no device sync on CPU
+    if z.numel() == 1 and z.device.type == "cpu":  # scalar bounds: a cheaper clamp, no device sync on CPU
         zf = float(z)
         return y.clamp_(spec.qmin - zf, spec.qmax - zf)
     return y.clamp_(min=(spec.qmin - z).to(y.dtype), max=(spec.qmax - z).to(y.dtype))
@@ -716,8 +741,8 @@ def fake_quantize_inference(x: torch.Tensor, scale: torch.Tensor, zero_point: to
 
     * uniform, integer zero point: ``round_clamp_centered_(x/s, z)·s``, in place after the division;
     * log2 / log√2: the level is a function of the count ``#{j : r ≤ T_j}`` alone: ``log_count``
-      (read off ``frexp`` of ``r``, instead of ``bucketize``'s binary search), then one gather from
-      a per-spec table;
+      (read off the float32 bits of ``r``, instead of ``bucketize``'s binary search), then one
+      int32-indexed gather from a per-spec table;
     * BitLog2: the level is a function of the integer input ``n`` alone: one gather from the ``M``
       levels (at most 65,536 floats), then ``/ δ``.
     Other forms (float zero point) take the reference composition."""
@@ -728,7 +753,11 @@ def fake_quantize_inference(x: torch.Tensor, scale: torch.Tensor, zero_point: to
         return torch.take(table, bitlog2_input(x, spec.bitlog2_variant).long()).to(x.dtype) / expand_params(scale, x.shape)
     s = expand_params(scale, x.shape)
     if spec.is_log:
-        return s * torch.take(_on(_log_tables(spec)[1], x.device), log_count(x / s, spec))
+        table = _on(_log_tables(spec)[1], x.device)
+        count = _log_count_int32(x / s, spec)
+        if count is None:
+            return s * torch.take(table, log_count(x / s, spec))
+        return table.index_select(0, count.reshape(-1)).reshape(x.shape).mul_(s)  # int32 index: no int64 copy
     if spec.zero_point_domain == "float":
         return dequantize(quantize(x, scale, zero_point, spec), scale, zero_point, spec)
     return round_clamp_centered_(x / s, expand_params(zero_point, x.shape), spec).mul_(s)
