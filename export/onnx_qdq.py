@@ -415,13 +415,66 @@ def _set_module(gm: nn.Module, path: str, mod: nn.Module) -> None:
     setattr(gm.get_submodule(parent) if parent else gm, leaf, mod)
 
 
-def prepare_for_export(qmodel: fx.GraphModule, *, act_dtype: str = "int8") -> fx.GraphModule:
+TARGETS = ("onnxruntime", "openvino")
+
+# single-tensor data movement: a per-tensor quantizer commutes with these exactly (it is elementwise
+# with one scale and zero point), so its Q/DQ pair may sit before or after them
+_MOVES_METHODS = {"reshape", "view", "transpose", "permute", "flatten", "contiguous"}
+_MOVES_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.flatten}
+
+
+def _moves_data_only(node: object) -> bool:
+    return isinstance(node, fx.Node) and (
+        (node.op == "call_method" and node.target in _MOVES_METHODS)
+        or (node.op == "call_function" and node.target in _MOVES_FUNCTIONS)) and isinstance(node.args[0], fx.Node)
+
+
+def hoist_act_quant_above_moves(gm: fx.GraphModule) -> int:
+    """Move every per-tensor activation quantizer (``ExportActQuant``) above the chain of reshape /
+    transpose / permute / flatten ops that feeds it (each used once): the same function exactly.
+    OpenVINO's CPU plugin then fuses the FakeQuantize into the op that produced the tensor (e.g. the
+    attention output before its head-merging transpose/reshape, as in NNCF's graphs) instead of
+    running it standalone; onnxruntime instead wants the DQ right before its MatMul. Returns how
+    many quantizers moved."""
+    modules = dict(gm.named_modules())
+    moved = 0
+    for node in list(gm.graph.nodes):
+        mod = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(mod, ExportActQuant) or mod.spec.scheme != "uniform" or mod.axis is not None \
+                or len(node.args) != 1 or node.kwargs:
+            continue
+        chain = []
+        cur = node.args[0]
+        while _moves_data_only(cur) and len(cur.users) == 1:
+            chain.append(cur)
+            cur = cur.args[0]
+        if not chain:
+            continue
+        top = chain[-1]
+        with gm.graph.inserting_before(top):
+            new = gm.graph.call_module(node.target, (cur,))
+        top.args = (new,) + tuple(top.args[1:])
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        moved += 1
+    if moved:
+        gm.graph.lint()
+        gm.recompile()
+    return moved
+
+
+def prepare_for_export(qmodel: fx.GraphModule, *, act_dtype: str = "int8", target: str = "onnxruntime") -> fx.GraphModule:
     """A copy of ``qmodel`` whose fxquant runtime modules are export-ready modules (same function).
 
     Every fxquant module kind goes through its handler in ``EXPORT_HANDLERS``; a kind without one
-    is an error naming the module, so a new runtime module cannot be exported silently wrong."""
+    is an error naming the module, so a new runtime module cannot be exported silently wrong.
+    ``target="openvino"`` also moves per-tensor activation quantizers above the reshapes and
+    transposes that feed them (``hoist_act_quant_above_moves``: the same function, a Q/DQ placement
+    OpenVINO fuses); ``"onnxruntime"`` keeps each Q/DQ pair right before its consumer."""
     if act_dtype not in ("int8", "uint8"):
         raise ConfigError(f"act_dtype must be 'int8' or 'uint8', got {act_dtype!r}")
+    if target not in TARGETS:
+        raise ConfigError(f"export target must be one of {list(TARGETS)}, got {target!r}")
     gm = copy.deepcopy(qmodel)
     replaced: list[str] = []
     for name, mod in list(gm.named_modules()):
@@ -438,6 +491,8 @@ def prepare_for_export(qmodel: fx.GraphModule, *, act_dtype: str = "int8") -> fx
             _set_module(gm, name, new)
             replaced.append(name)
     gm.recompile()
+    if target == "openvino":
+        hoist_act_quant_above_moves(gm)
     return gm
 
 
@@ -450,15 +505,17 @@ class ExportResult:
 
 
 def to_onnx(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor] | torch.Tensor, path: str | Path, *,
-            act_dtype: str = "int8", opset: int = DEFAULT_OPSET, dynamic_batch: bool = True) -> ExportResult:
-    """Export a quantized GraphModule (any fxquant recipe, or ``fp32``) to ONNX QDQ at ``path``."""
+            act_dtype: str = "int8", opset: int = DEFAULT_OPSET, dynamic_batch: bool = True,
+            target: str = "onnxruntime") -> ExportResult:
+    """Export a quantized GraphModule (any fxquant recipe, or ``fp32``) to ONNX QDQ at ``path``, with
+    the Q/DQ placement of ``target`` (``prepare_for_export``)."""
     import onnx  # heavy, and needed only when exporting
 
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if opset < 17:
         raise ConfigError(f"ONNX export needs opset >= 17, got {opset}")
-    gm = prepare_for_export(qmodel, act_dtype=act_dtype).eval()
+    gm = prepare_for_export(qmodel, act_dtype=act_dtype, target=target).eval()
 
     class _Logits(nn.Module):  # a plain tensor output whatever the model returns (HF ModelOutput)
         def __init__(self, inner):

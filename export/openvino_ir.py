@@ -71,7 +71,7 @@ def to_openvino(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor] |
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fxquant-ov-") as tmp:
         onnx_path = path.with_suffix(".onnx") if keep_onnx else Path(tmp) / "model.onnx"
-        to_onnx(qmodel, example_inputs, onnx_path, act_dtype=act_dtype, opset=opset)
+        to_onnx(qmodel, example_inputs, onnx_path, act_dtype=act_dtype, opset=opset, target="openvino")
         # Core.read_model, not convert_model: on the same QDQ file (openvino 2026.4, CIFAR ViT w8a8)
         # the graph convert_model builds leaves 12 of the 25 Linears in float on the CPU plugin,
         # the one read_model builds runs all 25 in int8 (measured with runtime_precisions)

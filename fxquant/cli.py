@@ -130,7 +130,7 @@ def cmd_export(args) -> int:
                 print(f"  OpenVINO CPU plugin: {i8}/{total} {kind} layers run in int8")
         print(f"OpenVINO vs fxquant fake-quant on {len(x)} test images: max |Δlogit| = {diff:.4g}")
         return 0
-    res = to_onnx(qmodel, info.example_inputs(), args.out, act_dtype=args.act_dtype, opset=args.opset)
+    res = to_onnx(qmodel, info.example_inputs(), args.out, act_dtype=args.act_dtype, opset=args.opset, target=args.target)
     diff = (run_onnx(res.path, (x,)) - ref).abs().max().item()
     print(f"exported {label} '{args.model}' to {res.path} (opset {res.opset}, "
           f"{sum(res.nodes.values())} nodes: {res.nodes.get('QuantizeLinear', 0)} QuantizeLinear, "
@@ -472,8 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(x, True)
     x.add_argument("--out", required=True, help="path of the .onnx file (or the .xml of OpenVINO IR)")
     x.add_argument("--format", default="onnx", choices=("onnx", "openvino"),
-                   help="onnx: QDQ for onnxruntime; openvino: IR (.xml/.bin) through the same QDQ graph "
-                        "(needs pip install -e \".[openvino]\")")
+                   help="onnx: QDQ for onnxruntime; openvino: IR (.xml/.bin) through the same QDQ graph with "
+                        "OpenVINO's Q/DQ placement (needs pip install -e \".[openvino]\")")
+    x.add_argument("--target", default="onnxruntime", choices=("onnxruntime", "openvino"),
+                   help="Q/DQ placement of an ONNX file: onnxruntime (each pair right before its consumer) or "
+                        "openvino (per-tensor pairs moved above the reshapes/transposes feeding them; same function)")
     x.add_argument("--act-dtype", default="int8", choices=("int8", "uint8"), help="activation Q/DQ type")
     x.add_argument("--opset", type=int, default=18)
     x.set_defaults(fn=cmd_export)

@@ -9,7 +9,8 @@ Variants, all from the same captured FP32 graph and the same 32 calibration imag
     model read by OpenVINO (default preset), run by OpenVINO;
   * ``fxquant-<recipe>-ort`` / ``-ov``: each ``--recipes`` entry (default ``w8a8`` and ``w8a8-sym``, the
     same recipe with symmetric activations) exported as QDQ (``to_onnx``) and run by
-    onnxruntime, and the same file read by OpenVINO.
+    onnxruntime, and exported for OpenVINO (``target="openvino"``: the same function with the
+    per-tensor Q/DQ pairs above the reshapes feeding them) and read by OpenVINO.
 OpenVINO rows also record how many FullyConnected / Convolution layers and fused attention
 subgraphs its CPU plugin runs in int8 (``runtime_precisions``). OpenVINO runs with its default
 inference precision (bf16 on CPUs with AVX512-BF16/AMX, else f32), which the JSON records.
@@ -187,9 +188,10 @@ def bench_model(spec: str, threads: int, tmp: Path, with_top1: bool, recipes: li
     for name in recipes:
         q = fxquant.compile(info.model, recipe=recipe_from_arg(name), calib=list(torch.split(calib, 32)),
                             example_inputs=ex, progress=False)
-        path = to_onnx(q, ex, tmp / f"{tag}_{name.replace(':', '_').replace(';', '_')}.onnx").path
-        variants[f"fxquant-{name}-ort"] = ("ort", path)
-        variants[f"fxquant-{name}-ov"] = ("ov", path)
+        stem = f"{tag}_{name.replace(':', '_').replace(';', '_')}"
+        variants[f"fxquant-{name}-ort"] = ("ort", to_onnx(q, ex, tmp / f"{stem}.onnx").path)
+        # OpenVINO reads the file exported for it (Q/DQ above reshapes: prepare_for_export's target)
+        variants[f"fxquant-{name}-ov"] = ("ov", to_onnx(q, ex, tmp / f"{stem}_ov.onnx", target="openvino").path)
     if keep:
         variants = {k: v for k, v in variants.items() if any(fnmatch.fnmatch(k, pat) for pat in keep)}
     # top-1 and the int8 layer record first; then latency in interleaved rounds (every variant once

@@ -54,3 +54,34 @@ def test_export_command_writes_openvino_ir(tmp_path, capsys):
     text = capsys.readouterr().out
     assert out.exists() and out.with_suffix(".bin").exists()
     assert "FullyConnected layers run in int8" in text and "max |Δlogit|" in text
+
+
+def test_openvino_target_moves_quantizers_above_reshapes_exactly(tmp_path):
+    """``target="openvino"``: each per-tensor activation Q/DQ fed by reshapes/transposes moves above
+    them (the attention output's head merge before ``proj``); the same function (onnxruntime gives
+    the same logits for both placements), and OpenVINO still runs every Linear in int8."""
+    from fxquant.export import prepare_for_export, run_onnx, to_onnx
+    from fxquant.export.onnx_qdq import ExportActQuant, _moves_data_only
+
+    calib = toy_calib()
+    q = fxquant.compile(toy_vit(), recipe="w8a8-sym", calib=calib, example_inputs=(calib[0],), progress=False,
+                        attention_matmuls=("qk",))
+
+    def quantizer_inputs(gm):
+        mods = dict(gm.named_modules())
+        return [n.args[0] for n in gm.graph.nodes if n.op == "call_module" and isinstance(mods[n.target], ExportActQuant)]
+
+    ort_form, ov_form = quantizer_inputs(prepare_for_export(q)), quantizer_inputs(prepare_for_export(q, target="openvino"))
+    assert len(ort_form) == len(ov_form) == 8
+    # onnxruntime: q's and kᵀ's quantizers read transposes, proj's the head-merging reshape; OpenVINO: none
+    assert sum(map(_moves_data_only, ort_form)) == 3 and sum(map(_moves_data_only, ov_form)) == 0
+    assert any(n.target is torch.matmul or n.target == "matmul" or "matmul" in n.name for n in ov_form)  # A·v's output
+    x = torch.cat(calib)
+    a = run_onnx(to_onnx(q, (calib[0],), tmp_path / "ort.onnx").path, (x,))
+    b = run_onnx(to_onnx(q, (calib[0],), tmp_path / "ov.onnx", target="openvino").path, (x,))
+    assert torch.allclose(a, b, rtol=0, atol=1e-5 * a.abs().max().item())  # fp32 ulps: integer vs float MatMul in ORT
+    res = to_openvino(q, (calib[0],), tmp_path / "toy.xml")
+    i8, total = res.int8_count("FullyConnected")
+    assert i8 == total == 7
+    with pytest.raises(ConfigError, match=r"export target must be one of \['onnxruntime', 'openvino'\], got 'tensorrt'"):
+        prepare_for_export(q, target="tensorrt")
