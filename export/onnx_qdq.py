@@ -77,6 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fxquant import match
 from fxquant.errors import ConfigError
 from fxquant.graph import logits_of
 from fxquant.kernels.lowered import LoweredAttention, LoweredGroupedLinear, LoweredLinear, LoweredMatmul, LoweredPatchConv
@@ -423,15 +424,21 @@ _MOVES_METHODS = {"reshape", "view", "transpose", "permute", "flatten", "contigu
 _MOVES_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.flatten}
 
 
-def _moves_data_only(node: object) -> bool:
-    return isinstance(node, fx.Node) and (
-        (node.op == "call_method" and node.target in _MOVES_METHODS)
-        or (node.op == "call_function" and node.target in _MOVES_FUNCTIONS)) and isinstance(node.args[0], fx.Node)
+def _moves_data_only(node: object, modules: dict | None = None) -> bool:
+    """Reshape/transpose-like ops, and identity-like ones (``match`` kind "passthrough": Identity,
+    dropout in eval), on one tensor input."""
+    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_method" and node.target in _MOVES_METHODS:
+        return True
+    if node.op == "call_function" and node.target in _MOVES_FUNCTIONS:
+        return True
+    return modules is not None and match.op_kind(node, modules) == "passthrough" and match.tensor_input(node) is node.args[0]
 
 
 def hoist_act_quant_above_moves(gm: fx.GraphModule) -> int:
     """Move every per-tensor activation quantizer (``ExportActQuant``) above the chain of reshape /
-    transpose / permute / flatten ops that feeds it (each used once): the same function exactly.
+    transpose / permute / flatten / identity ops that feeds it (each used once): the same function exactly.
     OpenVINO's CPU plugin then fuses the FakeQuantize into the op that produced the tensor (e.g. the
     attention output before its head-merging transpose/reshape, as in NNCF's graphs) instead of
     running it standalone; onnxruntime instead wants the DQ right before its MatMul. Returns how
@@ -445,7 +452,7 @@ def hoist_act_quant_above_moves(gm: fx.GraphModule) -> int:
             continue
         chain = []
         cur = node.args[0]
-        while _moves_data_only(cur) and len(cur.users) == 1:
+        while _moves_data_only(cur, modules) and len(cur.users) == 1:
             chain.append(cur)
             cur = cur.args[0]
         if not chain:

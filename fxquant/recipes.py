@@ -511,6 +511,9 @@ register_recipe("w8a8", UniformRecipe, "uniform W8A8: symmetric per-channel weig
 register_recipe("w8a8-sym", UniformRecipe, "uniform W8A8 with symmetric activations too: the Q/DQ pattern OpenVINO's CPU "
                 "plugin runs wholly in int8, attention matmuls included (tools/bench_cpu.py)",
                 w_bits=8, a_bits=8, w_symmetric=True, a_symmetric=True)
+register_recipe("w8a8-ov", UniformRecipe, "uniform W8A8 for OpenVINO's CPU plugin: symmetric activations, q·kᵀ quantized and "
+                "softmax·v left in float (NNCF's transformer scheme); export with --format openvino (tools/bench_cpu.py)",
+                w_bits=8, a_bits=8, w_symmetric=True, a_symmetric=True, attention_matmuls=("qk",))
 register_recipe("w6a6", UniformRecipe, "uniform W6A6: asymmetric per-channel weights and per-tensor activations (PctMSE)",
                 w_bits=6, a_bits=6)
 register_recipe("w4a4", UniformRecipe, "uniform W4A4: asymmetric per-channel weights and per-tensor activations (PctMSE)",

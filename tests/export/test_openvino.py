@@ -85,3 +85,24 @@ def test_openvino_target_moves_quantizers_above_reshapes_exactly(tmp_path):
     assert i8 == total == 7
     with pytest.raises(ConfigError, match=r"export target must be one of \['onnxruntime', 'openvino'\], got 'tensorrt'"):
         prepare_for_export(q, target="tensorrt")
+
+
+def test_cifar_vit_w8a8_ov_runs_like_nncf_in_openvino(cifar_compiled, cifar_data, tmp_path):
+    """The real model, recipe ``w8a8-ov`` exported for OpenVINO: every Linear, the patch conv and the
+    six fused attention subgraphs in int8, and no FakeQuantize left standalone beyond NNCF's 14 (image
+    input, q and k of each block, the head input): the projection inputs' Q/DQ, moved above the
+    head merge, fused into the attention output. Logits within the QDQ tolerance."""
+    import collections
+
+    q = cifar_compiled("w8a8-ov")
+    _, x, _ = cifar_data
+    res = to_openvino(q, (x[:2],), tmp_path / "m.xml")
+    assert res.int8_count("FullyConnected") == (25, 25) and res.int8_count("Convolution") == (1, 1)
+    assert res.int8_count("Subgraph") == (6, 6)
+    compiled = ov.Core().compile_model(str(res.xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    kinds = collections.Counter(op.get_rt_info()["layerType"].astype(str) for op in compiled.get_runtime_model().get_ops())
+    assert kinds["FakeQuantize"] == 14
+    got = torch.from_numpy(compiled([x[:64].numpy()])[compiled.output(0)].copy())
+    with torch.no_grad():
+        ref = q(x[:64])
+    assert (got - ref).abs().max().item() <= 0.15
