@@ -22,6 +22,7 @@ way to check what actually runs in integer arithmetic.
 from __future__ import annotations
 
 import tempfile
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch
 from torch import fx
 
 from fxquant.errors import ConfigError
+from fxquant.quant import FakeQuantize
 
 from .onnx_qdq import DEFAULT_OPSET, to_onnx
 
@@ -66,6 +68,18 @@ def to_openvino(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor] |
     ``.bin`` beside it) through the ONNX QDQ export, and record the CPU plugin's layer precisions."""
     ov = _openvino()
     path = Path(path)
+    mods = dict(qmodel.named_modules())
+    acts = [mods[n.target] for n in qmodel.graph.nodes if n.op == "call_module" and isinstance(mods.get(n.target), FakeQuantize)]
+    grouped = [m.label for m in acts if m.spec.scheme == "uniform" and m.scale.numel() > 1]
+    if grouped:
+        # measured (openvino 2026.4, CIFAR ViT igq-w4a4 with contiguous groups, 2,000 images): mean |Δlogit|
+        # 0.46 and top-1 60.75 vs 66.95 against the fake-quant model, where onnxruntime gives 0.002 on the
+        # same QDQ file; the per-tensor quantizers of the other recipes agree
+        warnings.warn(f"OpenVINO export: {len(grouped)} activation quantizers with per-channel/per-group scales "
+                      f"(e.g. '{grouped[0]}'): OpenVINO's CPU plugin computes these Q/DQ pairs differently from "
+                      "onnxruntime and fxquant (large logit differences measured on IGQ's contiguous groups); "
+                      "validate with tools/validate_onnx.py --runtime openvino, or deploy with onnxruntime",
+                      stacklevel=2)
     if path.suffix != ".xml":
         raise ConfigError(f"OpenVINO IR is written as <name>.xml (+ <name>.bin); got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -106,3 +106,13 @@ def test_cifar_vit_w8a8_ov_runs_like_nncf_in_openvino(cifar_compiled, cifar_data
     with torch.no_grad():
         ref = q(x[:64])
     assert (got - ref).abs().max().item() <= 0.15
+
+
+def test_openvino_export_warns_about_grouped_activation_quantizers(tmp_path):
+    """Per-channel/per-group activation Q/DQ (IGQ's contiguous groups) runs differently in OpenVINO's CPU
+    plugin (measured: mean |Δlogit| 0.46 vs onnxruntime's 0.002 on the CIFAR ViT): the export says so."""
+    calib = toy_calib()
+    q = fxquant.compile(toy_vit(), recipe="igq-w4a4", calib=calib, example_inputs=(calib[0],), progress=False,
+                        group_mode="contiguous")
+    with pytest.warns(UserWarning, match="activation quantizers with per-channel/per-group scales"):
+        to_openvino(q, (calib[0],), tmp_path / "igq.xml")
