@@ -76,7 +76,7 @@ def main() -> None:
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="fxq_onnx_"))
     info = load_model("cifar-vit")
-    for recipe in args.recipes.split(","):
+    for recipe in [r for r in args.recipes.split(",") if r]:  # --recipes "" : the timm models only
         opts = EXPORT_OPTIONS.get(recipe, {})
         r = fxquant.get_recipe(recipe, **opts)
         data = load_data(info, "cifar10", calib_images=r.calib_images, limit=args.limit, batch_size=500)
