@@ -21,6 +21,7 @@ from fxquant.quant import (
     QuantConv2d,
     QuantLinear,
     QuantSpec,
+    cached_by_version,
     code_offset,
     instance_groups,
     pack_int4,
@@ -91,32 +92,20 @@ class LoweredLinear(nn.Module):
         Below 8 bits the weight zero point is folded into the codes, ``w - z_w`` (within ±(2^b - 1),
         so int8 holds it): ``Σ(a - z_a)(w - z_w)`` is then the same integer with ``z_w = 0``, and the
         epilogue skips its ``[M, N]`` rank-one term."""
-        if self.w_codes.is_inference() or self.w_zp.is_inference():  # no version counter: no cache
-            key = None
-        else:
-            key = (self.w_codes.data_ptr(), self.w_codes._version, self.w_zp.data_ptr(), self.w_zp._version)
-        cache = getattr(self, "_cpu_weight_cache", None)
-        if key is None or cache is None or cache[0] != key:
+        def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             codes, zp = self.weight_codes(), self.w_zp
             if self.weight_spec.bits < 8 and bool(zp.any()):
                 codes = (codes.to(torch.int32) - zp.to(torch.int32)[:, None]).to(torch.int8)
                 zp = torch.zeros_like(zp)
-            colsum = codes.to(torch.int32).sum(1)
-            cache = (key, (codes.T.contiguous(), zp, colsum))
-            self._cpu_weight_cache = cache
-        wt, zp, colsum = cache[1]
+            return codes.T.contiguous(), zp, codes.to(torch.int32).sum(1)
+
+        wt, zp, colsum = cached_by_version(self, "_cpu_weight_cache", (self.w_codes, self.w_zp), build)
         return wt.T, zp, colsum
 
     def _has_w_zp(self) -> bool:
         """Whether any weight zero point is non-zero, read once per change of ``w_zp`` (no host sync
         per forward on CUDA)."""
-        key = None if self.w_zp.is_inference() else (self.w_zp.data_ptr(), self.w_zp._version)
-        cache = getattr(self, "_w_zp_cache", None)
-        if key is None or cache is None or cache[0] != key:
-            cache = (key, bool(self.w_zp.any()))
-            if key is not None:
-                self._w_zp_cache = cache
-        return cache[1]
+        return cached_by_version(self, "_w_zp_cache", (self.w_zp,), lambda: bool(self.w_zp.any()))
 
     def _use_triton(self, x: torch.Tensor) -> bool:
         """Whether ``forward`` runs the Triton kernels: on CUDA tensors (tests patch this to run them
@@ -348,18 +337,15 @@ class LoweredMatmul(nn.Module):
         ``b_scale/a_scale`` in fp32 as the epilogue divides them), read from the device once and again
         only when a buffer changes (keyed by storage and version): no host sync per forward on CUDA."""
         bufs = (self.a_scale, self.a_zp, self.b_scale, self.b_zp)
-        key = None if any(b.is_inference() for b in bufs) else tuple((b.data_ptr(), b._version) for b in bufs)
-        cache = getattr(self, "_host_cache", None)
-        if key is not None and cache is not None and cache[0] == key:
-            return cache[1]
-        a_scale, a_zp, b_scale, b_zp = (float(b.item()) for b in bufs)
-        vals = {"a_scale": a_scale, "a_zp": a_zp, "b_scale": b_scale, "b_zp": b_zp,
-                "za": int(a_zp) - code_offset(self.a_spec) if self.a_spec.scheme == "uniform" else 0,
-                "zb": int(b_zp) - code_offset(self.b_spec),
-                "b_over_a": float((self.b_scale.detach().cpu() / self.a_scale.detach().cpu()).item())}
-        if key is not None:
-            self._host_cache = (key, vals)
-        return vals
+
+        def read() -> dict[str, float | int]:
+            a_scale, a_zp, b_scale, b_zp = (float(b.item()) for b in bufs)
+            return {"a_scale": a_scale, "a_zp": a_zp, "b_scale": b_scale, "b_zp": b_zp,
+                    "za": int(a_zp) - code_offset(self.a_spec) if self.a_spec.scheme == "uniform" else 0,
+                    "zb": int(b_zp) - code_offset(self.b_spec),
+                    "b_over_a": float((self.b_scale.detach().cpu() / self.a_scale.detach().cpu()).item())}
+
+        return cached_by_version(self, "_host_cache", bufs, read)
 
     def _signed(self, x: torch.Tensor, side: str) -> tuple[torch.Tensor, int]:
         """int8 codes of one uniform operand and its signed zero point."""
@@ -439,7 +425,8 @@ class LoweredAttention(nn.Module):
             return False
         n = q.shape[-2]
         return (q.dim() >= 3 and q.shape[:-2] == kt.shape[:-2] == v.shape[:-2] and kt.shape[-2:] == (q.shape[-1], n)
-                and v.shape[-2] == n and (self.av.kind != "bitlog2" or av_int32_fits(n, self.av.a_spec.bitlog2_variant)))
+                and v.shape[-2] == n
+                and (self.av.kind != "bitlog2" or av_int32_fits(n, self.av.a_spec.bitlog2_variant, self.av.host_params()["zb"])))
 
     def forward(self, q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, scale=None) -> torch.Tensor:
         if not self._fusable(q, kt, v, scale):

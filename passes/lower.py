@@ -85,8 +85,7 @@ def _drop_if_unused(gm: fx.GraphModule, quantizer_node: fx.Node) -> None:
     if quantizer_node.users:
         return
     gm.graph.erase_node(quantizer_node)
-    parent, _, leaf = str(quantizer_node.target).rpartition(".")
-    delattr(gm.get_submodule(parent) if parent else gm, leaf)
+    gm.delete_submodule(str(quantizer_node.target))
 
 
 def _why_not_matmul(a_fq: FakeQuantize | None, b_fq: FakeQuantize | None) -> str:
@@ -275,10 +274,8 @@ def _score_scaling(node: fx.Node) -> tuple[fx.Node, str, object] | None:
     number, or a node that is not a recorded non-scalar tensor), else None."""
     op = _SCORE_OPS.get(node.target) if node.op == "call_function" else (
         node.target if node.op == "call_method" and node.target in ("mul", "div") else None)
-    op = {"mul": "mul", "div": "div"}.get(op, op)
-    if op is None or len(node.args) != 2 or (node.kwargs and set(node.kwargs) != {"rounding_mode"}) \
-            or node.kwargs.get("rounding_mode") is not None:
-        return None
+    if op is None or len(node.args) != 2 or any(v is not None for v in node.kwargs.values()):
+        return None  # a rounding_mode other than None is not a true division
     a, b = node.args
     if op == "mul" and not isinstance(a, fx.Node):
         a, b = b, a  # c * scores
@@ -359,7 +356,6 @@ def fuse_lowered_attention(gm: fx.GraphModule) -> list[str]:
         for dead in (av, *reversed(uses[0].path), sm, *((src,) if score_op else ()), qk):
             gm.graph.erase_node(dead)
         for target in (qk.target, av.target):
-            parent, _, leaf = str(target).rpartition(".")
-            delattr(gm.get_submodule(parent) if parent else gm, leaf)
+            gm.delete_submodule(str(target))
         done.append(name)
     return done

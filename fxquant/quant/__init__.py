@@ -5,7 +5,17 @@ observers, range estimators and fake-quant modules."""
 from .codes import code_offset, pack_int4, to_signed_codes, unpack_int4
 from .granularity import Granularity, InstanceGroups, PerAxis, PerGroup, PerTensor
 from .lora import LoRALinear, loftq, low_rank_split
-from .modules import COMPUTE_DTYPES, AdaRoundWeight, CompensationLinear, FakeQuantize, QuantConv2d, QuantLinear, quantizers
+from .modules import (
+    COMPUTE_DTYPES,
+    AdaRoundWeight,
+    CompensationLinear,
+    FakeQuantize,
+    QuantConv2d,
+    QuantLinear,
+    cached_by_version,
+    quantizers,
+    version_key,
+)
 from .observers import Observer
 from .primitives import (
     OMSE,
@@ -36,6 +46,7 @@ from .primitives import (
 )
 
 __all__ = [
+    "cached_by_version", "version_key",
     "Granularity", "PerTensor", "PerAxis", "PerGroup", "InstanceGroups",
     "QuantSpec", "Estimator", "MinMax", "Percentile", "PctMSE", "OMSE", "JointGrid", "SigmaClip",
     "choose_qparams", "estimator_from_name", "quantize", "dequantize", "fake_quantize", "expand_params", "grid_values",

@@ -4,6 +4,8 @@ QwT's compensation Linear. Passes create these modules; they are defined here, w
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,27 @@ class NonFiniteInput(CalibrationError):
     def __init__(self, label: str):
         super().__init__(f"quantizer '{label}' observed NaN or Inf")
         self.label = label
+
+
+def version_key(*tensors: torch.Tensor) -> tuple | None:
+    """What identifies the contents of ``tensors`` without reading them: storage, in-place version
+    counter, dtype and shape of each. None when one is an inference tensor (made under
+    ``torch.inference_mode``: it has no version counter)."""
+    if any(t.is_inference() for t in tensors):
+        return None
+    return tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors)
+
+
+def cached_by_version(owner: object, attr: str, tensors: tuple[torch.Tensor, ...], compute: Callable[[], Any]) -> Any:
+    """``compute()``, kept in ``owner.<attr>`` as ``(version_key(tensors), value)`` and recomputed only
+    when one of ``tensors`` changes (new storage or an in-place write); not kept for inference tensors."""
+    key = version_key(*tensors)
+    cache = getattr(owner, attr, None)
+    if key is not None and cache is not None and cache[0] == key:
+        return cache[1]
+    value = compute()
+    setattr(owner, attr, (key, value) if key is not None else None)
+    return value
 
 
 class FakeQuantize(nn.Module):
@@ -83,16 +106,10 @@ class FakeQuantize(nn.Module):
 
     def _cached_weight(self, w: torch.Tensor) -> torch.Tensor:
         """The fake-quantized weight, recomputed only when the weight or the parameters change
-        (storage or in-place version): inference then costs no per-call weight rounding, at the
-        price of one weight-sized tensor per layer. Inference tensors (made under
-        ``torch.inference_mode``) have no version counter: they are not cached."""
-        if w.is_inference() or self.scale.is_inference() or self.zero_point.is_inference():
-            return fake_quantize(w, self.scale, self.zero_point, self.spec)
-        key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape), self.scale.data_ptr(), self.scale._version,
-               self.zero_point.data_ptr(), self.zero_point._version)
-        if self._weight_cache is None or self._weight_cache[0] != key:
-            self._weight_cache = (key, fake_quantize(w, self.scale, self.zero_point, self.spec))
-        return self._weight_cache[1]
+        (``cached_by_version``): inference then costs no per-call weight rounding, at the price of
+        one weight-sized tensor per layer."""
+        return cached_by_version(self, "_weight_cache", (w, self.scale, self.zero_point),
+                                 lambda: fake_quantize(w, self.scale, self.zero_point, self.spec))
 
     # -- parameters ---------------------------------------------------------------------
     def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
