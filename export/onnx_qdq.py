@@ -63,11 +63,22 @@ Placement (measured with onnxruntime's optimized-graph dump): each quantized Lin
 matmul is ``Q→DQ(x)``, ``DQ(int8 W)`` → ``MatMul`` with a float output, which onnxruntime fuses into
 ``MatMulIntegerToFloat`` (int8 GEMM, float result: no requantization); LayerNorm, Softmax, GELU and
 residual adds stay float with no Q/DQ around them.
+
+``target="openvino"`` (``prepare_for_export``) changes the placement, not the function: each fused
+qkv Linear whose output is unbound into q, k and v becomes three Linears over its three blocks of
+output channels (``split_fused_projections``), and every per-tensor activation Q/DQ moves above the
+reshapes/transposes that feed it (``hoist_act_quant_above_moves``), so that q's, k's and v's Q/DQ
+sit on their Linears' outputs and the projection input's on the attention output. OpenVINO's CPU
+plugin fuses all of them into their producers (CIFAR ViT ``w8a8-sym``: 2 standalone FakeQuantize
+left, the image and head inputs; NNCF's model has 14) and runs its fused attention subgraphs on int8
+q, k and v (``openvino_ir.attention_operand_types``).
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import operator
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +90,7 @@ from torch import fx, nn
 
 from fxquant import match
 from fxquant.errors import ConfigError
-from fxquant.graph import logits_of
+from fxquant.graph import logits_of, propagate_shapes
 from fxquant.kernels.lowered import LoweredAttention, LoweredGroupedLinear, LoweredLinear, LoweredMatmul, LoweredPatchConv
 from fxquant.quant import (
     AdaRoundWeight,
@@ -129,6 +140,7 @@ class ExportActQuant(nn.Module):
     def __init__(self, spec: QuantSpec, scale: torch.Tensor, zero_point: torch.Tensor, label: str, act_dtype: str = "int8"):
         super().__init__()
         self.spec = spec
+        self.float_per_axis = False  # per-axis uniform only: Div/Round/Clip/Mul instead of per-axis Q/DQ (OpenVINO)
         scale = scale.detach().float().clone()
         self.register_buffer("scale", scale.reshape(()) if scale.numel() == 1 else scale)
         if spec.scheme == "uniform":
@@ -177,6 +189,10 @@ class ExportActQuant(nn.Module):
                 self.register_buffer("zps", (zp.reshape(-1) - offset).to(torch.int64))
                 self.register_buffer("lo", (spec.qmin - zp) * scale)  # parameter layout: broadcasts against x
                 self.register_buffer("hi", (spec.qmax - zp) * scale)
+                # the float form (float_per_axis): x/s rounded and clamped to [qmin - z, qmax - z], times s
+                self.register_buffer("scale_b", scale.float().clone())
+                self.register_buffer("code_lo", spec.qmin - zp)
+                self.register_buffer("code_hi", spec.qmax - zp)
         elif spec.scheme == "bitlog2":
             self.register_buffer("thresholds", bitlog2_compare_levels(spec.bitlog2_variant))  # code = #levels <= n
             self.register_buffer("table", bitlog2_level_table(spec.bitlog2_variant).float() / self.scale)
@@ -191,6 +207,9 @@ class ExportActQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         if spec.scheme == "uniform":
+            if self.axis is not None and self.float_per_axis:
+                # fxquant's own rule (primitives.round_clamp_centered_) as Div, Round, Max, Min, Mul
+                return torch.clamp(torch.round(x / self.scale_b), self.code_lo, self.code_hi) * self.scale_b
             if self.narrow:
                 x = torch.clamp(x, self.lo, self.hi)
             if self.axis is not None:
@@ -470,14 +489,130 @@ def hoist_act_quant_above_moves(gm: fx.GraphModule) -> int:
     return moved
 
 
-def prepare_for_export(qmodel: fx.GraphModule, *, act_dtype: str = "int8", target: str = "onnxruntime") -> fx.GraphModule:
+def _permute_dims(node: fx.Node, rank: int) -> list[int] | None:
+    """The dimension order of a ``permute`` node (all ints), normalized to ``[0, rank)``."""
+    dims = list(node.args[1:]) if node.args[1:] else list(node.kwargs.get("dims", ()))
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = list(dims[0])
+    if len(dims) != rank or not all(isinstance(d, int) for d in dims):
+        return None
+    return [d % rank for d in dims]
+
+
+def _reshape_sizes(node: fx.Node) -> list | None:
+    """The size arguments of a ``reshape``/``view`` call (ints or nodes), flattened."""
+    sizes = list(node.args[1:]) if node.args[1:] else list(node.kwargs.get("shape", ()))
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = list(sizes[0])
+    return sizes or None
+
+
+def split_fused_projections(gm: fx.GraphModule) -> int:
+    """Export a Linear whose output is reshaped, permuted and ``unbind``-ed into P pieces (timm's
+    fused ``qkv``: ``qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)``) as P Linears
+    over the P contiguous blocks of output channels, each followed by the same reshape without the
+    size-P dimension and the permutation without it (``q = q_proj(x).reshape(B, N, H, d)
+    .permute(0, 2, 1, 3)``, as Hugging Face models are written). Every output channel keeps its
+    weight codes, scale, zero point and bias, and each output is the same dot product: the same
+    function.
+
+    Why: each piece's per-tensor quantizer (q, k, v at the attention matmuls) can then move onto
+    its own Linear's output (``hoist_act_quant_above_moves``), where OpenVINO's CPU plugin fuses it
+    into the FullyConnected (int8 output), instead of running a standalone FakeQuantize, between two
+    layout reorders, on each piece of the split tensor. (One per-channel quantizer on the fused
+    output was tried too: OpenVINO then runs the attention in bf16, not carrying per-channel
+    dequantization through the head-splitting reshape; on the ``[3, B, H, N, d]`` tensor, per axis
+    0, it decomposes the FakeQuantize into slow elementwise ops.)
+
+    Which channels go to which piece is checked, not assumed: an index probe of the Linear's
+    recorded output shape (``tensor_meta``: ``graph.propagate_shapes``) is run through the
+    original reshape/permute/unbind and through each piece's new chain, and they must agree element
+    for element. Returns how many Linears were split."""
+    modules = dict(gm.named_modules())
+    split_count = 0
+    for split in list(gm.graph.nodes):
+        if not (split.op == "call_method" and split.target == "unbind") and not (
+                split.op == "call_function" and split.target is torch.unbind):
+            continue
+        dim = split.args[1] if len(split.args) > 1 else split.kwargs.get("dim", 0)
+        permute = split.args[0]
+        if not isinstance(dim, int) or not isinstance(permute, fx.Node) or len(permute.users) != 1:
+            continue
+        if permute.op == "call_method" and permute.target == "permute":
+            reshape = permute.args[0]
+        else:  # unbind right after the reshape
+            reshape, permute = permute, None
+        if not (isinstance(reshape, fx.Node) and reshape.op == "call_method" and reshape.target in ("reshape", "view")
+                and len(reshape.users) == 1):
+            continue
+        linear = reshape.args[0]
+        if not (isinstance(linear, fx.Node) and linear.op == "call_module"
+                and isinstance(modules.get(linear.target), ExportLinear) and len(linear.users) == 1):
+            continue
+        lin_shape, out_shape, sizes = match.tensor_shape(linear), match.tensor_shape(reshape), _reshape_sizes(reshape)
+        if lin_shape is None or out_shape is None or sizes is None or len(sizes) != len(out_shape) or -1 in lin_shape:
+            continue
+        rank = len(out_shape)
+        perm = _permute_dims(permute, rank) if permute is not None else list(range(rank))
+        if perm is None:
+            continue
+        dim %= rank
+        j = perm[dim]  # the reshape's output dimension that is unbound
+        n_pieces, channels = out_shape[j], lin_shape[-1]
+        pieces = list(split.users)
+        if (sizes[j] != n_pieces or n_pieces < 2 or channels % n_pieces or not all(
+                p.op == "call_function" and p.target is operator.getitem and isinstance(p.args[1], int) for p in pieces)):
+            continue
+        new_sizes = sizes[:j] + sizes[j + 1:]
+        new_perm = [p - (p > j) for p in perm if p != j]
+        # the probe: element indices of the Linear's output, through the old chain and the new ones
+        index = torch.arange(math.prod(lin_shape), dtype=torch.int64).reshape(lin_shape)
+        old = index.reshape(out_shape).permute(perm).unbind(dim)
+        width = channels // n_pieces
+        piece_shape = list(out_shape[:j]) + list(out_shape[j + 1:])
+        if not all(torch.equal(old[i], index[..., i * width:(i + 1) * width].reshape(piece_shape).permute(new_perm))
+                   for i in range(n_pieces)):
+            continue
+        mod = modules[linear.target]
+        w = mod.w
+        for p in pieces:
+            i = p.args[1] % n_pieces
+            rows = slice(i * width, (i + 1) * width)
+            part = ExportLinear(_ExportWeight(w.codes[rows], w.scales[rows] if w.scales.numel() > 1 else w.scales,
+                                              w.zps[rows] if w.zps.numel() > 1 else w.zps, f"{linear.target}[{i}]"),
+                                None if mod.bias is None else mod.bias[rows], mod.act)
+            target = f"{linear.target}_{i}"
+            gm.add_submodule(target, part)
+            with gm.graph.inserting_before(p):
+                y = gm.graph.call_module(target, linear.args, linear.kwargs)
+                y = gm.graph.call_method(reshape.target, (y, *new_sizes))
+                if permute is not None:
+                    y = gm.graph.call_method("permute", (y, *new_perm))
+            p.replace_all_uses_with(y)
+            gm.graph.erase_node(p)
+        for node in (split, permute, reshape, linear):
+            if node is not None:
+                gm.graph.erase_node(node)
+        gm.delete_submodule(linear.target)
+        split_count += 1
+    if split_count:
+        gm.graph.lint()
+        gm.recompile()
+    return split_count
+
+
+def prepare_for_export(qmodel: fx.GraphModule, *, act_dtype: str = "int8", target: str = "onnxruntime",
+                       example_inputs: Sequence[torch.Tensor] | None = None) -> fx.GraphModule:
     """A copy of ``qmodel`` whose fxquant runtime modules are export-ready modules (same function).
 
     Every fxquant module kind goes through its handler in ``EXPORT_HANDLERS``; a kind without one
     is an error naming the module, so a new runtime module cannot be exported silently wrong.
     ``target="openvino"`` also moves per-tensor activation quantizers above the reshapes and
     transposes that feed them (``hoist_act_quant_above_moves``: the same function, a Q/DQ placement
-    OpenVINO fuses); ``"onnxruntime"`` keeps each Q/DQ pair right before its consumer."""
+    OpenVINO fuses), after splitting fused qkv Linears into one Linear per piece
+    (``split_fused_projections``, given ``example_inputs`` for the shapes) so that q's, k's and v's
+    quantizers land on a Linear's output; ``"onnxruntime"`` keeps each Q/DQ pair right before its
+    consumer and the fused Linear."""
     if act_dtype not in ("int8", "uint8"):
         raise ConfigError(f"act_dtype must be 'int8' or 'uint8', got {act_dtype!r}")
     if target not in TARGETS:
@@ -499,6 +634,12 @@ def prepare_for_export(qmodel: fx.GraphModule, *, act_dtype: str = "int8", targe
             replaced.append(name)
     gm.recompile()
     if target == "openvino":
+        for mod in gm.modules():
+            if isinstance(mod, ExportActQuant) and mod.spec.scheme == "uniform" and mod.axis is not None:
+                mod.float_per_axis = True
+        if example_inputs is not None:
+            propagate_shapes(gm, example_inputs)
+            split_fused_projections(gm)
         hoist_act_quant_above_moves(gm)
     return gm
 
@@ -522,7 +663,7 @@ def to_onnx(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor] | tor
         example_inputs = (example_inputs,)
     if opset < 17:
         raise ConfigError(f"ONNX export needs opset >= 17, got {opset}")
-    gm = prepare_for_export(qmodel, act_dtype=act_dtype, target=target).eval()
+    gm = prepare_for_export(qmodel, act_dtype=act_dtype, target=target, example_inputs=example_inputs).eval()
 
     class _Logits(nn.Module):  # a plain tensor output whatever the model returns (HF ModelOutput)
         def __init__(self, inner):

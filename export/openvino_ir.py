@@ -5,16 +5,28 @@ plugin makes of them.
 Q/DQ placement and integer initializers), reads it with ``openvino.Core().read_model`` and writes
 it with ``openvino.save_model`` (weights kept in their int8/f32 types: ``compress_to_fp16=False``).
 
-What the CPU plugin runs in int8 (openvino 2026.4, CIFAR ViT ``w8a8``, ``runtime_precisions``):
-every quantized Linear (25/25) and the patch-embedding conv; the attention matmuls only when their
-operands are quantized symmetrically (recipe ``w8a8-sym``, or ``--set a_symmetric=true``: the fused
-attention subgraphs then run in i8, 6/6; with the default asymmetric activations q·kᵀ and A·v stay
-float, 0/12). ``openvino.convert_model`` on the same file gives a graph with 12 of the 25 Linears
-in float, hence ``read_model``. OpenVINO
+What the CPU plugin runs in int8 (openvino 2026.4, CIFAR ViT, ``runtime_precisions``): every
+quantized Linear and the patch-embedding conv (the export for OpenVINO splits each fused qkv
+Linear into q, k and v Linears: 37 FullyConnected, all int8); the attention matmuls only when
+their operands are quantized symmetrically (recipe ``w8a8-sym``, or ``--set a_symmetric=true``:
+the fused attention subgraphs then take int8 q, k and v and quantize the softmax output inside,
+6/6, ``attention_operand_types``; ``w8a8-ov`` gives them float v; with the default asymmetric
+activations q·kᵀ and A·v stay float, 0/12). ``openvino.convert_model`` on the same file gives a
+graph with 12 of the 25 Linears in float, hence ``read_model``. OpenVINO
 reads the FakeQuantize form of each Q→DQ pair; its CPU plugin's low-precision transformations then
 decide which layers run in int8. ``runtime_precisions`` compiles a model for the CPU and reads every
 executed layer's ``layerType`` and ``runtimePrecision`` from ``compiled.get_runtime_model()``, the
 way to check what actually runs in integer arithmetic.
+
+Per-axis activation quantizers (IGQ's contiguous channel groups, per channel along the last axis)
+go to OpenVINO as float ``Div → Round → Max/Min → Mul``, fxquant's rule itself, not as per-axis
+Q/DQ (``ExportActQuant.float_per_axis``): OpenVINO 2026.4's CPU plugin refuses a per-axis
+FakeQuantize on any axis but 1 ("doesn't support non per-tensor quantization for axis: 2") and,
+with the narrow-range ``Max/Min`` clip in front, compiles it into elementwise ops that compute other
+codes (up to 36 code steps off on a single ``[2, 5, 8]`` Q/DQ pair; IGQ W4A4 on the CIFAR ViT:
+top-1 60.75 vs 66.95 and mean |Δlogit| 0.46 where onnxruntime gives 0.002 on the same file). Those
+Linears run in float there, as their per-channel input scales along the reduction axis allow no
+integer GEMM anyway.
 
 ``openvino`` is an optional dependency (``pip install -e ".[openvino]"``): imported here, lazily.
 """
@@ -22,7 +34,6 @@ way to check what actually runs in integer arithmetic.
 from __future__ import annotations
 
 import tempfile
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +43,6 @@ import torch
 from torch import fx
 
 from fxquant.errors import ConfigError
-from fxquant.quant import FakeQuantize
 
 from .onnx_qdq import DEFAULT_OPSET, to_onnx
 
@@ -55,6 +65,7 @@ class OpenVINOResult:
     bin: Path
     onnx: Path | None
     layers: dict[str, dict[str, int]] = field(default_factory=dict)
+    attention_operands: list[tuple[str, ...]] = field(default_factory=list)
 
     def int8_count(self, layer_type: str) -> tuple[int, int]:
         """``(int8 or u8 layers, all layers)`` of one type (``FullyConnected``, ``MatMul``, ``Convolution``)."""
@@ -68,18 +79,6 @@ def to_openvino(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor] |
     ``.bin`` beside it) through the ONNX QDQ export, and record the CPU plugin's layer precisions."""
     ov = _openvino()
     path = Path(path)
-    mods = dict(qmodel.named_modules())
-    acts = [mods[n.target] for n in qmodel.graph.nodes if n.op == "call_module" and isinstance(mods.get(n.target), FakeQuantize)]
-    grouped = [m.label for m in acts if m.spec.scheme == "uniform" and m.scale.numel() > 1]
-    if grouped:
-        # measured (openvino 2026.4, CIFAR ViT igq-w4a4 with contiguous groups, 2,000 images): mean |Δlogit|
-        # 0.46 and top-1 60.75 vs 66.95 against the fake-quant model, where onnxruntime gives 0.002 on the
-        # same QDQ file; the per-tensor quantizers of the other recipes agree
-        warnings.warn(f"OpenVINO export: {len(grouped)} activation quantizers with per-channel/per-group scales "
-                      f"(e.g. '{grouped[0]}'): OpenVINO's CPU plugin computes these Q/DQ pairs differently from "
-                      "onnxruntime and fxquant (large logit differences measured on IGQ's contiguous groups); "
-                      "validate with tools/validate_onnx.py --runtime openvino, or deploy with onnxruntime",
-                      stacklevel=2)
     if path.suffix != ".xml":
         raise ConfigError(f"OpenVINO IR is written as <name>.xml (+ <name>.bin); got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,23 +90,47 @@ def to_openvino(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor] |
         # the one read_model builds runs all 25 in int8 (measured with runtime_precisions)
         model = ov.Core().read_model(str(onnx_path))
         ov.save_model(model, str(path), compress_to_fp16=False)
+    runtime = _runtime_model(path)
     return OpenVINOResult(path, path.with_suffix(".bin"), onnx_path if keep_onnx else None,
-                          runtime_precisions(path))
+                          _precisions(runtime), _attention_operands(runtime))
+
+
+def _runtime_model(model_path: str | Path, threads: int | None = None):
+    ov = _openvino()
+    config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+    return ov.Core().compile_model(str(model_path), "CPU", config).get_runtime_model()
+
+
+def _layer_type(op) -> str:
+    info = op.get_rt_info()
+    return _text(info["layerType"]) if "layerType" in info else op.get_type_name()
+
+
+def _precisions(runtime) -> dict[str, dict[str, int]]:
+    counts: dict[str, Counter] = {}
+    for op in runtime.get_ops():
+        info = op.get_rt_info()
+        prec = _text(info["runtimePrecision"]) if "runtimePrecision" in info else "?"
+        counts.setdefault(_layer_type(op), Counter())[prec] += 1
+    return {k: dict(v) for k, v in sorted(counts.items())}
+
+
+def _attention_operands(runtime) -> list[tuple[str, ...]]:
+    return [tuple(op.input(i).get_element_type().get_type_name() for i in range(op.get_input_size()))
+            for op in runtime.get_ordered_ops() if _layer_type(op) == "Subgraph"]
 
 
 def runtime_precisions(model_path: str | Path, *, threads: int | None = None) -> dict[str, dict[str, int]]:
     """``{layer type: {runtime precision: count}}`` of a model (IR or ONNX) compiled for the CPU."""
-    ov = _openvino()
-    core = ov.Core()
-    config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
-    compiled = core.compile_model(str(model_path), "CPU", config)
-    counts: dict[str, Counter] = {}
-    for op in compiled.get_runtime_model().get_ops():
-        info = op.get_rt_info()
-        kind = _text(info["layerType"]) if "layerType" in info else op.get_type_name()
-        prec = _text(info["runtimePrecision"]) if "runtimePrecision" in info else "?"
-        counts.setdefault(kind, Counter())[prec] += 1
-    return {k: dict(v) for k, v in sorted(counts.items())}
+    return _precisions(_runtime_model(model_path, threads))
+
+
+def attention_operand_types(model_path: str | Path, *, threads: int | None = None) -> list[tuple[str, ...]]:
+    """The element types of the inputs of each fused subgraph (``Subgraph``: the CPU plugin's fused
+    attention, ``q·kᵀ → softmax → ·v``) of a model compiled for the CPU, in graph order: e.g.
+    ``("i8", "i8", "i8")`` when q, kᵀ and v enter in int8 (the softmax output's quantizer is then
+    inside the subgraph, and both matmuls are integer), ``("i8", "i8", "bf16")`` when v is float."""
+    return _attention_operands(_runtime_model(model_path, threads))
 
 
 def _text(value) -> str:

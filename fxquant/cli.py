@@ -128,6 +128,13 @@ def cmd_export(args) -> int:
             i8, total = res.int8_count(kind)
             if total:
                 print(f"  OpenVINO CPU plugin: {i8}/{total} {kind} layers run in int8")
+        if res.attention_operands:
+            both = sum(all(t in ("i8", "u8") for t in ops) for ops in res.attention_operands)
+            print(f"  OpenVINO CPU plugin: {both}/{len(res.attention_operands)} fused attention subgraphs take q, k and v in "
+                  f"int8 (both attention matmuls integer)")
+        elif res.int8_count("MatMul")[1]:
+            print("  (attention matmuls in float: OpenVINO fuses them in int8 with symmetric activation quantizers, "
+                  "e.g. recipe w8a8-sym)")
         print(f"OpenVINO vs fxquant fake-quant on {len(x)} test images: max |Δlogit| = {diff:.4g}")
         return 0
     res = to_onnx(qmodel, info.example_inputs(), args.out, act_dtype=args.act_dtype, opset=args.opset, target=args.target)

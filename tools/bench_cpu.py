@@ -9,11 +9,15 @@ Variants, all from the same captured FP32 graph and the same 32 calibration imag
     model read by OpenVINO (default preset), run by OpenVINO;
   * ``fxquant-<recipe>-ort`` / ``-ov``: each ``--recipes`` entry (default ``w8a8`` and ``w8a8-sym``, the
     same recipe with symmetric activations) exported as QDQ (``to_onnx``) and run by
-    onnxruntime, and exported for OpenVINO (``target="openvino"``: the same function with the
-    per-tensor Q/DQ pairs above the reshapes feeding them) and read by OpenVINO.
+    onnxruntime, and exported for OpenVINO (``target="openvino"``: the same function with each
+    fused qkv Linear split into q, k and v Linears and the per-tensor Q/DQ pairs above the
+    reshapes feeding them) and read by OpenVINO.
 OpenVINO rows also record how many FullyConnected / Convolution layers and fused attention
-subgraphs its CPU plugin runs in int8 (``runtime_precisions``). OpenVINO runs with its default
-inference precision (bf16 on CPUs with AVX512-BF16/AMX, else f32), which the JSON records.
+subgraphs its CPU plugin runs in int8 (``runtime_precisions``), and in how many attention
+subgraphs q, kᵀ and v all enter in int8 (``attention_operand_types``: both matmuls integer).
+Each OpenVINO variant runs at every ``--ov-precisions`` entry: ``default`` (the plugin's choice:
+bf16 on CPUs with AVX512-BF16/AMX, else f32) and ``f32`` (``-f32`` suffix), since the float parts'
+precision moves both speed and top-1, for NNCF's model as for fxquant's.
 
 Latency: the median of a set of runs after warm-up, measured in ``--rounds`` interleaved rounds over
 all variants (the best median is kept, so that load from elsewhere hits every variant alike),
@@ -40,7 +44,7 @@ import torch
 
 import fxquant
 from fxquant.data import load_data
-from fxquant.export import runtime_precisions, to_onnx
+from fxquant.export import attention_operand_types, runtime_precisions, to_onnx
 from fxquant.models import load_model
 from fxquant.recipes import get_recipe
 
@@ -106,14 +110,19 @@ def ort_quantize_static(fp32_path: Path, out: Path, calib: torch.Tensor) -> Path
     return out
 
 
-def _ov_compiled(path: Path, threads: int):
+def _ov_compiled(path: Path, threads: int, precision: str = "default"):
+    """``precision``: ``default`` (the plugin's choice: bf16 on CPUs with AVX512-BF16/AMX) or ``f32``
+    (``INFERENCE_PRECISION_HINT``: the float parts — LayerNorm, softmax, GELU, residual adds — in f32)."""
     import openvino as ov
 
-    return ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads})
+    config = {"INFERENCE_NUM_THREADS": threads}
+    if precision != "default":
+        config["INFERENCE_PRECISION_HINT"] = precision
+    return ov.Core().compile_model(str(path), "CPU", config)
 
 
-def ov_latency_ms(path: Path, x: torch.Tensor, threads: int, reps: int, warmup: int = 3) -> float:
-    compiled = _ov_compiled(path, threads)
+def ov_latency_ms(path: Path, x: torch.Tensor, threads: int, reps: int, warmup: int = 3, precision: str = "default") -> float:
+    compiled = _ov_compiled(path, threads, precision)
     request = compiled.create_infer_request()
     arr = x.numpy()
     for _ in range(warmup):
@@ -126,8 +135,8 @@ def ov_latency_ms(path: Path, x: torch.Tensor, threads: int, reps: int, warmup: 
     return 1000 * statistics.median(times)
 
 
-def ov_top1(path: Path, batches, threads: int) -> float:
-    compiled = _ov_compiled(path, threads)
+def ov_top1(path: Path, batches, threads: int, precision: str = "default") -> float:
+    compiled = _ov_compiled(path, threads, precision)
     correct = n = 0
     for x, y in batches:
         pred = compiled([x.numpy()])[compiled.output(0)].argmax(1)
@@ -148,6 +157,8 @@ def nncf_quantize(fp32_path: Path, out: Path, calib: torch.Tensor) -> Path:
 
 
 def int8_layers(path: Path) -> str:
+    """The int8 share of each layer type that matters, and how many fused attention subgraphs take
+    all three operands (q, kᵀ, v) in int8: both attention matmuls integer."""
     counts = runtime_precisions(path)
     parts = []
     for kind in ("FullyConnected", "Convolution", "Subgraph", "MatMul"):
@@ -155,7 +166,15 @@ def int8_layers(path: Path) -> str:
         total = sum(v for k, v in c.items() if k != "dynamic")
         if total:
             parts.append(f"{kind} {sum(v for k, v in c.items() if k in ('i8', 'u8'))}/{total}")
+    operands = attention_operand_types(path)
+    if operands:
+        parts.append(f"attention with int8 q,k,v {sum(all(t in ('i8', 'u8') for t in ops) for ops in operands)}/{len(operands)}")
     return ", ".join(parts)
+
+
+def _ov_precision(runtime: str) -> str:
+    """``"ov"`` → ``"default"``, ``"ov-f32"`` → ``"f32"``."""
+    return runtime.partition("-")[2] or "default"
 
 
 def recipe_from_arg(arg: str):
@@ -166,7 +185,7 @@ def recipe_from_arg(arg: str):
 
 
 def bench_model(spec: str, threads: int, tmp: Path, with_top1: bool, recipes: list[str], rounds: int,
-                keep: list[str] | None = None) -> list[dict]:
+                keep: list[str] | None = None, ov_precisions: tuple[str, ...] = ("default",)) -> list[dict]:
     info = load_model(spec)
     batches_sizes = MODELS[spec]
     if info.dataset == "cifar10":
@@ -192,6 +211,10 @@ def bench_model(spec: str, threads: int, tmp: Path, with_top1: bool, recipes: li
         variants[f"fxquant-{name}-ort"] = ("ort", to_onnx(q, ex, tmp / f"{stem}.onnx").path)
         # OpenVINO reads the file exported for it (Q/DQ above reshapes: prepare_for_export's target)
         variants[f"fxquant-{name}-ov"] = ("ov", to_onnx(q, ex, tmp / f"{stem}_ov.onnx", target="openvino").path)
+    # each OpenVINO variant once per inference precision: "-ov" (the plugin's default), "-ov-f32", ...
+    variants = {(name if prec == "default" else f"{name}-{prec}"): (runtime if prec == "default" else f"ov-{prec}", path)
+                for name, (runtime, path) in variants.items()
+                for prec in (ov_precisions if runtime == "ov" else ("default",))}
     if keep:
         variants = {k: v for k, v in variants.items() if any(fnmatch.fnmatch(k, pat) for pat in keep)}
     # top-1 and the int8 layer record first; then latency in interleaved rounds (every variant once
@@ -200,15 +223,19 @@ def bench_model(spec: str, threads: int, tmp: Path, with_top1: bool, recipes: li
     for variant, (runtime, path) in variants.items():
         acc = None
         if with_top1 and data is not None:
-            acc = top1(path, data.test_batches(), threads) if runtime == "ort" else ov_top1(path, data.test_batches(), threads)
-        info_rows[variant] = (acc, int8_layers(path) if runtime == "ov" else "")
+            acc = top1(path, data.test_batches(), threads) if runtime == "ort" else \
+                ov_top1(path, data.test_batches(), threads, _ov_precision(runtime))
+        info_rows[variant] = (acc, int8_layers(path) if runtime.startswith("ov") else "")
     best: dict[tuple[str, int], float] = {}
     loads = []
     for _ in range(rounds):
         for variant, (runtime, path) in variants.items():
             for b in batches_sizes:
                 reps = 100 if (b == 1 and info.dataset == "cifar10") else 15 if info.dataset == "cifar10" else 10 if b == 1 else 5
-                ms = (latency_ms if runtime == "ort" else ov_latency_ms)(path, x[:b], threads, reps)
+                if runtime == "ort":
+                    ms = latency_ms(path, x[:b], threads, reps)
+                else:
+                    ms = ov_latency_ms(path, x[:b], threads, reps, precision=_ov_precision(runtime))
                 best[(variant, b)] = min(best.get((variant, b), float("inf")), ms)
         loads.append(os.getloadavg()[0])
     rows = []
@@ -234,6 +261,10 @@ def main() -> None:
                     help="glob patterns of the variants to run (default: all), e.g. 'nncf-ov' 'fxquant-*-ov'")
     ap.add_argument("--no-top1", action="store_true", help="latency only")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds (the best median is kept)")
+    ap.add_argument("--ov-precisions", nargs="+", default=["default", "f32"], choices=["default", "f32", "bf16"],
+                    help="OpenVINO inference precisions to run each OpenVINO variant at (INFERENCE_PRECISION_HINT; "
+                         "'default' is the plugin's choice, bf16 where the CPU has it); non-default ones add a "
+                         "'-<precision>' suffix to the variant name")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import onnxruntime as ort
@@ -246,7 +277,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="fxq_bench_"))
     rows = []
     for spec in ([args.model] if args.model else list(MODELS)):
-        rows += bench_model(spec, args.threads, tmp, not args.no_top1, args.recipes, args.rounds, args.variants)
+        rows += bench_model(spec, args.threads, tmp, not args.no_top1, args.recipes, args.rounds, args.variants,
+                            tuple(args.ov_precisions))
     print()
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     print(f"{'model, batch':32s} " + " ".join(f"{v[:22]:>22s}" for v in variants))

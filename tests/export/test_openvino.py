@@ -54,6 +54,7 @@ def test_export_command_writes_openvino_ir(tmp_path, capsys):
     text = capsys.readouterr().out
     assert out.exists() and out.with_suffix(".bin").exists()
     assert "FullyConnected layers run in int8" in text and "max |Δlogit|" in text
+    assert "attention matmuls in float" in text and "w8a8-sym" in text  # asymmetric w8a8: the hint
 
 
 def test_openvino_target_moves_quantizers_above_reshapes_exactly(tmp_path):
@@ -87,32 +88,129 @@ def test_openvino_target_moves_quantizers_above_reshapes_exactly(tmp_path):
         prepare_for_export(q, target="tensorrt")
 
 
-def test_cifar_vit_w8a8_ov_runs_like_nncf_in_openvino(cifar_compiled, cifar_data, tmp_path):
-    """The real model, recipe ``w8a8-ov`` exported for OpenVINO: every Linear, the patch conv and the
-    six fused attention subgraphs in int8, and no FakeQuantize left standalone beyond NNCF's 14 (image
-    input, q and k of each block, the head input): the projection inputs' Q/DQ, moved above the
-    head merge, fused into the attention output. Logits within the QDQ tolerance."""
+class _QKVBlock(torch.nn.Module):
+    """A fused qkv Linear split into heads by ``reshape(B, N, P, H, d) → permute → unbind`` (timm's
+    layout), or by ``reshape(B, N, H, P, d)`` (each head's q, k, v adjacent: the pieces interleave
+    the output channels, so the Linear cannot be cut into blocks)."""
+
+    def __init__(self, interleaved: bool = False, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+        self.heads, self.interleaved = heads, interleaved
+
+    def forward(self, x):
+        b, n, c = x.shape
+        d = c // self.heads
+        if self.interleaved:
+            q, k, v = self.qkv(x).reshape(b, n, self.heads, 3, d).permute(3, 0, 2, 1, 4).unbind(0)
+        else:
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+        a = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_openvino_target_splits_fused_qkv_linear_where_the_pieces_are_channel_blocks(tmp_path, interleaved):
+    """``split_fused_projections``: a Linear whose output is unbound into q, k, v (timm's qkv)
+    becomes one Linear per piece, holding that block of output channels' codes, scales, zero points
+    and bias, so that each piece's quantizer can sit on its own Linear's output; the same function
+    (onnxruntime runs both files to within fp32 ulps). The channel → piece map is checked by an
+    index probe: where the pieces interleave the channels, nothing is split."""
+    from fxquant.export import prepare_for_export, run_onnx, to_onnx
+    from fxquant.export.onnx_qdq import ExportActQuant, ExportLinear, split_fused_projections
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randn(4, 5, 16, generator=g) for _ in range(2)]
+    q = fxquant.compile(_QKVBlock(interleaved).eval(), recipe="w8a8-sym", calib=calib, example_inputs=(calib[0],),
+                        progress=False)
+    fused = prepare_for_export(q, target="openvino")  # no example inputs: no shapes, nothing split
+    gm = prepare_for_export(q, target="openvino", example_inputs=(calib[0],))
+    assert split_fused_projections(gm) == 0  # idempotent: nothing left to split
+
+    def linears(m):
+        return {n: mod for n, mod in m.named_modules() if isinstance(mod, ExportLinear)}
+
+    x = torch.cat(calib)
+    with torch.no_grad():
+        ref = fused(x)
+        assert torch.allclose(gm(x), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+    if interleaved:
+        assert linears(gm).keys() == linears(fused).keys() == {"qkv", "proj"}
+        return
+    assert linears(gm).keys() == {"qkv_0", "qkv_1", "qkv_2", "proj"}
+    whole = linears(fused)["qkv"]
+    for i in range(3):
+        part, rows = linears(gm)[f"qkv_{i}"], slice(16 * i, 16 * (i + 1))
+        assert torch.equal(part.w.codes, whole.w.codes[rows]) and torch.equal(part.w.scales, whole.w.scales[rows])
+        assert torch.equal(part.w.zps, whole.w.zps[rows]) and torch.equal(part.bias, whole.bias[rows])
+    # q's, k's and v's quantizers now read a Linear's output directly (moved above the reshapes)
+    mods = dict(gm.named_modules())
+    read = [n.args[0].target for n in gm.graph.nodes if n.op == "call_module" and isinstance(mods[n.target], ExportActQuant)
+            and n.args[0].op == "call_module"]
+    assert {"qkv_0", "qkv_1", "qkv_2"} <= set(read)
+    a = run_onnx(to_onnx(q, (calib[0],), tmp_path / "ort.onnx").path, (x,))
+    b = run_onnx(to_onnx(q, (calib[0],), tmp_path / "ov.onnx", target="openvino").path, (x,))
+    assert torch.allclose(a, b, rtol=0, atol=1e-5 * a.abs().max().item())
+
+
+@pytest.mark.parametrize("recipe", ["w8a8-sym", "w8a8-ov"])
+def test_cifar_vit_runs_wholly_int8_in_openvino(cifar_compiled, cifar_data, tmp_path, recipe):
+    """The real model exported for OpenVINO: every Linear (the six qkv Linears split into q, k, v:
+    25 + 12 = 37), the patch conv and the six fused attention subgraphs in int8 — both attention
+    matmuls for ``w8a8-sym``, q·kᵀ for ``w8a8-ov`` — and two standalone FakeQuantize (image input,
+    head input; NNCF's model has 14): q's, k's and v's Q/DQ fused into their Linears' outputs, the
+    projection inputs' into the attention output. Logits within the QDQ tolerance."""
     import collections
 
-    q = cifar_compiled("w8a8-ov")
+    q = cifar_compiled(recipe)
     _, x, _ = cifar_data
     res = to_openvino(q, (x[:2],), tmp_path / "m.xml")
-    assert res.int8_count("FullyConnected") == (25, 25) and res.int8_count("Convolution") == (1, 1)
+    assert res.int8_count("FullyConnected") == (37, 37) and res.int8_count("Convolution") == (1, 1)
     assert res.int8_count("Subgraph") == (6, 6)
+    # q, kᵀ, v enter the fused attention in int8 (the softmax output's quantizer is inside it); v float in w8a8-ov
+    assert len(res.attention_operands) == 6 and all(ops[:2] == ("i8", "i8") for ops in res.attention_operands)
+    v_types = {ops[2] for ops in res.attention_operands}
+    assert v_types == {"i8"} if recipe == "w8a8-sym" else v_types in ({"f32"}, {"bf16"})
     compiled = ov.Core().compile_model(str(res.xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     kinds = collections.Counter(op.get_rt_info()["layerType"].astype(str) for op in compiled.get_runtime_model().get_ops())
-    assert kinds["FakeQuantize"] == 14
+    assert kinds["FakeQuantize"] == 2
     got = torch.from_numpy(compiled([x[:64].numpy()])[compiled.output(0)].copy())
     with torch.no_grad():
         ref = q(x[:64])
     assert (got - ref).abs().max().item() <= 0.15
 
 
-def test_openvino_export_warns_about_grouped_activation_quantizers(tmp_path):
-    """Per-channel/per-group activation Q/DQ (IGQ's contiguous groups) runs differently in OpenVINO's CPU
-    plugin (measured: mean |Δlogit| 0.46 vs onnxruntime's 0.002 on the CIFAR ViT): the export says so."""
+def test_openvino_runs_per_axis_activation_quantizers_as_fxquant_does(tmp_path):
+    """Per-channel/per-group activation quantizers (IGQ's contiguous groups) reach OpenVINO as float
+    Div/Round/Max/Min/Mul (fxquant's rule), not per-axis Q/DQ, which its CPU plugin refuses (axis != 1)
+    or, behind the narrow-range clip, computes wrongly (measured before: mean |Δlogit| 0.46 on the
+    CIFAR ViT where onnxruntime gives 0.002). The onnxruntime export keeps the per-axis Q/DQ pairs."""
+    import numpy as np
+    import onnx
+
+    from fxquant.export import run_onnx, to_onnx
+
     calib = toy_calib()
     q = fxquant.compile(toy_vit(), recipe="igq-w4a4", calib=calib, example_inputs=(calib[0],), progress=False,
                         group_mode="contiguous")
-    with pytest.warns(UserWarning, match="activation quantizers with per-channel/per-group scales"):
-        to_openvino(q, (calib[0],), tmp_path / "igq.xml")
+
+    def per_axis_quantize_nodes(path):  # QuantizeLinear nodes whose scale has more than one element
+        graph = onnx.load(str(path)).graph
+        sizes = {t.name: int(np.prod(t.dims)) for t in graph.initializer}
+        sizes.update({n.output[0]: int(np.prod(n.attribute[0].t.dims)) for n in graph.node
+                      if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+        return sum(n.op_type == "QuantizeLinear" and sizes.get(n.input[1], 1) > 1 for n in graph.node)
+
+    ort_file = to_onnx(q, (calib[0],), tmp_path / "ort.onnx").path
+    res = to_openvino(q, (calib[0],), tmp_path / "igq.xml", keep_onnx=True)
+    assert per_axis_quantize_nodes(ort_file) > 0 and per_axis_quantize_nodes(res.onnx) == 0
+    x = torch.cat(calib)
+    with torch.no_grad():
+        ref = q(x)
+    compiled = ov.Core().compile_model(str(res.xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    got = torch.from_numpy(compiled([x.numpy()])[compiled.output(0)].copy())
+    # the same tolerance as the per-tensor W8A8 check above (fp32 ulps that cross a rounding boundary)
+    assert (got - ref).abs().max().item() <= 0.15
+    assert (run_onnx(ort_file, (x,)) - ref).abs().max().item() <= 0.15
