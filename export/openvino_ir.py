@@ -15,8 +15,9 @@ activations q·kᵀ and A·v stay float, 0/12). ``openvino.convert_model`` on th
 graph with 12 of the 25 Linears in float, hence ``read_model``. OpenVINO
 reads the FakeQuantize form of each Q→DQ pair; its CPU plugin's low-precision transformations then
 decide which layers run in int8. ``runtime_precisions`` compiles a model for the CPU and reads every
-executed layer's ``layerType`` and ``runtimePrecision`` from ``compiled.get_runtime_model()``, the
-way to check what actually runs in integer arithmetic.
+executed layer's ``layerType`` and the precision of its primitive (``primitiveType``, else
+``runtimePrecision``) from ``compiled.get_runtime_model()``, the way to check what actually runs in
+integer arithmetic.
 
 Per-axis activation quantizers (IGQ's contiguous channel groups, per channel along the last axis)
 go to OpenVINO as float ``Div → Round → Max/Min → Mul``, fxquant's rule itself, not as per-axis
@@ -106,12 +107,26 @@ def _layer_type(op) -> str:
     return _text(info["layerType"]) if "layerType" in info else op.get_type_name()
 
 
+_EXEC_PRECISIONS = ("i8", "u8", "bf16", "f16", "f32")
+
+
+def _exec_precision(op) -> str:
+    """The precision a compiled layer computes in: the suffix of its ``primitiveType``
+    (``brgemm_avx512_i8``, ``undef_bf16``, ``jit_avx512_I8``), else its ``runtimePrecision``. The
+    two differ for a weight-compressed FullyConnected (int8 weights dequantized into a bf16/f32
+    GEMM): ``runtimePrecision`` says i8 there, the primitive ``undef_bf16``."""
+    info = op.get_rt_info()
+    if "primitiveType" in info:
+        suffix = _text(info["primitiveType"]).rsplit("_", 1)[-1].lower()
+        if suffix in _EXEC_PRECISIONS:
+            return suffix
+    return _text(info["runtimePrecision"]) if "runtimePrecision" in info else "?"
+
+
 def _precisions(runtime) -> dict[str, dict[str, int]]:
     counts: dict[str, Counter] = {}
     for op in runtime.get_ops():
-        info = op.get_rt_info()
-        prec = _text(info["runtimePrecision"]) if "runtimePrecision" in info else "?"
-        counts.setdefault(_layer_type(op), Counter())[prec] += 1
+        counts.setdefault(_layer_type(op), Counter())[_exec_precision(op)] += 1
     return {k: dict(v) for k, v in sorted(counts.items())}
 
 
@@ -121,7 +136,9 @@ def _attention_operands(runtime) -> list[tuple[str, ...]]:
 
 
 def runtime_precisions(model_path: str | Path, *, threads: int | None = None) -> dict[str, dict[str, int]]:
-    """``{layer type: {runtime precision: count}}`` of a model (IR or ONNX) compiled for the CPU."""
+    """``{layer type: {precision: count}}`` of a model (IR or ONNX) compiled for the CPU: the
+    precision each layer computes in (``_exec_precision``: a FullyConnected counts as i8 only when
+    its GEMM is integer, not when it merely stores int8 weights)."""
     return _precisions(_runtime_model(model_path, threads))
 
 

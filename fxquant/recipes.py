@@ -545,6 +545,10 @@ register_recipe("repq-w6a6", RepQRecipe, "RepQ-ViT W6A6: LayerNorm scale reparam
                 w_bits=6, a_bits=6)
 register_recipe("repq-w8a8", RepQRecipe, "RepQ-ViT passes at W8A8 (reparameterization where legal + log√2 softmax)",
                 w_bits=8, a_bits=8)
+register_recipe("repq-w8a8-sym", RepQRecipe, "RepQ-ViT LayerNorm reparameterization at W8A8 with symmetric weights and "
+                "activations and a uniform softmax quantizer: the form OpenVINO's CPU plugin runs wholly in int8 (both "
+                "attention matmuls), for models with post-LayerNorm outliers (tools/bench_cpu.py)",
+                w_bits=8, a_bits=8, w_symmetric=True, a_symmetric=True, options={"annotate_repq": {"log_softmax": False}})
 register_recipe("bitlog2-w4a4", RepQRecipe, "BitLog2 W4A4: RepQ-ViT + integer log2 attention maps (--set scheme=half17|half16|"
                 "single17|single16|sqrt2_17|sqrt2_16)", w_bits=4, a_bits=4, stages=(_bitlog2(),))
 register_recipe("repq-qwt-w4a4", RepQRecipe, "RepQ-ViT W4A4 + QwT block compensation (32 + 512 calibration images)",

@@ -20,11 +20,13 @@ bf16 on CPUs with AVX512-BF16/AMX, else f32) and ``f32`` (``-f32`` suffix), sinc
 precision moves both speed and top-1, for NNCF's model as for fxquant's.
 
 Latency: the median of a set of runs after warm-up, measured in ``--rounds`` interleaved rounds over
-all variants (the best median is kept, so that load from elsewhere hits every variant alike),
-``--threads`` threads, batch 1 and 32 (CIFAR ViT) or 1 and 8 (224-pixel model, random init:
-latency only). Top-1 on all CIFAR-10 test images.
+all variants (each model loaded or compiled once; the best median is kept, so that load from
+elsewhere hits every variant alike), ``--threads`` threads, batch 1 and 32 (the CIFAR ViTs:
+``cifar-vit``, and ``cifar-vit-outliers`` with planted post-LayerNorm outliers, where NNCF applies
+SmoothQuant) or 1 and 8 (224-pixel model, random init: latency only). Top-1 on all CIFAR-10 test images.
 
-    python tools/bench_cpu.py [--model cifar-vit|timm:vit_small_patch16_224] [--threads 2] [--json out.json]
+    python tools/bench_cpu.py [--model cifar-vit|cifar-vit-outliers|timm:vit_small_patch16_224] [--threads 2]
+        [--json out.json] [--ov-precisions default f32]
         [--recipes w8a8 'w8a8-sym:attention_matmuls=qk'] [--variants 'nncf-ov' 'fxquant-*-ov']
 """
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import functools
 import json
 import os
 import platform
@@ -48,7 +51,7 @@ from fxquant.export import attention_operand_types, runtime_precisions, to_onnx
 from fxquant.models import load_model
 from fxquant.recipes import get_recipe
 
-MODELS = {"cifar-vit": (1, 32), "timm:vit_small_patch16_224": (1, 8)}
+MODELS = {"cifar-vit": (1, 32), "cifar-vit-outliers": (1, 32), "timm:vit_small_patch16_224": (1, 8)}
 
 
 def cpu_flags() -> str:
@@ -60,6 +63,7 @@ def cpu_flags() -> str:
     return " ".join(names) or "no AVX2"
 
 
+@functools.lru_cache(maxsize=None)  # one session per model: built once, timed in every round
 def _session(path: Path, threads: int):
     import onnxruntime as ort
 
@@ -110,6 +114,7 @@ def ort_quantize_static(fp32_path: Path, out: Path, calib: torch.Tensor) -> Path
     return out
 
 
+@functools.lru_cache(maxsize=None)  # one compiled model per (model, precision), as _session
 def _ov_compiled(path: Path, threads: int, precision: str = "default"):
     """``precision``: ``default`` (the plugin's choice: bf16 on CPUs with AVX512-BF16/AMX) or ``f32``
     (``INFERENCE_PRECISION_HINT``: the float parts — LayerNorm, softmax, GELU, residual adds — in f32)."""
@@ -253,7 +258,7 @@ def bench_model(spec: str, threads: int, tmp: Path, with_top1: bool, recipes: li
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, choices=list(MODELS), help="one model (default: both)")
+    ap.add_argument("--model", default=None, choices=list(MODELS), help="one model (default: all three)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--recipes", nargs="+", default=["w8a8", "w8a8-sym"],
                     help="fxquant recipes to export (w8a8-sym: w8a8 with symmetric activations)")

@@ -155,11 +155,12 @@ def test_openvino_target_splits_fused_qkv_linear_where_the_pieces_are_channel_bl
     assert torch.allclose(a, b, rtol=0, atol=1e-5 * a.abs().max().item())
 
 
-@pytest.mark.parametrize("recipe", ["w8a8-sym", "w8a8-ov"])
+@pytest.mark.parametrize("recipe", ["w8a8-sym", "w8a8-ov", "repq-w8a8-sym"])
 def test_cifar_vit_runs_wholly_int8_in_openvino(cifar_compiled, cifar_data, tmp_path, recipe):
     """The real model exported for OpenVINO: every Linear (the six qkv Linears split into q, k, v:
-    25 + 12 = 37), the patch conv and the six fused attention subgraphs in int8 — both attention
-    matmuls for ``w8a8-sym``, q·kᵀ for ``w8a8-ov`` — and two standalone FakeQuantize (image input,
+    25 + 12 = 37) with an integer GEMM, the patch conv and the six fused attention subgraphs in int8
+    — both attention matmuls for ``w8a8-sym`` and ``repq-w8a8-sym`` (RepQ's folded LayerNorms), q·kᵀ
+    for ``w8a8-ov`` — and two standalone FakeQuantize (image input,
     head input; NNCF's model has 14): q's, k's and v's Q/DQ fused into their Linears' outputs, the
     projection inputs' into the attention output. Logits within the QDQ tolerance."""
     import collections
@@ -172,7 +173,7 @@ def test_cifar_vit_runs_wholly_int8_in_openvino(cifar_compiled, cifar_data, tmp_
     # q, kᵀ, v enter the fused attention in int8 (the softmax output's quantizer is inside it); v float in w8a8-ov
     assert len(res.attention_operands) == 6 and all(ops[:2] == ("i8", "i8") for ops in res.attention_operands)
     v_types = {ops[2] for ops in res.attention_operands}
-    assert v_types == {"i8"} if recipe == "w8a8-sym" else v_types in ({"f32"}, {"bf16"})
+    assert v_types in ({"f32"}, {"bf16"}) if recipe == "w8a8-ov" else v_types == {"i8"}
     compiled = ov.Core().compile_model(str(res.xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     kinds = collections.Counter(op.get_rt_info()["layerType"].astype(str) for op in compiled.get_runtime_model().get_ops())
     assert kinds["FakeQuantize"] == 2
