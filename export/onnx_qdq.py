@@ -246,6 +246,11 @@ class _ExportWeight(nn.Module):
         codes = to_signed_codes(weight.detach().float(), fq.scale, fq.zero_point, fq.spec)
         return cls(codes, fq.scale, fq.zero_point - code_offset(fq.spec), fq.label)
 
+    def rows(self, rows: slice, label: str) -> "_ExportWeight":
+        """The weight of output channels ``rows`` (a per-tensor scale and zero point are shared)."""
+        pick = (lambda t: t) if self.per_tensor is not None else (lambda t: t[rows])
+        return _ExportWeight(self.codes[rows], pick(self.scales), pick(self.zps), label)
+
     def forward(self) -> torch.Tensor:
         if self.per_tensor is not None:
             return _qd.dequantize_per_tensor(self.codes, self.per_tensor[0], self.per_tensor[1], -128, 127, torch.int8)
@@ -549,6 +554,8 @@ def split_fused_projections(gm: fx.GraphModule) -> int:
         if not (isinstance(linear, fx.Node) and linear.op == "call_module"
                 and isinstance(modules.get(linear.target), ExportLinear) and len(linear.users) == 1):
             continue
+        if any(n is not linear and n.op == "call_module" and n.target == linear.target for n in gm.graph.nodes):
+            continue  # a Linear module called more than once: its other calls still need it whole
         lin_shape, out_shape, sizes = match.tensor_shape(linear), match.tensor_shape(reshape), _reshape_sizes(reshape)
         if lin_shape is None or out_shape is None or sizes is None or len(sizes) != len(out_shape) or -1 in lin_shape:
             continue
@@ -574,13 +581,11 @@ def split_fused_projections(gm: fx.GraphModule) -> int:
                    for i in range(n_pieces)):
             continue
         mod = modules[linear.target]
-        w = mod.w
         for p in pieces:
             i = p.args[1] % n_pieces
             rows = slice(i * width, (i + 1) * width)
-            part = ExportLinear(_ExportWeight(w.codes[rows], w.scales[rows] if w.scales.numel() > 1 else w.scales,
-                                              w.zps[rows] if w.zps.numel() > 1 else w.zps, f"{linear.target}[{i}]"),
-                                None if mod.bias is None else mod.bias[rows], mod.act)
+            part = ExportLinear(mod.w.rows(rows, f"{linear.target}[{i}]"), None if mod.bias is None else mod.bias[rows],
+                                mod.act)
             target = f"{linear.target}_{i}"
             gm.add_submodule(target, part)
             with gm.graph.inserting_before(p):

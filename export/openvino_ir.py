@@ -70,8 +70,25 @@ class OpenVINOResult:
 
     def int8_count(self, layer_type: str) -> tuple[int, int]:
         """``(int8 or u8 layers, all layers)`` of one type (``FullyConnected``, ``MatMul``, ``Convolution``)."""
-        counts = self.layers.get(layer_type, {})
-        return sum(v for k, v in counts.items() if k in ("i8", "u8")), sum(counts.values())
+        return int8_share(self.layers.get(layer_type, {}))
+
+    def int8_attention(self) -> tuple[int, int]:
+        """``(fused attention subgraphs with q, kᵀ and v all in int8, all of them)``."""
+        return int8_attention_share(self.attention_operands)
+
+
+INT8_PRECISIONS = ("i8", "u8")
+
+
+def int8_share(counts: dict[str, int]) -> tuple[int, int]:
+    """``(int8 or u8, all)`` of one layer type's ``{precision: count}`` (``runtime_precisions``)."""
+    return sum(v for k, v in counts.items() if k in INT8_PRECISIONS), sum(counts.values())
+
+
+def int8_attention_share(operands: list[tuple[str, ...]]) -> tuple[int, int]:
+    """``(subgraphs whose operands are all int8, all subgraphs)`` of ``attention_operand_types``:
+    both attention matmuls integer."""
+    return sum(all(t in INT8_PRECISIONS for t in ops) for ops in operands), len(operands)
 
 
 def to_openvino(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor] | torch.Tensor, path: str | Path, *,

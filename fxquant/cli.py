@@ -129,8 +129,8 @@ def cmd_export(args) -> int:
             if total:
                 print(f"  OpenVINO CPU plugin: {i8}/{total} {kind} layers run in int8")
         if res.attention_operands:
-            both = sum(all(t in ("i8", "u8") for t in ops) for ops in res.attention_operands)
-            print(f"  OpenVINO CPU plugin: {both}/{len(res.attention_operands)} fused attention subgraphs take q, k and v in "
+            both, total = res.int8_attention()
+            print(f"  OpenVINO CPU plugin: {both}/{total} fused attention subgraphs take q, k and v in "
                   f"int8 (both attention matmuls integer)")
         elif res.int8_count("MatMul")[1]:
             print("  (attention matmuls in float: OpenVINO fuses them in int8 with symmetric activation quantizers, "

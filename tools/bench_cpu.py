@@ -47,7 +47,7 @@ import torch
 
 import fxquant
 from fxquant.data import load_data
-from fxquant.export import attention_operand_types, runtime_precisions, to_onnx
+from fxquant.export import attention_operand_types, int8_attention_share, int8_share, runtime_precisions, to_onnx
 from fxquant.models import load_model
 from fxquant.recipes import get_recipe
 
@@ -167,13 +167,12 @@ def int8_layers(path: Path) -> str:
     counts = runtime_precisions(path)
     parts = []
     for kind in ("FullyConnected", "Convolution", "Subgraph", "MatMul"):
-        c = counts.get(kind, {})
-        total = sum(v for k, v in c.items() if k != "dynamic")
+        i8, total = int8_share(counts.get(kind, {}))
         if total:
-            parts.append(f"{kind} {sum(v for k, v in c.items() if k in ('i8', 'u8'))}/{total}")
-    operands = attention_operand_types(path)
-    if operands:
-        parts.append(f"attention with int8 q,k,v {sum(all(t in ('i8', 'u8') for t in ops) for ops in operands)}/{len(operands)}")
+            parts.append(f"{kind} {i8}/{total}")
+    both, total = int8_attention_share(attention_operand_types(path))
+    if total:
+        parts.append(f"attention with int8 q,k,v {both}/{total}")
     return ", ".join(parts)
 
 
