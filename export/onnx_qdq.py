@@ -5,7 +5,7 @@ export-ready modules and runs ``torch.onnx.export(dynamo=True)``:
 
 * **weights** (``QuantLinear``/``QuantConv2d``, per output channel): integer initializers +
   ``DequantizeLinear(axis=0)``. The codes are the quantizer core's signed codes
-  (``fxquant.quant.codes``: ``q - 2^(b-1)`` for asymmetric specs, zero point shifted with them),
+  (``fxquant.core.quant.codes``: ``q - 2^(b-1)`` for asymmetric specs, zero point shifted with them),
   int8 for every width (onnxruntime's QDQ fusions take int8/uint8; opset-21 int4 is left out).
 * **uniform activations** (per tensor, or per axis: APHQ's per-head attention operands, with
   ``axis``): ``QuantizeLinear`` → ``DequantizeLinear``, int8 by default
@@ -88,11 +88,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxquant import match
-from fxquant.errors import ConfigError
-from fxquant.graph import logits_of, propagate_shapes
-from fxquant.kernels.lowered import LoweredAttention, LoweredGroupedLinear, LoweredLinear, LoweredMatmul, LoweredPatchConv
-from fxquant.quant import (
+from fxquant.core import match
+from fxquant.core.errors import ConfigError
+from fxquant.core.graph import logits_of, propagate_shapes
+from fxquant.core.quant import (
     AdaRoundWeight,
     CompensationLinear,
     FakeQuantize,
@@ -106,7 +105,7 @@ from fxquant.quant import (
     expand_params,
     to_signed_codes,
 )
-from fxquant.quant.primitives import (
+from fxquant.core.quant.primitives import (
     bitlog2_codes_by_compare,
     bitlog2_compare_levels,
     bitlog2_input,
@@ -116,6 +115,7 @@ from fxquant.quant.primitives import (
     log_level_table,
     log_thresholds,
 )
+from fxquant.kernels.lowered import LoweredAttention, LoweredGroupedLinear, LoweredLinear, LoweredMatmul, LoweredPatchConv
 
 try:  # registers torch.ops.quantized_decomposed (the ops the ONNX exporter maps to Q/DQ)
     import torch.ao.quantization.fx._decomposed  # noqa: F401
@@ -700,13 +700,22 @@ def to_onnx(qmodel: fx.GraphModule, example_inputs: Sequence[torch.Tensor] | tor
     return ExportResult(path, model.opset_import[0].version, counts, types)
 
 
-def run_onnx(path: str | Path, inputs: Sequence[torch.Tensor], *, threads: int | None = None) -> torch.Tensor:
-    """Run an exported model with onnxruntime's CPU provider."""
+def run_onnx(path: str | Path, inputs: Sequence[torch.Tensor], *, threads: int | None = None,
+             optimize: bool = True) -> torch.Tensor:
+    """Run an exported model with onnxruntime's CPU provider.
+
+    ``optimize=False`` turns onnxruntime's graph optimizations off: Q/DQ pairs and float MatMuls
+    then run as written (no ``MatMulIntegerToFloat`` fusion), which isolates the exported function
+    from the integer GEMM kernel of the machine (on x86 CPUs without VNNI, onnxruntime's u8×s8 GEMM
+    sums byte pairs into saturating int16, ``vpmaddubsw``, so its results can differ by more than a
+    code step)."""
     import onnxruntime as ort  # heavy, and needed only to run an exported model
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)}
     return torch.from_numpy(sess.run(None, feeds)[0])

@@ -43,7 +43,7 @@ from typing import Sequence
 import torch
 from torch import fx
 
-from fxquant.errors import ConfigError
+from fxquant.core.errors import ConfigError
 
 from .onnx_qdq import DEFAULT_OPSET, to_onnx
 

@@ -8,12 +8,12 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import fx, nn
 
-from .calibration import Calibration
-from .errors import ConfigError
-from .graph import trace
-from .meta import CAPTURE, EXAMPLE_INPUTS, PIPELINE, RECIPE, REPORT
+from .core.calibration import Calibration
+from .core.errors import ConfigError
+from .core.graph import trace
+from .core.meta import CAPTURE, EXAMPLE_INPUTS, PIPELINE, RECIPE, REPORT
+from .core.pipeline import PASS_REGISTRY, Pass, PassContext, PassManager, PipelineReport, pass_from_config
 from .passes import LowerToKernels
-from .pipeline import PASS_REGISTRY, Pass, PassContext, PassManager, PipelineReport, pass_from_config
 from .recipes import Recipe, get_recipe
 
 

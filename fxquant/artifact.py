@@ -10,7 +10,6 @@ file, checking names and shapes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 from importlib.metadata import version
@@ -22,12 +21,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import fx, nn
 
-from .errors import ArtifactError
-from .graph import trace
-from .meta import ARTIFACT, CAPTURE, EXAMPLE_INPUTS, PIPELINE, RECIPE, REPORT
-from .models import load_model
-from .pipeline import PassContext, PassManager, pass_from_config
-from .quant import FakeQuantize
+from .core.errors import ArtifactError
+from .core.graph import trace
+from .core.meta import ARTIFACT, CAPTURE, EXAMPLE_INPUTS, PIPELINE, RECIPE, REPORT
+from .core.models import load_model
+from .core.pipeline import PassContext, PassManager, pass_from_config
+from .core.quant import FakeQuantize
 
 FORMAT = "fxquant-artifact"
 FORMAT_VERSION = 1
@@ -143,17 +142,3 @@ def load(path: str | Path, model: nn.Module | None = None, *, example_inputs: tu
     gm.eval()
     return gm
 
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the named tensors' bytes (sorted names): equal digests = bit-identical tensors."""
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        h.update(k.encode())
-        h.update(tensors[k].detach().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def state_digest(model: nn.Module) -> str:
-    """``tensors_digest`` of the model's state dict: every quantizer's scale and zero point and
-    every weight a pass rewrote (RepQ's reparameterized LayerNorm/Linear, QwT's compensation), so
-    two quantized models with equal digests are bit-identical."""
-    return tensors_digest(dict(model.state_dict()))

@@ -13,19 +13,21 @@ from pathlib import Path
 
 import torch
 
-from . import artifact, distributed
-from .analysis import error_report, layer_sensitivity, report_table, sensitivity_table, write_report
+from . import artifact
 from .api import compile as fx_compile
 from .api import report
-from .artifact import tensors_digest
-from .data import load_data
-from .errors import FxQuantError
-from .evaluate import top1
+from .core import distributed
+from .core.data import load_data
+from .core.digest import state_digest
+from .core.error_report import error_report, report_table, write_report
+from .core.errors import FxQuantError
+from .core.evaluate import fp32_top1, top1
+from .core.graph import logits_of
+from .core.layer_sensitivity import layer_sensitivity, sensitivity_table
+from .core.models import PLATFORM_NAMES, load_model
+from .core.pipeline import PASS_REGISTRY
 from .export import run_onnx, run_openvino, to_onnx, to_openvino
 from .finetune import FinetuneConfig, finetune
-from .graph import logits_of
-from .models import load_model
-from .pipeline import PASS_REGISTRY
 from .recipes import get_recipe, list_recipes
 
 
@@ -101,7 +103,7 @@ def cmd_quantize(args) -> int:
     out = artifact.save(qmodel, args.out, model_spec=args.model, example_inputs=info.example_inputs(),
                         extra={"calib_images": n_cal, "calib_seconds": round(secs, 3), "seed": args.seed,
                                "calib_data": data.source, "recipe_label": label,
-                               "calib_processes": distributed.world_size(), "state_digest": artifact.state_digest(qmodel)})
+                               "calib_processes": distributed.world_size(), "state_digest": state_digest(qmodel)})
     print(fx_report_text(qmodel))
     print(f"saved {args.recipe} model of '{args.model}' to {out} (calibration {secs:.1f} s on {n_cal} images, "
           f"{distributed.world_size()} process(es))")
@@ -171,14 +173,15 @@ def cmd_eval(args) -> int:
             args, limit=args.limit, lower=args.lower, batch_size=args.batch_size)
         model_name = args.model
     progress = not args.quiet
-    fp32 = _fp32_top1(info, data, args, progress)
+    fp32 = fp32_top1(info.model, data, batch_size=getattr(args, "batch_size", None), seed=args.seed,
+                     progress=progress, recompute=args.recompute_fp32)
     t0 = time.perf_counter()
     acc = top1(qmodel, data.test_batches(), total=data.test_count, progress=progress, desc=recipe_name)
     eval_secs = time.perf_counter() - t0
     result = {"model": model_name, "recipe": recipe_name, "top1": round(acc, 4), "fp32_top1": round(fp32, 4),
               "test_images": data.test_count, "calib_images": n_cal, "calib_seconds": round(calib_secs, 3),
               "eval_seconds": round(eval_secs, 3), "seed": args.seed, "processes": distributed.world_size(),
-              "state_digest": artifact.state_digest(qmodel)}
+              "state_digest": state_digest(qmodel)}
     if args.lower:
         result["lowered"] = True
     print(_table([(model_name, recipe_name, f"{fp32:.2f}", f"{acc:.2f}", f"{acc - fp32:+.2f}", data.test_count, n_cal,
@@ -188,42 +191,6 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _fp32_cache_path() -> Path:
-    root = os.environ.get("FXQUANT_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fxquant"
-    return Path(root) / "fp32_top1.json"
-
-
-def _fp32_top1(info, data, args, progress: bool) -> float:
-    """The float model's top-1 on this data, from the cache when this (float weights, data,
-    evaluation size, batch size, seed) was measured before (``--recompute-fp32`` measures again).
-    The key holds the SHA-256 of the float state dict, so changed weights are never served."""
-    key = tensors_digest(dict(info.model.state_dict())) + "|" + json.dumps(
-        [data.source, data.test_count, getattr(args, "batch_size", None), args.seed])
-    path = _fp32_cache_path()
-    cached = None
-    if not args.recompute_fp32 and distributed.is_main():
-        try:
-            cached = json.loads(path.read_text()).get(key)
-        except (OSError, ValueError):
-            cached = None
-    cached = distributed.all_gather_objects(cached)[0]  # every rank takes rank 0's decision
-    if cached is not None:
-        return float(cached)
-    fp32 = top1(info.model, data.test_batches(), total=data.test_count, progress=progress, desc="fp32")
-    if distributed.is_main():
-        try:
-            table = json.loads(path.read_text()) if path.exists() else {}
-        except (OSError, ValueError):
-            table = {}
-        table[key] = fp32
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(table, indent=1))
-            tmp.replace(path)  # atomic: concurrent evals never read half a file
-        except OSError as e:  # a read-only home must not fail the evaluation
-            print(f"note: could not write the FP32 cache {path}: {e}", file=sys.stderr)
-    return fp32
 
 
 def _held_out(data, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,10 +239,6 @@ def cmd_sensitivity(args) -> int:
 # `fxquant platform`: the transformer-quantization platform's command line (METHODS.md §5)
 # ------------------------------------------------------------------------------------------
 
-PLATFORM_NAMES = {
-    f"{family}_{size}": f"{family}_{size}_patch{4 if family == 'swin' else 16}_{'window7_' if family == 'swin' else ''}224"
-    for family in ("vit", "deit", "swin") for size in ("tiny", "small", "base")
-}
 
 
 def _str2bool(v: str | bool) -> bool:
@@ -511,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Under ``torchrun`` every command joins the process group first: ``eval``,
     ``quantize`` and ``report`` shard calibration and evaluation batches across the processes
-    with the single-process result (``fxquant.distributed``), ``finetune`` runs DDP; rank 0 prints
+    with the single-process result (``fxquant.core.distributed``), ``finetune`` runs DDP; rank 0 prints
     and writes files, the other ranks' standard output is dropped."""
     args = build_parser().parse_args(argv)
     joined = distributed.init_from_env()

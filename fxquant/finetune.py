@@ -1,6 +1,6 @@
 """Few-shot fine-tuning of low-bit LoRA models (OQFV and its baselines, METHODS.md §6): ``fxquant finetune``.
 
-One run: load the model, build the task (``fxquant.data.load_fewshot``: VTAB-1k's train800val200
+One run: load the model, build the task (``fxquant.core.data.load_fewshot``: VTAB-1k's train800val200
 protocol on CIFAR-10 or its 4-way rotation task), compile ``[replace_head] → lora_quantize`` with
 ``fxquant.compile`` (the training images are the calibration data of OQFV's step), then train the
 adapters ``A``, ``B`` and the classifier (everything else frozen) with §6's defaults: AdamW
@@ -38,15 +38,15 @@ from safetensors.torch import save_file
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from . import distributed
 from .api import compile, report
 from .artifact import save as save_artifact
-from .artifact import tensors_digest
-from .data import FewShotTask, load_fewshot
-from .errors import ConfigError
-from .graph import is_hf_model, logits_of
-from .match import head_layers, modules_of
-from .models import ModelInfo, load_model
+from .core import distributed
+from .core.data import FewShotTask, load_fewshot
+from .core.digest import tensors_digest
+from .core.errors import ConfigError
+from .core.graph import is_hf_model, logits_of
+from .core.match import head_layers, modules_of
+from .core.models import ModelInfo, load_model
 from .passes import LoRAQuantize, ReplaceHead
 from .passes.lora import LORA_INITS, lora_layers
 

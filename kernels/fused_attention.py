@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.quant import QuantSpec, code_offset, to_signed_codes
-from fxquant.quant.primitives import BITLOG2_VARIANTS, bitlog2_codes_from_int, bitlog2_input, bitlog2_level_table
+from fxquant.core.quant import QuantSpec, code_offset, to_signed_codes
+from fxquant.core.quant.primitives import BITLOG2_VARIANTS, bitlog2_codes_from_int, bitlog2_input, bitlog2_level_table
 
 from .int_attention import int_bmm_cpu
 

@@ -2,9 +2,9 @@
 
 The input channels of a Linear are split into ``G`` groups, each with its own static quantizer
 ``(s_g, z_g)``; which group a channel belongs to may differ per input *instance* (per image under
-``InstanceGroups``: ``fxquant.quant.instance_groups``), or be fixed blocks ``g(c) = c // group_size``
+``InstanceGroups``: ``fxquant.core.quant.instance_groups``), or be fixed blocks ``g(c) = c // group_size``
 (``PerGroup`` on the channel axis: one instance spanning every row, ``contiguous_group_idx``).
-With ``Q`` the signed activation codes, ``W`` the signed weight codes (``fxquant.quant.codes``:
+With ``Q`` the signed activation codes, ``W`` the signed weight codes (``fxquant.core.quant.codes``:
 ``c = q - offset``, zero points move with them, ``z_c = z - offset``) and ``g_i(c)`` the group of
 channel ``c`` in the instance ``i`` that row ``n`` belongs to:
 

@@ -15,11 +15,11 @@ Three operand kinds meet in a quantized attention block:
   accumulators (int64; the ``1 << shift`` weights make the products exact shifts), ``log_av``
   applies the float epilogue, ``log_av_float64_ref`` is the float reference.
 * **BitLog2 A × uniform v**: ``Σ_j D_j·(v_j - z_v)`` with the integer levels ``D`` of
-  ``fxquant.quant.primitives`` and ``A·v = (s_v/δ)·Σ``; the Triton kernel is
+  ``fxquant.core.quant.primitives`` and ``A·v = (s_v/δ)·Σ``; the Triton kernel is
   ``fxquant.kernels.bitlog2.bitlog2_av``; ``bitlog2_av_int`` is the CPU path.
 
-No rounding or code rule lives here: codes come from ``fxquant.quant.primitives.quantize``
-(through ``fxquant.quant.codes.to_signed_codes``) and levels from its decoders and tables.
+No rounding or code rule lives here: codes come from ``fxquant.core.quant.primitives.quantize``
+(through ``fxquant.core.quant.codes.to_signed_codes``) and levels from its decoders and tables.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from fxquant.quant.primitives import (
+from fxquant.core.quant.primitives import (
     BITLOG2_VARIANTS,
     QuantSpec,
     bitlog2_codes_from_int,

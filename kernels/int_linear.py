@@ -1,6 +1,6 @@
 """Integer linear layers: activation quantization and W8A8 / W4A8 / W4A4 GEMMs with fused epilogue.
 
-Integer representation (``fxquant.quant.codes``, shared by references, kernels, the lowering pass
+Integer representation (``fxquant.core.quant.codes``, shared by references, kernels, the lowering pass
 and the ONNX exporter): a uniform quantizer's codes ``q`` (``quant.primitives.quantize``) are stored
 *signed*, ``c = q - offset`` with ``offset = 2^(b-1)`` for asymmetric specs (0 for symmetric)
 (``code_offset`` / ``to_signed_codes``), so 8-bit codes fit int8 and 4-bit codes fit a signed nibble,
@@ -31,7 +31,7 @@ import os
 
 import torch
 
-from fxquant.quant import QuantSpec, choose_qparams, code_offset, unpack_int4
+from fxquant.core.quant import QuantSpec, choose_qparams, code_offset, unpack_int4
 
 try:
     import triton

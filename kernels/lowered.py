@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fxquant.errors import ConfigError
-from fxquant.quant import (
+from fxquant.core.errors import ConfigError
+from fxquant.core.quant import (
     FakeQuantize,
     InstanceGroups,
     PerGroup,
@@ -28,7 +28,7 @@ from fxquant.quant import (
     to_signed_codes,
     unpack_int4,
 )
-from fxquant.quant.primitives import bitlog2_input
+from fxquant.core.quant.primitives import bitlog2_input
 
 from .bitlog2 import av_int32_fits, bitlog2_av
 from .fused_attention import fused_attention
@@ -222,7 +222,7 @@ class LoweredGroupedLinear(nn.Module):
     ``y = Σ_g s_g·s_w·Σ_{c∈g}(a - z_g)(w - z_w) + bias``.
 
     ``InstanceGroups(G)`` inputs: per instance (the first ``instance_dims`` dimensions of the input),
-    each channel goes to the group ``fxquant.quant.instance_groups`` picks; ``PerGroup(g)`` inputs:
+    each channel goes to the group ``fxquant.core.quant.instance_groups`` picks; ``PerGroup(g)`` inputs:
     fixed channel blocks ``c // g``. Codes come from the quantizer core (``to_signed_codes`` with the
     per-channel parameters gathered from the ``[G]`` group parameters), so they are the codes the
     fake quantizer rounds to. Weights are stored like ``LoweredLinear``'s (int4 packed two per byte

@@ -1,5 +1,5 @@
 """Graph passes. Each is a frozen dataclass with a name, ``requires``/``provides`` facts and
-``run(gm, ctx)``; ``fxquant.compile`` runs them through ``fxquant.pipeline.PassManager``."""
+``run(gm, ctx)``; ``fxquant.compile`` runs them through ``fxquant.core.pipeline.PassManager``."""
 
 from .annotate import AnnotateUniform
 from .aphq import AnnotateAPHQ, MLPReconstruct

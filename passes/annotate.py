@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from fxquant import match
-from fxquant.errors import ConfigError
-from fxquant.meta import ROLE, set_input_spec, set_weight_spec
-from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.quant import PctMSE, PerAxis, PerTensor, QuantSpec
+from fxquant.core import match
+from fxquant.core.errors import ConfigError
+from fxquant.core.meta import ROLE, set_input_spec, set_weight_spec
+from fxquant.core.pipeline import Pass, PassContext, PassResult, register_pass
+from fxquant.core.quant import PctMSE, PerAxis, PerTensor, QuantSpec
 
 LAYER_KINDS = ("linear", "conv")
 ATTENTION_MATMULS = ("qk", "av")

@@ -11,12 +11,12 @@ rest of the model is frozen) so that the ReLU MLP reproduces the GELU MLP on the
     L_direct = mean((O_relu − O_gelu)² ⊙ Ĥ) / 10
     L_clamp  = the same with the fc2 input clamped to [0, ub]
 
-``Ĥ`` is the Average Perturbation Hessian (``fxquant.sensitivity``) of the residual add the MLP
+``Ĥ`` is the Average Perturbation Hessian (``fxquant.core.aph``) of the residual add the MLP
 output enters (the block output in ViT/DeiT/HF ViT: a perturbation of the MLP output is the same
 perturbation of that add), rescaled to unit RMS. By default the APH perturbs along a seeded random
 ±1 pattern (``aph_direction="rademacher"``): the paper's all-ones direction is a null direction of
 pre-LN transformers (LayerNorm ignores a per-token constant), so in float64 it measures roundoff
-(``fxquant.sensitivity``). ``ub`` is the ``ub_quantile`` quantile of the
+(``fxquant.core.aph``). ``ub`` is the ``ub_quantile`` quantile of the
 *positive* FP post-GELU values (0.98 in the reference's 4-bit config, 0.99 in its 3-bit config and
 in the paper). The reference sums the squared error over tokens (``Σ_tokens mean_{B,C}``); the mean
 used here differs by the constant factor N, which Adam's update ignores (up to its ε).
@@ -50,14 +50,14 @@ import torch.nn.functional as F
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from fxquant import match
-from fxquant.calibration import Calibration
-from fxquant.errors import ConfigError, PassError
-from fxquant.graph import extract_subgraph, input_values, propagate_shapes, subgraph_args
-from fxquant.meta import INPUT_SPECS, WEIGHT_SPEC, input_specs, set_input_spec
-from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.quant import FakeQuantize, Observer, PerAxis, Percentile, PerTensor, QuantConv2d, QuantLinear, QuantSpec
-from fxquant.sensitivity import APH_DIRECTIONS, average_perturbation_hessian
+from fxquant.core import match
+from fxquant.core.aph import APH_DIRECTIONS, average_perturbation_hessian
+from fxquant.core.calibration import Calibration
+from fxquant.core.errors import ConfigError, PassError
+from fxquant.core.graph import extract_subgraph, input_values, propagate_shapes, subgraph_args
+from fxquant.core.meta import INPUT_SPECS, WEIGHT_SPEC, input_specs, set_input_spec
+from fxquant.core.pipeline import Pass, PassContext, PassResult, register_pass
+from fxquant.core.quant import FakeQuantize, Observer, PerAxis, Percentile, PerTensor, QuantConv2d, QuantLinear, QuantSpec
 
 _PLACE_IT = ("place it before any annotation: passes=[MLPReconstruct(), AnnotateUniform(...), ...] or "
              "Stage(MLPReconstruct(), before='annotate_uniform')")
@@ -166,7 +166,7 @@ class MLPReconstruct(Pass):
     ``max_images`` calibration images (the pass's memory: for the CIFAR ViT, 65 tokens × 128
     channels × 4 B = 33,280 B per image, 34.1 MB for 1,024 images; the FP targets are recomputed
     per batch, not stored); ``ub`` is streamed from those inputs; the APH is computed on the first
-    ``aph_images`` images (float64 tail, ``fxquant.sensitivity``); then ``iters`` Adam steps (lr
+    ``aph_images`` images (float64 tail, ``fxquant.core.aph``); then ``iters`` Adam steps (lr
     ``lr``, cosine to 0) on batches of ``batch_size`` images drawn without replacement from the
     cache by a generator seeded from ``ctx.seed`` and the block index, so a run is bit-reproducible.
     Every block trains on FP (GELU) inputs; the trained weights and the swap are applied at the
@@ -186,7 +186,7 @@ class MLPReconstruct(Pass):
         aph_direction: ``"rademacher"`` (default: perturbation along a seeded random ±1 pattern,
             ``|H·r|``) or ``"ones"`` (the paper's ``|H·1|``, which is exactly zero in pre-LN
             transformers in exact arithmetic, so its float64 value is roundoff noise: see
-            ``fxquant.sensitivity``).
+            ``fxquant.core.aph``).
         use_aph: weight the loss by the APH (False: Ĥ = 1, plain MSE).
     """
 

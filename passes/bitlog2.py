@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from fxquant import match
-from fxquant.errors import ConfigError, PassError
-from fxquant.meta import input_specs, set_input_spec
-from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.quant import FakeQuantize, PctMSE, QuantSpec
-from fxquant.quant.primitives import BITLOG2_VARIANTS
+from fxquant.core import match
+from fxquant.core.errors import ConfigError, PassError
+from fxquant.core.meta import input_specs, set_input_spec
+from fxquant.core.pipeline import Pass, PassContext, PassResult, register_pass
+from fxquant.core.quant import FakeQuantize, PctMSE, QuantSpec
+from fxquant.core.quant.primitives import BITLOG2_VARIANTS
 
 SCHEMES = tuple(BITLOG2_VARIANTS) + ("sqrt2_17", "sqrt2_16")
 

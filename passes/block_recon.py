@@ -10,7 +10,7 @@ the float model's output of that region:
   already reconstructed quantized prefix (``X_q``), the float one (``X_fp``, all quantizers off)
   and the float region output ``O`` (the target);
 * AdaRound on every enabled uniform weight quantizer of the region
-  (``fxquant.quant.AdaRoundWeight``: ``floor(W/s) + h(α)``, rectified sigmoid ζ = 1.1, γ = -0.1,
+  (``fxquant.core.quant.AdaRoundWeight``: ``floor(W/s) + h(α)``, rectified sigmoid ζ = 1.1, γ = -0.1,
   ``α`` initialised so that ``h(α) = frac(W/s)``), Adam at ``alpha_lr``;
 * the region's enabled uniform activation quantizers learn their scales (LSQ gradient through
   the straight-through rounding), Adam at ``scale_lr``, cosine-annealed to 0;
@@ -18,7 +18,7 @@ the float model's output of that region:
   ``drop_prob``), and every activation quantizer of the region keeps its quantized value with
   probability ``drop_prob`` (``FakeQuantize.drop_prob``);
 * loss ``L = 2·mean((Ô - O)² ⊙ Ĥ)/L₀ + λ·Σ(1 - |2h(α) - 1|^β)`` with ``Ĥ`` the region output's
-  Average Perturbation Hessian (``fxquant.sensitivity``, rescaled to mean 1 as in the reference),
+  Average Perturbation Hessian (``fxquant.core.aph``, rescaled to mean 1 as in the reference),
   ``L₀`` the first iteration's reconstruction term ("normalisation trick"), ``λ = 0.01`` and ``β``
   annealed linearly 20 → 2 after a warm-up of 20 % of the iterations without the round loss. The
   region that produces the logits uses ``KL(softmax(O) ‖ softmax(Ô))`` instead;
@@ -50,13 +50,13 @@ import torch.nn.functional as F
 from torch import fx
 from tqdm.auto import tqdm
 
-from fxquant import match
-from fxquant.calibration import Calibration
-from fxquant.errors import ConfigError, PassError
-from fxquant.graph import extract_subgraph, input_values, propagate_shapes, subgraph_args
-from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.quant import AdaRoundWeight, FakeQuantize, QuantConv2d, QuantLinear, quantizers
-from fxquant.sensitivity import APH_DIRECTIONS, average_perturbation_hessian, logits_node
+from fxquant.core import match
+from fxquant.core.aph import APH_DIRECTIONS, average_perturbation_hessian, logits_node
+from fxquant.core.calibration import Calibration
+from fxquant.core.errors import ConfigError, PassError
+from fxquant.core.graph import extract_subgraph, input_values, propagate_shapes, subgraph_args
+from fxquant.core.pipeline import Pass, PassContext, PassResult, register_pass
+from fxquant.core.quant import AdaRoundWeight, FakeQuantize, QuantConv2d, QuantLinear, quantizers
 
 WEIGHT_LAYERS = (QuantLinear, QuantConv2d)
 
@@ -168,7 +168,7 @@ class BlockReconstruct(Pass):
         use_aph: weight the output loss by the APH (False: plain MSE).
         aph_images: images for each region's APH (None: all the cached ones).
         aph_direction: ``"rademacher"`` (default) or ``"ones"`` (the paper's; zero in pre-LN
-            transformers, see ``fxquant.sensitivity``).
+            transformers, see ``fxquant.core.aph``).
         normalize_loss: divide the reconstruction term by its first-iteration value.
         regions: FQN globs of the region modules (default: found from structure).
     """

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from torch import fx
 from tqdm.auto import tqdm
 
-from fxquant import distributed
-from fxquant.batches import call_model
-from fxquant.calibration import Calibration, locate_nonfinite
-from fxquant.errors import CalibrationError, ConfigError
-from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.quant import FakeQuantize, QuantConv2d, QuantLinear
-from fxquant.quant.modules import NonFiniteInput
+from fxquant.core import distributed
+from fxquant.core.batches import call_model
+from fxquant.core.calibration import Calibration, locate_nonfinite
+from fxquant.core.errors import CalibrationError, ConfigError
+from fxquant.core.pipeline import Pass, PassContext, PassResult, register_pass
+from fxquant.core.quant import FakeQuantize, QuantConv2d, QuantLinear
+from fxquant.core.quant.modules import NonFiniteInput
 
 
 def weight_quantized_layers(gm: fx.GraphModule):

@@ -52,14 +52,14 @@ import torch.nn.functional as F
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from fxquant import match
-from fxquant.batches import call_model
-from fxquant.calibration import Calibration
-from fxquant.errors import ConfigError, PassError
-from fxquant.graph import logits_of
-from fxquant.meta import ROLE, input_specs, set_input_spec
-from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.quant import FakeQuantize, InstanceGroups, MinMax, Percentile, PerGroup, PerTensor, QuantSpec, quantizers
+from fxquant.core import match
+from fxquant.core.batches import call_model
+from fxquant.core.calibration import Calibration
+from fxquant.core.errors import ConfigError, PassError
+from fxquant.core.graph import logits_of
+from fxquant.core.meta import ROLE, input_specs, set_input_spec
+from fxquant.core.pipeline import Pass, PassContext, PassResult, register_pass
+from fxquant.core.quant import FakeQuantize, InstanceGroups, MinMax, Percentile, PerGroup, PerTensor, QuantSpec, quantizers
 
 from .calibrate import act_quantizers, observe
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from fxquant import match
-from fxquant.errors import PassError
-from fxquant.meta import QUANTIZER, ROLE, input_specs, weight_spec
-from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.quant import FakeQuantize, QuantConv2d, QuantLinear
+from fxquant.core import match
+from fxquant.core.errors import PassError
+from fxquant.core.meta import QUANTIZER, ROLE, input_specs, weight_spec
+from fxquant.core.pipeline import Pass, PassContext, PassResult, register_pass
+from fxquant.core.quant import FakeQuantize, QuantConv2d, QuantLinear
 
 QUANTIZER_ROOT = "quantizers"
 

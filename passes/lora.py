@@ -6,7 +6,7 @@ new classifier head for a downstream task: the graph side of ``fxquant finetune`
   ``num_classes`` outputs (PyTorch's default init, drawn from the seeded generator).
 * ``lora_quantize``: every Linear inside a transformer block (``match.find_blocks``: q/k/v or
   qkv, attention output, fc1, fc2; not the patch embedding, not the head), refined by FQN globs,
-  becomes a ``fxquant.quant.LoRALinear``: ``y = x·Q(W')ᵀ + s·(x·Aᵀ)·Bᵀ + b`` with the frozen
+  becomes a ``fxquant.core.quant.LoRALinear``: ``y = x·Q(W')ᵀ + s·(x·Aᵀ)·Bᵀ + b`` with the frozen
   per-tensor ``bits``-bit weight quantizer of §6 (``SigmaClip(num_std)`` range, min-max grid:
   ``zero_point_domain="float"``) and trainable ``A``, ``B`` of rank ``rank``. Initialisation
   (``init``): ``qlora``, ``loftq`` (``loftq_iters`` steps), ``oqfv`` (one LoftQ step, then one
@@ -30,13 +30,13 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from fxquant import distributed, match
-from fxquant.calibration import stratified_indices
-from fxquant.errors import ConfigError, PassError
-from fxquant.graph import logits_of, propagate_shapes
-from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.quant import LoRALinear, PerTensor, QuantSpec, SigmaClip, fake_quantize, loftq
-from fxquant.quant.observers import exact_distribution_qparams
+from fxquant.core import distributed, match
+from fxquant.core.calibration import stratified_indices
+from fxquant.core.errors import ConfigError, PassError
+from fxquant.core.graph import logits_of, propagate_shapes
+from fxquant.core.pipeline import Pass, PassContext, PassResult, register_pass
+from fxquant.core.quant import LoRALinear, PerTensor, QuantSpec, SigmaClip, fake_quantize, loftq
+from fxquant.core.quant.observers import exact_distribution_qparams
 
 from .insert import _set_module
 

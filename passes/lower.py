@@ -46,8 +46,10 @@ import torch
 from timm.layers import attention as timm_attention
 from torch import fx, nn
 
-from fxquant import match
-from fxquant.errors import ConfigError
+from fxquant.core import match
+from fxquant.core.errors import ConfigError
+from fxquant.core.pipeline import Pass, PassContext, PassResult, register_pass
+from fxquant.core.quant import FakeQuantize, InstanceGroups, PerAxis, PerGroup, PerTensor, QuantConv2d, QuantLinear, QuantSpec
 from fxquant.kernels.int_attention import MAX_LOG_SHIFT, log_max_shift
 from fxquant.kernels.lowered import (
     LoweredAttention,
@@ -57,8 +59,6 @@ from fxquant.kernels.lowered import (
     LoweredPatchConv,
     patch_conv_mismatch,
 )
-from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.quant import FakeQuantize, InstanceGroups, PerAxis, PerGroup, PerTensor, QuantConv2d, QuantLinear, QuantSpec
 
 
 def _per_tensor(fq: FakeQuantize) -> bool:

@@ -33,13 +33,13 @@ from typing import ClassVar
 from torch import fx
 from tqdm.auto import tqdm
 
-from fxquant import match
-from fxquant.analysis import isolated_kl
-from fxquant.errors import ConfigError, PassError
-from fxquant.graph import propagate_shapes
-from fxquant.meta import QUANTIZER, input_specs, set_input_spec, set_weight_spec, weight_spec
-from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.quant import FakeQuantize
+from fxquant.core import match
+from fxquant.core.errors import ConfigError, PassError
+from fxquant.core.graph import propagate_shapes
+from fxquant.core.layer_sensitivity import isolated_kl
+from fxquant.core.meta import QUANTIZER, input_specs, set_input_spec, set_weight_spec, weight_spec
+from fxquant.core.pipeline import Pass, PassContext, PassResult, register_pass
+from fxquant.core.quant import FakeQuantize
 
 from .calibrate import Calibrate
 from .igq import knapsack_units, solve_allocation

@@ -12,7 +12,7 @@ the block input cancels the block's quantization error in closed form:
 * when ``R² > 0`` (and ``l ≥ start_block``) the graph becomes ``out = B_l(X) + linear(X, W, b)``;
   the next block's input is computed with it in place.
 
-The compensation is a ``fxquant.quant.CompensationLinear`` module under ``qwt.<block>`` (fp16 compute by
+The compensation is a ``fxquant.core.quant.CompensationLinear`` module under ``qwt.<block>`` (fp16 compute by
 default, as the reference; fp32 or 8-bit weights as options), saved with the artifact.
 """
 
@@ -25,12 +25,12 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from fxquant import match
-from fxquant.errors import ConfigError, PassError
-from fxquant.graph import extract_subgraph, input_values, propagate_shapes, subgraph_args
-from fxquant.meta import ROLE
-from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.quant import COMPUTE_DTYPES, CompensationLinear, FakeQuantize, QuantConv2d, QuantLinear
+from fxquant.core import match
+from fxquant.core.errors import ConfigError, PassError
+from fxquant.core.graph import extract_subgraph, input_values, propagate_shapes, subgraph_args
+from fxquant.core.meta import ROLE
+from fxquant.core.pipeline import Pass, PassContext, PassResult, register_pass
+from fxquant.core.quant import COMPUTE_DTYPES, CompensationLinear, FakeQuantize, QuantConv2d, QuantLinear
 
 COMP_ROOT = "qwt"
 

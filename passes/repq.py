@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from fxquant import match
-from fxquant.errors import PassError
-from fxquant.graph import propagate_shapes
-from fxquant.meta import REPQ_SITE, ROLE, input_specs, set_input_spec
-from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.quant import FakeQuantize, PctMSE, PerAxis, PerTensor, QuantSpec
+from fxquant.core import match
+from fxquant.core.errors import PassError
+from fxquant.core.graph import propagate_shapes
+from fxquant.core.meta import REPQ_SITE, ROLE, input_specs, set_input_spec
+from fxquant.core.pipeline import Pass, PassContext, PassResult, register_pass
+from fxquant.core.quant import FakeQuantize, PctMSE, PerAxis, PerTensor, QuantSpec
 
 from .calibrate import calibrate_weights, observe
 

@@ -1,5 +1,5 @@
 """Shared fixtures: the reference CIFAR ViT (shared folder or embedded copy), real CIFAR images,
-and the tiny random-init ViT (models themselves: fxquant.testing)."""
+and the tiny random-init ViT (models themselves: fxquant.core.testing)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
 
 @pytest.fixture(scope="session")
 def cifar_info():
-    from fxquant.models import load_model
+    from fxquant.core.models import load_model
 
     return load_model("cifar-vit")
 
@@ -31,7 +31,7 @@ def cifar_info():
 @pytest.fixture(scope="session")
 def cifar_data(cifar_info):
     """32 calibration images and the first 500 test images (real CIFAR-10)."""
-    from fxquant.data import load_data
+    from fxquant.core.data import load_data
 
     data = load_data(cifar_info, "cifar10", calib_images=32, limit=500)
     x = torch.cat([b[0] for b in data.test_batches()])
@@ -67,6 +67,6 @@ def cifar_w8a8(cifar_compiled):
 
 @pytest.fixture
 def tiny_vit_model():
-    from fxquant.testing import tiny_vit
+    from fxquant.core.testing import tiny_vit
 
     return tiny_vit()

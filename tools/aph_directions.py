@@ -15,11 +15,11 @@ import argparse
 import torch
 
 import fxquant
-from fxquant import match
-from fxquant.data import load_data
-from fxquant.graph import extract_subgraph, propagate_shapes
-from fxquant.models import load_model
-from fxquant.sensitivity import average_perturbation_hessian
+from fxquant.core import match
+from fxquant.core.aph import average_perturbation_hessian
+from fxquant.core.data import load_data
+from fxquant.core.graph import extract_subgraph, propagate_shapes
+from fxquant.core.models import load_model
 
 
 def main() -> None:

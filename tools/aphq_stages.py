@@ -15,9 +15,9 @@ import time
 import torch
 
 import fxquant
-from fxquant.data import load_data
-from fxquant.evaluate import top1
-from fxquant.models import load_model
+from fxquant.core.data import load_data
+from fxquant.core.evaluate import top1
+from fxquant.core.models import load_model
 
 STAGES = {"mlp_reconstruct": "A", "annotate_uniform": "B", "annotate_repq": "B", "annotate_aphq": "B",
           "insert_quantizers": "B", "calibrate": "B", "repq_reparam": "B", "block_reconstruct": "C"}

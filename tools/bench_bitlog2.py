@@ -40,8 +40,8 @@ def main(argv=None) -> int:
         return 0
     import torch
 
+    from fxquant.core.quant import QuantSpec, fake_quantize
     from fxquant.kernels.bitlog2 import bitlog2_av, softmax_bitlog2_codes
-    from fxquant.quant import QuantSpec, fake_quantize
 
     dev = args.device
     if dev == "cuda":
@@ -132,10 +132,10 @@ def _whole_attention(b: int, heads: int, tokens: int, dim: int, spec, dev: str, 
     (``int_bmm`` → ``softmax_bitlog2_codes`` → ``bitlog2_av``); ``fused`` = ``fused_attention``."""
     import torch
 
+    from fxquant.core.quant import fake_quantize
     from fxquant.kernels.bitlog2 import bitlog2_av, softmax_bitlog2_codes
     from fxquant.kernels.fused_attention import fused_attention
     from fxquant.kernels.int_attention import int_bmm
-    from fxquant.quant import fake_quantize
 
     g = torch.Generator(device=dev).manual_seed(1)
     q, k, v = (torch.randint(-128, 128, (b, heads, tokens, dim), device=dev, dtype=torch.int8, generator=g) for _ in range(3))

@@ -46,9 +46,9 @@ from pathlib import Path
 import torch
 
 import fxquant
-from fxquant.data import load_data
+from fxquant.core.data import load_data
+from fxquant.core.models import load_model
 from fxquant.export import attention_operand_types, int8_attention_share, int8_share, runtime_precisions, to_onnx
-from fxquant.models import load_model
 from fxquant.recipes import get_recipe
 
 MODELS = {"cifar-vit": (1, 32), "cifar-vit-outliers": (1, 32), "timm:vit_small_patch16_224": (1, 8)}

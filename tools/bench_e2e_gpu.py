@@ -1,6 +1,6 @@
 """End-to-end latency / throughput of ViTs on a CUDA GPU: fp16, torch.compile, torchao int8, fxquant lowered.
 
-Models (random init, ``fxquant.models.load_model``): ``timm:vit_base_patch16_224`` and
+Models (random init, ``fxquant.core.models.load_model``): ``timm:vit_base_patch16_224`` and
 ``timm:deit_small_patch16_224``; batches 1, 8, 64. Variants, all in one process:
 
   fp16-eager            the timm model in fp16 (cuBLAS, PyTorch's SDPA attention)
@@ -163,8 +163,8 @@ def half_except_quant(gm):
     import torch
     from torch import nn
 
+    from fxquant.core.quant import FakeQuantize
     from fxquant.kernels import lowered
-    from fxquant.quant import FakeQuantize
 
     quant_types = tuple(c for c in vars(lowered).values()
                         if isinstance(c, type) and issubclass(c, nn.Module) and c.__module__ == lowered.__name__)
@@ -345,7 +345,7 @@ def main(argv=None) -> int:
             _fast_autotune(getattr(mod, attr, None), args.tune_rep)
     import torch._dynamo
 
-    from fxquant.models import load_model
+    from fxquant.core.models import load_model
 
     for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
         if hasattr(torch._dynamo.config, knob):  # several variants × batches compile the same forward

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 import fxquant
-from fxquant.data import load_data
-from fxquant.models import load_model
+from fxquant.core.data import load_data
+from fxquant.core.models import load_model
 
 
 def cpu_flags() -> str:

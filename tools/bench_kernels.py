@@ -119,8 +119,8 @@ def _fmt(v, width=7, prec=1):
 
 
 def bench_linear(torch, timer: Timer, dev: str, m: int, n: int, k: int, variants: list[str]) -> dict:
+    from fxquant.core.quant import QuantSpec, pack_int4, unpack_int4
     from fxquant.kernels.int_linear import int_linear, quantize_act
-    from fxquant.quant import QuantSpec, pack_int4, unpack_int4
 
     g = torch.Generator(device=dev).manual_seed(0)
     a8 = torch.randint(-128, 128, (m, k), device=dev, dtype=torch.int8, generator=g)

@@ -30,8 +30,8 @@ def main() -> int:
     import torch
 
     import fxquant
-    from fxquant.data import load_data
-    from fxquant.models import load_model
+    from fxquant.core.data import load_data
+    from fxquant.core.models import load_model
 
     torch.manual_seed(0)
     info = load_model(args.model)

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 import fxquant
-from fxquant.data import load_data
-from fxquant.evaluate import compare_outputs
-from fxquant.models import load_model
-from fxquant.testing import FAMILIES, family_data, family_model
+from fxquant.core.data import load_data
+from fxquant.core.evaluate import compare_outputs
+from fxquant.core.models import load_model
+from fxquant.core.testing import FAMILIES, family_data, family_model
 
 
 def family_w8a8_sqnr(name: str, seed: int = 0) -> float:

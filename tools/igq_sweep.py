@@ -13,9 +13,9 @@ import time
 import torch
 
 import fxquant
-from fxquant.data import load_data
-from fxquant.evaluate import top1
-from fxquant.models import load_model
+from fxquant.core.data import load_data
+from fxquant.core.evaluate import top1
+from fxquant.core.models import load_model
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import fxquant
-from fxquant.testing import EVAL_SENTENCES, embedding_cosine, minilm_setup
+from fxquant.core.testing import EVAL_SENTENCES, embedding_cosine, minilm_setup
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -19,8 +19,8 @@ CHILD = r"""
 import json, resource, sys, time
 import numpy as np, torch
 import fxquant
-from fxquant.data import _normalise, cifar10_paths
-from fxquant.models import load_model
+from fxquant.core.data import _normalise, cifar10_paths
+from fxquant.core.models import load_model
 
 n = int(sys.argv[1])
 info = load_model("cifar-vit")

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 import fxquant
-from fxquant.data import load_data
-from fxquant.models import load_model
+from fxquant.core.data import load_data
+from fxquant.core.models import load_model
+from fxquant.core.quant import PctMSE, QuantSpec
+from fxquant.core.testing import codes_and_output, family_model, float_rel_change, outlier_ln_two_linears
 from fxquant.passes import AnnotateRepQ, AnnotateUniform, Calibrate, InsertQuantizers, ReparameterizeLayerNorm
-from fxquant.quant import PctMSE, QuantSpec
-from fxquant.testing import codes_and_output, family_model, float_rel_change, outlier_ln_two_linears
 
 
 def _ln_pipeline(reparam: ReparameterizeLayerNorm | None):

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 import fxquant
-from fxquant.data import load_data
+from fxquant.core.data import load_data
+from fxquant.core.models import load_model, shared_dir
 from fxquant.export import run_onnx, to_onnx, to_openvino
-from fxquant.models import load_model, shared_dir
 
 # compile options a recipe needs to be exportable (IGQ: contiguous channel groups, not instance-aware)
 EXPORT_OPTIONS = {"igq-w4a4": {"group_mode": "contiguous"}}
@@ -51,7 +51,7 @@ def _compare(q, run, batches):
     max_d = sum_d = 0.0
     for x, y in batches:
         with torch.no_grad():
-            a = fxquant.graph.logits_of(q(x))
+            a = fxquant.core.graph.logits_of(q(x))
         b = run(x)
         d = (a - b).abs()
         max_d = max(max_d, d.max().item())

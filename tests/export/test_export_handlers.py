@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 import fxquant
-from fxquant.errors import ConfigError
+from fxquant.core.errors import ConfigError
+from fxquant.core.quant import modules as quant_modules
+from fxquant.core.testing import toy_calib, toy_vit
 from fxquant.export import EXPORT_HANDLERS, export_handler, prepare_for_export, run_onnx, to_onnx
 from fxquant.kernels import lowered
-from fxquant.quant import modules as quant_modules
-from fxquant.testing import toy_calib, toy_vit
 
 
 def _runtime_module_kinds() -> list[type]:

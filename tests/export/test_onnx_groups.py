@@ -16,10 +16,10 @@ import torch
 from onnx import numpy_helper
 
 import fxquant
-from fxquant.errors import ConfigError
+from fxquant.core.errors import ConfigError
+from fxquant.core.quant import InstanceGroups, MinMax, PctMSE, PerGroup, QuantSpec, code_offset, quantize
+from fxquant.core.testing import QuantizerOnly, calibrated_quantizer, toy_calib, toy_vit
 from fxquant.export import run_onnx, to_onnx
-from fxquant.quant import InstanceGroups, MinMax, PctMSE, PerGroup, QuantSpec, code_offset, quantize
-from fxquant.testing import QuantizerOnly, calibrated_quantizer, toy_calib, toy_vit
 
 
 def _run_with_codes(path, x):

@@ -11,22 +11,37 @@ mean 0.003-0.008, igq-w4a4 with contiguous groups max 0.34 / mean 0.0020; tools/
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import onnx
 import pytest
 import torch
 from onnx import numpy_helper
 
 import fxquant
-from fxquant.errors import ConfigError
+from fxquant.core.errors import ConfigError
+from fxquant.core.quant import PctMSE, QuantSpec
+from fxquant.core.testing import QuantizerOnly, calibrated_quantizer, family_model, toy_calib, toy_vit
 from fxquant.export import run_onnx, to_onnx
-from fxquant.quant import PctMSE, QuantSpec
-from fxquant.testing import QuantizerOnly, calibrated_quantizer, family_model, toy_calib, toy_vit
 
 TOL = {"fp32": (1e-4, 1e-5), "w8a8": (0.15, 0.01), "repq-w4a4": (1.0, 0.02), "bitlog2-w4a4": (1.0, 0.02),
        "repq-qwt-w4a4": (1.0, 0.02), "igq-w4a4": (1.0, 0.02)}
 # compile options per recipe: IGQ's instance-aware groups have no QDQ form (test_onnx_groups.py),
 # its contiguous channel groups export as per-channel Q/DQ
 OPTIONS = {"repq-qwt-w4a4": {"calib_images": 32}, "igq-w4a4": {"group_mode": "contiguous"}}
+# onnxruntime's fused int8 GEMM on x86 without VNNI (AVX2 vpmaddubsw: saturating int16 pair sums), W8A8
+AVX2_TOL = {"w8a8": (0.4, 0.04)}
+
+
+def _int8_gemm_is_exact() -> bool:
+    """Whether onnxruntime's int8 GEMM accumulates exactly here: not x86, or an x86 CPU with VNNI."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return True
+    try:
+        return "vnni" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +77,17 @@ def test_export_matches_fake_quant(recipe, tmp_path, cifar_compiled, cifar_batch
         assert len(grouped) == 25 and all(len(set(g.tolist())) <= 8 < g.size for g in grouped)
     with torch.no_grad():
         ref = q(x)
+    max_tol, mean_tol = TOL[recipe]
+    # the exported function, each op as written (no integer-GEMM fusion): the stated tolerance on every CPU
+    exact = run_onnx(res.path, (x,), optimize=False)
+    d = (exact - ref).abs()
+    assert d.max().item() <= max_tol and d.mean().item() <= mean_tol, (d.max().item(), d.mean().item())
+    # as deployed (MatMulIntegerToFloat): the same tolerance where the int8 GEMM is exact (VNNI); without
+    # VNNI onnxruntime's u8xs8 kernel saturates int16 pair sums (measured on an AVX2-only EPYC, W8A8,
+    # 200 images: max 0.18 / mean 0.022 vs 0.042 / 0.0028 unfused), hence AVX2_TOL there
     got = run_onnx(res.path, (x,))
     d = (got - ref).abs()
-    max_tol, mean_tol = TOL[recipe]
+    max_tol, mean_tol = (max_tol, mean_tol) if _int8_gemm_is_exact() else AVX2_TOL.get(recipe, (max_tol, mean_tol))
     assert d.max().item() <= max_tol and d.mean().item() <= mean_tol, (d.max().item(), d.mean().item())
     assert (got.argmax(1) == ref.argmax(1)).float().mean().item() >= 0.98
 
@@ -121,7 +144,7 @@ def test_export_refuses_what_onnx_cannot_express(tmp_path):
       for name, reduced in [("deit_small_patch16_224", True), ("deit_small_patch16_224", False),
                             ("swin_tiny_patch4_window7_224", False)]]])
 def test_timm_models_export_and_run(name, reduced, tmp_path):
-    """DeiT-S and Swin-T (reduced: fxquant.testing.family_model; pytest -m slow adds 224 px)."""
+    """DeiT-S and Swin-T (reduced: fxquant.core.testing.family_model; pytest -m slow adds 224 px)."""
     model, px = family_model(name, reduced)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, px, px, generator=g)

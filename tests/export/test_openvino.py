@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import fxquant
-from fxquant.errors import ConfigError
-from fxquant.quant import QuantLinear
-from fxquant.testing import toy_calib, toy_vit
+from fxquant.core.errors import ConfigError
+from fxquant.core.quant import QuantLinear
+from fxquant.core.testing import toy_calib, toy_vit
 
 ov = pytest.importorskip("openvino")
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fxquant.core.quant import pack_int4, unpack_int4
+from fxquant.core.quant.primitives import BITLOG2_VARIANTS
+from fxquant.core.testing import on_device
 from fxquant.kernels.bitlog2 import (
     bitlog2_av,
     bitlog2_av_float64_ref,
@@ -13,9 +16,6 @@ from fxquant.kernels.bitlog2 import (
     bitlog2_codes_ref,
     softmax_bitlog2_codes,
 )
-from fxquant.quant import pack_int4, unpack_int4
-from fxquant.quant.primitives import BITLOG2_VARIANTS
-from fxquant.testing import on_device
 
 VARIANTS = list(BITLOG2_VARIANTS)
 SHAPES = [(1, 1, 1), (2, 3, 13), (1, 2, 65)]  # (batch, heads, tokens): 1, odd, CIFAR ViT's 65
@@ -74,8 +74,8 @@ def test_integer_av_equals_reference(variant, shape):
 def test_level_planes_decompose_every_level(variant):
     """The digit planes the A·v kernel multiplies: 7-bit digits of every level recombine to it, and
     their count (int8 GEMMs per key block) is 2 for the half variants, 3 for the single ones."""
+    from fxquant.core.quant.primitives import bitlog2_level_table
     from fxquant.kernels.bitlog2 import level_planes
-    from fxquant.quant.primitives import bitlog2_level_table
 
     levels = bitlog2_level_table(variant).to(torch.int64)
     p = level_planes(variant)
@@ -103,8 +103,8 @@ def test_av_rejects_float_v_and_bad_shapes():
 def test_integer_av_matches_fake_quant_graph(cifar_compiled, cifar_data):
     """On the real model: the A·v matmul of the bitlog2-w4a4 graph equals the integer path
     (Σ_j D_j·(q_v,j - z_v) in integers, then × s_v/δ) within fp32 rounding of the float matmul."""
-    from fxquant import match
-    from fxquant.quant import quantize
+    from fxquant.core import match
+    from fxquant.core.quant import quantize
 
     calib, x, _ = cifar_data
     q = cifar_compiled("bitlog2-w4a4")

@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fxquant.core.quant import QuantSpec, code_offset, to_signed_codes
+from fxquant.core.quant.primitives import bitlog2_codes_from_int, bitlog2_input, bitlog2_level_table
+from fxquant.core.testing import on_device
 from fxquant.kernels.fused_attention import fused_attention, fused_attention_ref
-from fxquant.quant import QuantSpec, code_offset, to_signed_codes
-from fxquant.quant.primitives import bitlog2_codes_from_int, bitlog2_input, bitlog2_level_table
-from fxquant.testing import on_device
 
 A_SPECS = {
     "half17": (QuantSpec(bits=4, scheme="bitlog2", bitlog2_variant="half17"), 330.0, 0.0),

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import fxquant
+from fxquant.core.testing import toy_calib, toy_vit
 from fxquant.kernels.lowered import LoweredAttention, LoweredPatchConv
-from fxquant.testing import toy_calib, toy_vit
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fxquant.core.quant import pack_int4
+from fxquant.core.testing import on_device
 from fxquant.kernels.grouped_linear import (
     contiguous_group_idx,
     group_segments,
@@ -17,8 +19,6 @@ from fxquant.kernels.grouped_linear import (
     grouped_linear_ref,
 )
 from fxquant.kernels.int_linear import int_linear_ref
-from fxquant.quant import pack_int4
-from fxquant.testing import on_device
 
 EPS32 = 2.0 ** -24  # unit roundoff of float32
 

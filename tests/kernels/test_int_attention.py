@@ -6,6 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fxquant.core.quant import QuantSpec, choose_qparams, code_offset, to_signed_codes
+from fxquant.core.quant.primitives import bitlog2_codes_from_int, bitlog2_input, fake_quantize
+from fxquant.core.testing import on_device
 from fxquant.kernels.bitlog2 import bitlog2_av_ref
 from fxquant.kernels.int_attention import (
     bitlog2_av_int,
@@ -19,9 +22,6 @@ from fxquant.kernels.int_attention import (
     log_codes_of,
     log_max_shift,
 )
-from fxquant.quant import QuantSpec, choose_qparams, code_offset, to_signed_codes
-from fxquant.quant.primitives import bitlog2_codes_from_int, bitlog2_input, fake_quantize
-from fxquant.testing import on_device
 
 BMM_SHAPES = [(1, 1, 16, 16, 16), (2, 3, 17, 40, 33), (1, 4, 50, 32, 50)]  # (B, H, M, K, N)
 
@@ -122,8 +122,8 @@ def test_bitlog2_av_int_equals_shift_reference(variant):
 
 @pytest.mark.parametrize("variant", ["half16", "half17", "single16"])
 def test_bitlog2_av_from_integer_inputs_equals_the_code_path(variant):
+    from fxquant.core.quant.primitives import BITLOG2_VARIANTS, bitlog2_codes_from_int
     from fxquant.kernels.int_attention import bitlog2_av_from_input
-    from fxquant.quant.primitives import BITLOG2_VARIANTS, bitlog2_codes_from_int
 
     m, _ = BITLOG2_VARIANTS[variant]
     g = torch.Generator().manual_seed(m)
@@ -137,8 +137,8 @@ def test_bitlog2_av_from_integer_inputs_equals_the_code_path(variant):
 @pytest.mark.parametrize("scheme", ["log2", "log_sqrt2"])
 @pytest.mark.parametrize("bits", [3, 4])
 def test_log_av_from_ratio_equals_the_code_path(scheme, bits):
+    from fxquant.core.quant.primitives import log_codes
     from fxquant.kernels.int_attention import log_av_from_ratio
-    from fxquant.quant.primitives import log_codes
 
     spec = QuantSpec(bits=bits, scheme=scheme)
     g = torch.Generator().manual_seed(bits)

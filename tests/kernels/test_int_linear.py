@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fxquant.core.quant import QuantSpec, choose_qparams, pack_int4, to_signed_codes, unpack_int4
+from fxquant.core.testing import on_device
 from fxquant.kernels.int_linear import (
     int_linear,
     int_linear_cpu,
@@ -15,8 +17,6 @@ from fxquant.kernels.int_linear import (
     per_token_qparams,
     quantize_act,
 )
-from fxquant.quant import QuantSpec, choose_qparams, pack_int4, to_signed_codes, unpack_int4
-from fxquant.testing import on_device
 
 SHAPES = [(1, 16, 8), (33, 48, 40), (65, 130, 17)]  # (M, K, N)
 

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxquant.errors import ConfigError
+from fxquant.core.errors import ConfigError
+from fxquant.core.quant import FakeQuantize, PerAxis, QuantConv2d, QuantSpec, choose_qparams, code_offset, to_signed_codes
+from fxquant.core.testing import KERNEL_DEVICE, on_device
 from fxquant.kernels.int_linear import HAS_TRITON, int_linear_ref
 from fxquant.kernels.lowered import LoweredLinear, LoweredPatchConv, patch_conv_mismatch
-from fxquant.quant import FakeQuantize, PerAxis, QuantConv2d, QuantSpec, choose_qparams, code_offset, to_signed_codes
-from fxquant.testing import KERNEL_DEVICE, on_device
 
 # (weight bits, activation bits, symmetric activations): 8-bit weights symmetric, 4-bit weights
 # asymmetric (non-zero zero points) and int4-packed; 4-bit activations are packed too on Triton

@@ -9,12 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxquant
-from fxquant import artifact, match
-from fxquant.errors import ConfigError, PassError
-from fxquant.graph import logits_of
+from fxquant import artifact
+from fxquant.core import match
+from fxquant.core.errors import ConfigError, PassError
+from fxquant.core.graph import logits_of
+from fxquant.core.quant import FakeQuantize
+from fxquant.core.testing import ToyBlock, ToyViT, hf_vit, tiny_vit, toy_calib, toy_vit
 from fxquant.passes import AnnotateUniform, Calibrate, InsertQuantizers, MLPReconstruct
-from fxquant.quant import FakeQuantize
-from fxquant.testing import ToyBlock, ToyViT, hf_vit, tiny_vit, toy_calib, toy_vit
 
 
 def _mr(model=None, calib=None, seed=0, **options):

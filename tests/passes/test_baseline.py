@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import fxquant
-from fxquant import match
-from fxquant.errors import ConfigError
+from fxquant.core import match
+from fxquant.core.errors import ConfigError
+from fxquant.core.quant import FakeQuantize, QuantConv2d, QuantLinear
+from fxquant.core.testing import toy_calib, toy_vit
 from fxquant.passes import AnnotateUniform, Calibrate, InsertQuantizers
-from fxquant.quant import FakeQuantize, QuantConv2d, QuantLinear
-from fxquant.testing import toy_calib, toy_vit
 
 
 def _act_quantizer_nodes(gm):

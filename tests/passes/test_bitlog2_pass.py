@@ -6,11 +6,12 @@ import pytest
 import torch
 
 import fxquant
-from fxquant import artifact, match
-from fxquant.errors import ConfigError, PassError
+from fxquant import artifact
+from fxquant.core import match
+from fxquant.core.errors import ConfigError, PassError
+from fxquant.core.quant.primitives import BITLOG2_VARIANTS
+from fxquant.core.testing import toy_calib, toy_vit
 from fxquant.passes import AnnotateUniform, BitLog2Attention, InsertQuantizers
-from fxquant.quant.primitives import BITLOG2_VARIANTS
-from fxquant.testing import toy_calib, toy_vit
 
 
 def _attention_quantizer(q):

@@ -10,11 +10,15 @@ import pytest
 import torch
 
 import fxquant
-from fxquant import artifact, match
-from fxquant.errors import ConfigError, PassError
+from fxquant import artifact
+from fxquant.core import match
+from fxquant.core.errors import ConfigError, PassError
+from fxquant.core.graph import logits_of, propagate_shapes
+from fxquant.core.meta import REPQ_SITE
+from fxquant.core.pipeline import Pass, PassResult
+from fxquant.core.quant import FakeQuantize, JointGrid, PerAxis, PerTensor, QuantConv2d, QuantLinear
+from fxquant.core.testing import family_data, family_model, set_all_quantizers, tiny_vit, toy_calib, toy_vit
 from fxquant.export import run_onnx, to_onnx
-from fxquant.graph import logits_of, propagate_shapes
-from fxquant.meta import REPQ_SITE
 from fxquant.passes import (
     AnnotateAPHQ,
     AnnotateRepQ,
@@ -26,9 +30,6 @@ from fxquant.passes import (
     QwTCompensate,
 )
 from fxquant.passes.block_recon import find_regions
-from fxquant.pipeline import Pass, PassResult
-from fxquant.quant import FakeQuantize, JointGrid, PerAxis, PerTensor, QuantConv2d, QuantLinear
-from fxquant.testing import family_data, family_model, set_all_quantizers, tiny_vit, toy_calib, toy_vit
 
 
 def _aphq(model=None, calib=None, seed=0, **options):

@@ -14,12 +14,12 @@ from torch import nn
 import fxquant
 from fxquant import artifact
 from fxquant.cli import main
-from fxquant.errors import ConfigError, PassError
-from fxquant.meta import input_specs
+from fxquant.core.errors import ConfigError, PassError
+from fxquant.core.meta import input_specs
+from fxquant.core.quant import FakeQuantize, InstanceGroups, PerAxis, PerGroup, PerTensor, QuantSpec
+from fxquant.core.testing import toy_calib, toy_vit
 from fxquant.passes import AllocateGroups, AnnotateUniform, Calibrate, GroupQuant, InsertQuantizers
 from fxquant.passes.igq import group_quantizers, knapsack_units, solve_allocation
-from fxquant.quant import FakeQuantize, InstanceGroups, PerAxis, PerGroup, PerTensor, QuantSpec
-from fxquant.testing import toy_calib, toy_vit
 
 W4 = QuantSpec(bits=4, granularity=PerAxis(0))
 A4 = QuantSpec(bits=4, granularity=PerTensor())
@@ -179,7 +179,7 @@ def test_platform_command_line_both_flag_spellings(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("allocate", [False, True])
 def test_igq_on_swin_groups_window_attention(allocate):
-    from fxquant.testing import family_data, family_model
+    from fxquant.core.testing import family_data, family_model
 
     model, res = family_model("swin_tiny_patch4_window7_224", reduced=True)
     calib, x = family_data(res)

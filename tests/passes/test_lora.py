@@ -8,11 +8,11 @@ from torch import nn
 
 import fxquant
 from fxquant import artifact
-from fxquant.calibration import stratified_indices
-from fxquant.errors import ConfigError, PassError
+from fxquant.core.calibration import stratified_indices
+from fxquant.core.errors import ConfigError, PassError
+from fxquant.core.testing import toy_vit
 from fxquant.passes import InsertQuantizers, LoRAQuantize, ReplaceHead
 from fxquant.passes.lora import lora_layers
-from fxquant.testing import toy_vit
 
 TOY_LINEARS = ["block.q", "block.k", "block.v", "block.proj", "block.fc1", "block.fc2"]
 
@@ -132,7 +132,7 @@ def test_real_model_loftq_refit_ends_below_its_first_step_and_fixed_grid_never_r
 
 
 def test_replace_head_keeps_names_and_replaces_every_head():
-    from fxquant.testing import family_model
+    from fxquant.core.testing import family_model
 
     model, res = family_model("deit_tiny_distilled_patch16_224", reduced=True)
     gm = fxquant.compile(model, passes=[ReplaceHead(4)], example_inputs=(torch.randn(2, 3, res, res),), progress=False)

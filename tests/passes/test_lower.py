@@ -8,11 +8,11 @@ import torch
 
 import fxquant
 from fxquant import artifact
-from fxquant.errors import ConfigError
+from fxquant.core.errors import ConfigError
+from fxquant.core.quant import QuantConv2d, QuantLinear
+from fxquant.core.testing import toy_calib, toy_vit
 from fxquant.kernels.lowered import LoweredAttention, LoweredLinear, LoweredMatmul, LoweredPatchConv
 from fxquant.passes import LowerToKernels
-from fxquant.quant import QuantConv2d, QuantLinear
-from fxquant.testing import toy_calib, toy_vit
 
 
 def test_toy_lowering_structure_and_report():
@@ -35,7 +35,7 @@ def test_toy_lowering_structure_and_report():
 
 def _matmul_io(fq: torch.fx.GraphModule, x: torch.Tensor) -> list[dict]:
     """Inputs of the two quantizers and the output of every quantized attention matmul of ``fq``."""
-    from fxquant.quant import FakeQuantize
+    from fxquant.core.quant import FakeQuantize
 
     mods = dict(fq.named_modules())
     seen, hooks = [], []
@@ -234,8 +234,8 @@ def _mlp_data(n: int = 3, seed: int = 0) -> list[torch.Tensor]:
 
 
 def _grouped_passes(mode: str, lower: bool) -> list:
+    from fxquant.core.quant import PerAxis, QuantSpec
     from fxquant.passes import AnnotateUniform, Calibrate, GroupQuant, InsertQuantizers, LowerToKernels
-    from fxquant.quant import PerAxis, QuantSpec
 
     w4, a4 = QuantSpec(bits=4, granularity=PerAxis(0)), QuantSpec(bits=4)
     return [AnnotateUniform(weight=w4, act=a4), GroupQuant(num_groups=4, mode=mode), InsertQuantizers(), Calibrate()] + (
@@ -247,8 +247,8 @@ def test_grouped_inputs_lower_to_grouped_linear(mode, tmp_path):
     """IGQ-ViT inputs (InstanceGroups / PerGroup, 4 groups, W4A4) lower to LoweredGroupedLinear, whose
     integer partial sums + float32 epilogue equal the fake-quant layer within fp32 rounding, and
     which an artifact rebuilds (replay)."""
+    from fxquant.core.quant import FakeQuantize, InstanceGroups, PerGroup
     from fxquant.kernels.lowered import LoweredGroupedLinear
-    from fxquant.quant import FakeQuantize, InstanceGroups, PerGroup
 
     fq = fxquant.compile(_mlp(), passes=_grouped_passes(mode, False), calib=_mlp_data(), progress=False)
     low = fxquant.compile(_mlp(), passes=_grouped_passes(mode, True), calib=_mlp_data(), progress=False)

@@ -8,10 +8,10 @@ import torch
 
 import fxquant
 from fxquant import artifact
-from fxquant.errors import ConfigError
+from fxquant.core.errors import ConfigError
+from fxquant.core.testing import toy_calib, toy_vit
 from fxquant.export import run_onnx, to_onnx
 from fxquant.passes import MixedPrecision
-from fxquant.testing import toy_calib, toy_vit
 
 CALIB = toy_calib(4, 8)
 
@@ -21,7 +21,7 @@ def _compiled(recipe: str = "w4a4", **kw):
 
 
 def _mean_weight_bits(gm) -> float:
-    from fxquant.quant import QuantConv2d, QuantLinear
+    from fxquant.core.quant import QuantConv2d, QuantLinear
 
     w = [(m.weight_fake_quant.spec.bits, m.weight.numel()) for m in gm.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
     return sum(b * n for b, n in w) / sum(n for _, n in w)

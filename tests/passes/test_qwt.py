@@ -9,13 +9,14 @@ import torch
 from torch import nn
 
 import fxquant
-from fxquant import artifact, match
-from fxquant.graph import propagate_shapes
+from fxquant import artifact
+from fxquant.core import match
+from fxquant.core.graph import propagate_shapes
+from fxquant.core.pipeline import Pass, PassResult
+from fxquant.core.quant import CompensationLinear, FakeQuantize, QuantSpec
+from fxquant.core.testing import family_model, hf_vit, toy_calib, toy_vit
 from fxquant.passes import AnnotateUniform, Calibrate, InsertQuantizers, QwTCompensate
 from fxquant.passes.qwt import LinearRegressionAccumulator
-from fxquant.pipeline import Pass, PassResult
-from fxquant.quant import CompensationLinear, FakeQuantize, QuantSpec
-from fxquant.testing import family_model, hf_vit, toy_calib, toy_vit
 
 
 def _blocks(model, x):
@@ -180,7 +181,7 @@ def test_qwt_artifact_round_trip_and_bitlog2_composition(tmp_path):
 
 
 def test_qwt_needs_batches_not_a_loop():
-    from fxquant.errors import PassError
+    from fxquant.core.errors import PassError
 
     with pytest.raises(PassError, match="iterable of batches"):
         fxquant.compile(toy_vit(), recipe="repq-qwt-w4a4", calib=lambda m: m(toy_calib()[0]),

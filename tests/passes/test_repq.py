@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 import fxquant
-from fxquant import artifact, match
-from fxquant.passes import AnnotateRepQ, AnnotateUniform, Calibrate, InsertQuantizers, ReparameterizeLayerNorm
-from fxquant.quant import PctMSE, PerAxis, PerTensor, QuantLinear, QuantSpec
-from fxquant.testing import (
+from fxquant import artifact
+from fxquant.core import match
+from fxquant.core.quant import PctMSE, PerAxis, PerTensor, QuantLinear, QuantSpec
+from fxquant.core.testing import (
     PostLNBlock,
     ToyViT,
     codes_and_output,
@@ -22,6 +22,7 @@ from fxquant.testing import (
     toy_calib,
     toy_vit,
 )
+from fxquant.passes import AnnotateRepQ, AnnotateUniform, Calibrate, InsertQuantizers, ReparameterizeLayerNorm
 
 REPARAM_SITES = {
     # name: LayerNorm sites folded
@@ -29,7 +30,7 @@ REPARAM_SITES = {
     "swin_tiny_patch4_window7_224": 27,
     "hf_vit": 5,
 }
-# default run: DeiT-S and Swin-T reduced (64 px, same depth; fxquant.testing.family_model);
+# default run: DeiT-S and Swin-T reduced (64 px, same depth; fxquant.core.testing.family_model);
 # pytest -m slow: at 224 px
 CASES = [pytest.param(name, True, id=name if name == "hf_vit" else f"{name}-64px") for name in REPARAM_SITES] + [
     pytest.param(name, False, id=f"{name}-224px", marks=pytest.mark.slow) for name in REPARAM_SITES if name != "hf_vit"]
@@ -72,7 +73,7 @@ def test_swin_reduction_gets_a_bias_and_window_attention_is_log_quantized(reduce
 
 
 def _ln_pipeline(reparam: ReparameterizeLayerNorm | None):
-    # the same pipeline is in tools/repq_exactness.py (it needs fxquant.passes: not in fxquant.testing)
+    # the same pipeline is in tools/repq_exactness.py (it needs fxquant.passes: not in fxquant.core.testing)
     act = QuantSpec(bits=4, estimator=PctMSE())
     passes = [AnnotateUniform(act=act), AnnotateRepQ(stem_input_bits=None, log_softmax=False), InsertQuantizers(), Calibrate()]
     return passes + ([reparam] if reparam else [])
