@@ -5,6 +5,10 @@ images that is split into batches) or a callable ``forward_loop(model)`` that ru
 itself (torch.ao convention). Batches are tensors, ``(inputs, labels)`` tuples or dicts of model
 keyword arguments (``fxquant.core.batches``). Nothing is stored: each batch flows through the observers and is dropped.
 
+The first tensor batch is compared with the captured graph's example input (``check_first_batch``:
+sizes after the batch dimension, dtype, device), so that a wrong batch fails with its mismatch named
+instead of deep inside a pass; one batch is checked, never more.
+
 Under ``torch.distributed`` (``torchrun``), ``fold_batches`` shards the batches across ranks
 (batch ``i`` on rank ``i % W``) and folds every batch's result on every rank in batch order
 (``distributed.ordered_fold``), so the statistics equal the single-process ones bit for bit. The
@@ -25,6 +29,33 @@ from .batches import call_model, graph_inputs, limit_images
 from .errors import CalibrationError
 
 
+def check_batch(batch: Any, example: torch.Tensor, *, index: int = 0) -> None:
+    """Raise ``CalibrationError`` when the tensor input of ``batch`` (a tensor or an ``(inputs,
+    labels)`` tuple) cannot be the input ``example`` stands for: another number of dimensions,
+    other sizes after the batch dimension (the channel count named for images), another dtype or
+    device. Other batch forms (dicts, loops) are not checked."""
+    x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if not isinstance(x, torch.Tensor) or not isinstance(example, torch.Tensor):
+        return
+    problems = []
+    if x.dim() != example.dim():
+        problems.append(f"{x.dim()} dimensions {list(x.shape)} vs {example.dim()} {list(example.shape)}")
+    elif x.shape[1:] != example.shape[1:]:
+        what = (f"channels {x.shape[1]} vs {example.shape[1]}" if x.dim() == 4 and x.shape[1] != example.shape[1]
+                else f"sizes after the batch dimension {list(x.shape[1:])} vs {list(example.shape[1:])}")
+        problems.append(f"shape {list(x.shape)} vs {list(example.shape)} ({what})")
+    if x.dtype != example.dtype:
+        problems.append(f"dtype {str(x.dtype).replace('torch.', '')} vs {str(example.dtype).replace('torch.', '')}")
+    if x.device != example.device:
+        problems.append(f"device {x.device} vs {example.device}")
+    if problems:
+        raise CalibrationError(
+            f"calibration batch {index} does not match the example input the model was captured with: "
+            + "; ".join(problems) + ". Make the calibration batches like the example input (sizes after the batch "
+            "dimension, dtype, device), or pass example_inputs= like them."
+        )
+
+
 class Calibration:
     """Calibration data in one of the accepted forms (see module docstring)."""
 
@@ -38,6 +69,7 @@ class Calibration:
         self.batch_size = batch_size
         self.progress = progress
         self.desc = desc
+        self._expect: torch.Tensor | None = None  # the example input the first streamed batch is checked against
 
     @property
     def is_loop(self) -> bool:
@@ -65,9 +97,30 @@ class Calibration:
             return batch
         return None
 
+    def check_first_batch(self, example: torch.Tensor) -> None:
+        """Check the first batch against ``example`` (``check_batch``): now when the data is in
+        memory (a tensor, a list or tuple of batches), otherwise when it first streams through
+        ``limited`` (a DataLoader is not iterated an extra time, a generator not consumed)."""
+        if self.is_loop:
+            return
+        if isinstance(self.data, (torch.Tensor, list, tuple)):
+            first = self.first_batch()
+            if first is not None:
+                check_batch(first, example)
+        else:
+            self._expect = example
+
     def limited(self, max_images: int | None) -> Iterable:
         """The batches, cut so that at most ``max_images`` images are yielded (None: all)."""
-        return limit_images(self.batches(), max_images)
+        batches = limit_images(self.batches(), max_images)
+        return batches if self._expect is None else self._checked(batches)
+
+    def _checked(self, batches: Iterable) -> Iterable:
+        for batch in batches:
+            if self._expect is not None:
+                check_batch(batch, self._expect)
+                self._expect = None
+            yield batch
 
     def fold_batches(self, compute: Callable[[Any], Any], fold: Callable[[Any], None], *,
                      max_images: int | None = None) -> int:

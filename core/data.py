@@ -5,7 +5,9 @@
   package's embedded slice (the first 1,000 test and first 256 calibration images).
 * an ImageNet-style folder (``ImageFolder`` layout): the model's timm eval transform; a seeded
   random subset of ``calib_images`` images calibrates and the remaining images evaluate (so the
-  two never overlap).
+  two never overlap). The folder is checked before any work: an empty folder, a class folder
+  without images, or an image whose header cannot be read is a ``ConfigError`` naming the
+  folder or the file (a file damaged past its header is named when it is decoded).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Iterator
 import numpy as np
 import timm.data
 import torch
+from PIL import Image
 
 from .errors import ConfigError
 from .models import ASSETS, ModelInfo, shared_dir
@@ -69,17 +72,50 @@ def load_cifar10(info: ModelInfo, *, calib_images: int, limit: int | None = None
     return EvalData("cifar10", xc, batches, n, source)
 
 
+def _image_loader(root: Path):
+    """torchvision's image loader, with a file that cannot be decoded named instead of a bare PIL error."""
+    from torchvision.datasets.folder import default_loader
+
+    def load(p: str):
+        try:
+            return default_loader(p)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise ConfigError(f"--data {root}: cannot read image '{p}' ({type(e).__name__}: {e}); "
+                              f"remove or replace the file") from None
+
+    return load
+
+
+def _check_image_headers(root: Path, files: list[str]) -> None:
+    """Open every file's header (cheap: no decoding) so that a corrupt image fails before calibration."""
+    bad = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.size  # noqa: B018  (the header is parsed)
+        except (OSError, ValueError, SyntaxError) as e:
+            bad.append(f"'{f}' ({type(e).__name__}: {e})")
+    if bad:
+        raise ConfigError(f"--data {root}: {len(bad)} of the {len(files)} images it would use cannot be read: "
+                          + "; ".join(bad[:3]) + (" ..." if len(bad) > 3 else "") + ". Remove or replace them.")
+
+
 def load_image_folder(info: ModelInfo, path: str | Path, *, calib_images: int, limit: int | None = None,
                       batch_size: int = 50, seed: int = 0) -> EvalData:
     # torchvision is imported only for ImageFolder data (heavy, and unused by the CIFAR path)
     from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
 
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"--data {path}: not a folder (use 'cifar10' or an ImageFolder-style folder of class subfolders)")
     cfg = info.data_config or {"input_size": info.input_size, "mean": info.mean, "std": info.std,
                                "interpolation": "bicubic", "crop_pct": 0.875}
-    ds = ImageFolder(str(path), transform=timm.data.create_transform(**cfg))
+    try:
+        ds = ImageFolder(str(path), transform=timm.data.create_transform(**cfg), loader=_image_loader(path))
+    except FileNotFoundError as e:  # no class folder, or a class folder without images
+        raise ConfigError(f"--data {path}: {e} An ImageFolder holds {path}/<class>/<image> files "
+                          f"({', '.join(IMG_EXTENSIONS)}); or use --data cifar10") from None
     if len(ds.classes) != info.num_classes:
         raise ConfigError(f"--data {path} has {len(ds.classes)} classes but the model predicts {info.num_classes}")
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -88,6 +124,7 @@ def load_image_folder(info: ModelInfo, path: str | Path, *, calib_images: int, l
     cal_idx, test_idx = order[:calib_images], sorted(order[calib_images:])
     if limit is not None:
         test_idx = test_idx[:limit]
+    _check_image_headers(path, [ds.samples[i][0] for i in sorted(cal_idx + test_idx)])
     calib = torch.stack([ds[i][0] for i in cal_idx]) if cal_idx else torch.empty(0, *info.input_size)
     sub = torch.utils.data.Subset(ds, test_idx)
 
@@ -100,6 +137,8 @@ def load_image_folder(info: ModelInfo, path: str | Path, *, calib_images: int, l
 def load_data(info: ModelInfo, data: str | None, *, calib_images: int, limit: int | None = None, seed: int = 0,
               batch_size: int = 200) -> EvalData:
     """Data for ``info``: ``data`` is ``"cifar10"``, a folder, or None (the model's default)."""
+    if calib_images < 0 or (limit is not None and limit < 0):
+        raise ConfigError(f"calib_images and limit must be >= 0 (limit None: every test image); got {calib_images} and {limit}")
     if data is None:
         if info.dataset == "cifar10":
             data = "cifar10"

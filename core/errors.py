@@ -25,3 +25,7 @@ class PassError(FxQuantError):
 
 class ArtifactError(FxQuantError):
     """A saved artifact does not match the model it is loaded into."""
+
+
+class ArtifactWarning(UserWarning):
+    """A saved artifact loads but cannot be checked (an old format without digests)."""

@@ -30,7 +30,7 @@ from .batches import graph_inputs
 from .errors import TraceError
 from .match import op_kind, tensor_shape
 from .meta import CAPTURE, SUBGRAPH_INPUTS
-from .quant import FakeQuantize, QuantConv2d, QuantLinear
+from .quant import FakeQuantize, QuantConv2d, QuantLinear, quantizer_state
 
 
 def _timm_fx_registry() -> tuple[set[type], set]:
@@ -208,8 +208,12 @@ def _modularize(gm: fx.GraphModule) -> int:
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
-    """Record ``tensor_meta`` (shape, dtype) on every node by running ``example_inputs``."""
-    with torch.no_grad():
+    """Record ``tensor_meta`` (shape, dtype) on every node by running ``example_inputs``.
+
+    Runs with every quantizer passing its input through (fake quant and observers off, restored
+    after): shapes do not depend on quantization, observers must not see the example inputs, and a
+    replayed artifact's quantizers are switched on before their saved parameters are loaded."""
+    with torch.no_grad(), quantizer_state(gm, fake_quant=False, observe=False):
         ShapeProp(gm).propagate(*example_inputs)
 
 

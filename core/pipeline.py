@@ -5,6 +5,10 @@ and one ``run(gm, ctx) -> PassResult``. The manager checks requirements, runs th
 order, lints and recompiles the graph after each, measures what changed, and collects the
 summaries into a ``PipelineReport`` that the user can print.
 
+Facts are strings. Most are provided by a pass (``annotate_uniform`` provides ``"annotated"``);
+a few the manager establishes itself whenever a pass requires them (``MANAGER_FACTS``), so no pass
+repeats the set-up: ``SHAPES`` (every module call has a recorded output shape).
+
 A pass whose decisions depend on data (e.g. which blocks QwT compensates) returns them in
 ``PassResult.record`` (JSON-serialisable). Loading a saved artifact replays the pipeline with
 ``ctx.replay = True`` and the saved records: passes then rebuild the graph structure without
@@ -14,16 +18,28 @@ calibration data and the saved tensors fill in the values.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import fx
 
 from .errors import ConfigError, FxQuantError, PassError
+from .graph import ensure_shapes
 from .quant import QuantSpec
 
 PASS_REGISTRY: dict[str, type["Pass"]] = {}
+
+SHAPES = "shapes"
+"""Fact: every module call of the graph has a recorded output shape (``tensor_meta``), from
+``ctx.example_inputs``. The manager establishes it before each pass that requires it
+(``graph.ensure_shapes``: propagated again only when a module call lacks a shape, i.e. after a pass
+inserted one); without example inputs the pass runs without it, as it always has."""
+
+MANAGER_FACTS: dict[str, Callable[[fx.GraphModule, "PassContext"], None]] = {
+    SHAPES: lambda gm, ctx: ensure_shapes(gm, ctx.example_inputs),
+}
+"""Facts the manager establishes itself when a pass requires them: ``{fact: establish(gm, ctx)}``."""
 
 
 def register_pass(cls: type["Pass"]) -> type["Pass"]:
@@ -70,6 +86,12 @@ class PassContext:
         if not self.replay or self._index >= len(self.records):
             return {}
         return self.records[self._index]
+
+    def nested(self) -> "PassContext":
+        """The context of a sub-pipeline that a pass runs through a ``PassManager`` of its own on a
+        trial copy of its graph (mixed precision's per-width trials): the same data, example inputs
+        and seed; its own copy of the facts; no progress bars; never replaying."""
+        return replace(self, progress=False, facts=set(self.facts), replay=False, records=[], _index=0)
 
     def require_calib(self, pass_name: str):
         if self.calib is None:
@@ -183,7 +205,7 @@ class PassManager:
         report = PipelineReport()
         done: list[str] = []
         for i, p in enumerate(self.passes):
-            missing = [f for f in p.requires if f not in ctx.facts]
+            missing = [f for f in p.requires if f not in ctx.facts and f not in MANAGER_FACTS]
             if missing:
                 providers = sorted({q.name for q in PASS_REGISTRY.values() for f in missing if f in q.provides})
                 raise PassError(
@@ -196,6 +218,9 @@ class PassManager:
             t0 = time.perf_counter()
             try:
                 with torch.no_grad():
+                    for fact in p.requires:
+                        if fact in MANAGER_FACTS:
+                            MANAGER_FACTS[fact](gm, ctx)
                     result = p.run(gm, ctx)
                 gm = result.gm
                 gm.graph.lint()

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from fxquant.core.graph import logits_of
-from fxquant.core.quant import FakeQuantize, QuantSpec, quantize
+from fxquant.core.quant import FakeQuantize, QuantSpec, quantize, quantizer_state
 
 # --------------------------------------------------------------------------------------- toys
 
@@ -222,12 +222,10 @@ def rel_max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def float_rel_change(model: nn.Module, q: nn.Module, x: torch.Tensor) -> float:
     """Relative output change of ``q`` (every quantizer off: reparameterized weights, no rounding)
-    against ``model`` on ``x``; the quantizers are switched back on afterwards."""
-    set_all_quantizers(q, False)
-    with torch.no_grad():
+    against ``model`` on ``x``; the quantizers' flags are restored afterwards."""
+    with torch.no_grad(), quantizer_state(q, fake_quant=False):
         ref = logits_of(model(x))
         got = logits_of(q(x))
-    set_all_quantizers(q, True)
     return rel_max_diff(ref, got)
 
 

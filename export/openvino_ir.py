@@ -45,7 +45,7 @@ from torch import fx
 
 from fxquant.core.errors import ConfigError
 
-from .onnx_qdq import DEFAULT_OPSET, to_onnx
+from .runner import DEFAULT_OPSET, to_onnx
 
 
 def _openvino():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -42,6 +43,19 @@ def _resolve_passes(passes: Sequence[Pass | str] | None, recipe: Recipe | str | 
     return out, None
 
 
+def _refuse_half_precision(model: nn.Module) -> None:
+    """float16/bfloat16 models are refused up front: calibration statistics, range searches and
+    quantizer parameters are float32 (fp16 would round scales and flush those below 6e-5 to zero)."""
+    if isinstance(model, fx.GraphModule) and PIPELINE in model.meta:
+        return  # already compiled (QwT's fp16 compensation is deliberate)
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t is not None and t.dtype in (torch.float16, torch.bfloat16):
+            dtype = str(t.dtype).replace("torch.", "")
+            raise ConfigError(f"the model holds {dtype} tensors (e.g. '{name}'); fxquant.compile quantizes float32 "
+                              f"models (calibration and quantizer parameters are float32): pass model.float() and "
+                              f"float32 calibration data")
+
+
 def compile(
     model: nn.Module,
     passes: Sequence[Pass | str] | None = None,
@@ -78,11 +92,21 @@ def compile(
 
     Returns:
         The quantized graph module. ``fxquant.report(gm)`` holds the per-pass summary.
+
+    Raises:
+        ConfigError: a float16/bfloat16 model (pass ``model.float()``), or bad passes/options.
+        CalibrationError: calibration batches unlike ``example_inputs`` (the first tensor batch is
+            checked: sizes after the batch dimension, dtype, device), empty, or non-finite.
     """
+    _refuse_half_precision(model)
     pass_list, recipe_obj = _resolve_passes(passes, recipe, recipe_options)
     if lower:
         pass_list = pass_list + [lower if isinstance(lower, LowerToKernels) else LowerToKernels()]
     cal = Calibration(calib, progress=progress) if calib is not None else None
+    if cal is not None and example_inputs is not None:
+        first_example = example_inputs if isinstance(example_inputs, torch.Tensor) else next(iter(example_inputs), None)
+        if isinstance(first_example, torch.Tensor):
+            cal.check_first_batch(first_example)
     if example_inputs is None and cal is not None:
         first = cal.first_batch()
         if isinstance(first, torch.Tensor):

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -20,25 +22,73 @@ from .core import distributed
 from .core.data import load_data
 from .core.digest import state_digest
 from .core.error_report import error_report, report_table, write_report
-from .core.errors import FxQuantError
+from .core.errors import ConfigError, FxQuantError
 from .core.evaluate import fp32_top1, top1
 from .core.graph import logits_of
 from .core.layer_sensitivity import layer_sensitivity, sensitivity_table
 from .core.models import PLATFORM_NAMES, load_model
 from .core.pipeline import PASS_REGISTRY
-from .export import run_onnx, run_openvino, to_onnx, to_openvino
+from .export import INT8_SATURATION_NOTE, int8_dot_exact, run_onnx, run_openvino, to_onnx, to_openvino
 from .finetune import FinetuneConfig, finetune
 from .recipes import get_recipe, list_recipes
 
 
-def _overrides(pairs: list[str]) -> dict:
+def parse_overrides(pairs: list[str] | None) -> dict:
+    """``--set key=value`` pairs -> ``{key: value}`` (strings, stripped; the recipe converts them).
+    A key given twice is an error (the last one would silently win)."""
     out = {}
     for p in pairs or []:
         if "=" not in p:
             raise FxQuantError(f"--set expects key=value, got {p!r}")
-        k, v = p.split("=", 1)
-        out[k.strip()] = v.strip()
+        k, v = (x.strip() for x in p.split("=", 1))
+        if not k:
+            raise ConfigError(f"--set {p!r} names no option; expected key=value")
+        if k in out:
+            raise ConfigError(f"--set {k} is given twice ({k}={out[k]} and {k}={v}); give each option once")
+        out[k] = v
     return out
+
+
+# ------------------------------------------------------------------------------------------
+# Argument checks, at parse time: bad values fail before any model is loaded or calibrated
+# ------------------------------------------------------------------------------------------
+
+
+def _positive_int(value: str) -> int:
+    """A count that must be at least 1 (``--limit``, ``--images``, ``--batch-size``, ``--top``)."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _count(value: str) -> int:
+    """A count that may be 0 (``--calib-images``)."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
+def _json_path(value: str) -> str:
+    """``--json PATH``: a file path whose folder exists and is writable (checked before any work)."""
+    p = Path(value)
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"'{value}' is a folder; give a file path such as {p / 'result.json'}")
+    parent = p.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"the folder '{parent}' of '{value}' does not exist; create it first "
+                                         f"(mkdir -p {parent}) or write the JSON elsewhere")
+    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"'{value}' cannot be written (the folder '{parent}' or the file is not writable); "
+                                         f"choose another path")
+    return value
 
 
 def _table(rows: list[tuple], header: tuple) -> str:
@@ -73,10 +123,47 @@ def _recipe_label(name: str, overrides: dict) -> str:
     return name + (f"[{','.join(f'{k}={v}' for k, v in sorted(overrides.items()))}]" if overrides else "")
 
 
+def _option_value(v) -> str:
+    """A recipe option's value as ``--set`` takes it (``true``, ``none``, ``a,b``)."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if v is None:
+        return "none"
+    if isinstance(v, (tuple, list)):
+        return ",".join(_option_value(x) for x in v) if v else "''"  # --set skip='' gives ()
+    return str(v)
+
+
+def recipe_options(name: str) -> list[str]:
+    """``key=default`` of every option of recipe ``name``: its family's fields (``calib_images``
+    last), then ``pass.option=value`` for every option of the passes its stages add and for the
+    pass options it sets."""
+    recipe = get_recipe(name)
+    fields = [f.name for f in dataclasses.fields(recipe) if f.name not in ("name", "stages", "options", "calib_images")]
+    out = [f"{k}={_option_value(getattr(recipe, k))}" for k in fields + ["calib_images"]]
+    staged = {st.pass_.name for st in recipe.stages}
+    for p in recipe.build_passes():
+        for k, v in p.config().items():
+            if p.name in staged or k in recipe.options.get(p.name, {}):
+                out.append(f"{p.name}.{k}={json.dumps(v) if isinstance(v, dict) else _option_value(v)}")
+    return out
+
+
 def cmd_recipes(args) -> int:
     print(_table([(k, v) for k, v in list_recipes().items()], ("recipe", "description")))
     print()
-    passes = [(k, (v.__doc__ or "").strip().splitlines()[0]) for k, v in sorted(PASS_REGISTRY.items())]
+    print("recipe options and their defaults (override with --set KEY=VALUE, or with a pass's option as OPTION or "
+          "PASS.OPTION):")
+    width = max(len(k) for k in list_recipes())
+    for name in list_recipes():
+        text = textwrap.fill(", ".join(recipe_options(name)), width=118 - width, break_long_words=False,
+                             break_on_hyphens=False)
+        lines = text.splitlines() or [""]
+        print(f"  {name.ljust(width)}  {lines[0]}")
+        for line in lines[1:]:
+            print(f"  {' ' * width}  {line}")
+    print()
+    passes = [(k, (v.__doc__ or "").strip().splitlines()[0].replace("``", "")) for k, v in sorted(PASS_REGISTRY.items())]
     print(_table(passes, ("pass", "description")))
     return 0
 
@@ -86,24 +173,29 @@ def _quantize_from_args(args, *, limit: int, lower: bool = False, recipe_name: s
     from the CLI arguments. Returns ``(info, recipe label, calibration images, data, quantized model,
     calibration seconds)``."""
     recipe_name = recipe_name or args.recipe
-    info = load_model(args.model, pretrained=args.pretrained)
-    overrides = _overrides(args.set)
+    overrides = parse_overrides(args.set)  # the cheap checks first
     recipe = get_recipe(recipe_name, **overrides)
     n_cal = args.calib_images if args.calib_images is not None else recipe.calib_images
+    if n_cal == 0 and recipe.calib_images > 0:
+        raise ConfigError(f"--calib-images 0 gives recipe '{recipe_name}' no calibration data; it calibrates on "
+                          f"{recipe.calib_images} images by default (give at least 1)")
+    info = load_model(args.model, pretrained=args.pretrained)
     data = load_data(info, args.data, calib_images=n_cal, limit=limit, seed=args.seed, **data_kw)
     qmodel, secs = _quantize(info, recipe, data, args.seed, not args.quiet, lower=lower)
     return info, _recipe_label(recipe_name, overrides), n_cal, data, qmodel, secs
 
 
 def cmd_quantize(args) -> int:
+    artifact.check_target(args.out, force=args.force)  # before calibrating, not after
     torch.manual_seed(args.seed)
-    info, label, n_cal, data, qmodel, secs = _quantize_from_args(args, limit=0 if args.data is None else args.limit)
+    info, label, n_cal, data, qmodel, secs = _quantize_from_args(args, limit=args.limit or 0)  # no evaluation images
     if not distributed.is_main():  # every rank holds the same model; rank 0 writes it
         return 0
     out = artifact.save(qmodel, args.out, model_spec=args.model, example_inputs=info.example_inputs(),
                         extra={"calib_images": n_cal, "calib_seconds": round(secs, 3), "seed": args.seed,
                                "calib_data": data.source, "recipe_label": label,
-                               "calib_processes": distributed.world_size(), "state_digest": state_digest(qmodel)})
+                               "calib_processes": distributed.world_size(), "state_digest": state_digest(qmodel)},
+                        force=args.force)
     print(fx_report_text(qmodel))
     print(f"saved {args.recipe} model of '{args.model}' to {out} (calibration {secs:.1f} s on {n_cal} images, "
           f"{distributed.world_size()} process(es))")
@@ -138,6 +230,7 @@ def cmd_export(args) -> int:
             print("  (attention matmuls in float: OpenVINO fuses them in int8 with symmetric activation quantizers, "
                   "e.g. recipe w8a8-sym)")
         print(f"OpenVINO vs fxquant fake-quant on {len(x)} test images: max |Δlogit| = {diff:.4g}")
+        _int8_note()
         return 0
     res = to_onnx(qmodel, info.example_inputs(), args.out, act_dtype=args.act_dtype, opset=args.opset, target=args.target)
     diff = (run_onnx(res.path, (x,)) - ref).abs().max().item()
@@ -145,7 +238,14 @@ def cmd_export(args) -> int:
           f"{sum(res.nodes.values())} nodes: {res.nodes.get('QuantizeLinear', 0)} QuantizeLinear, "
           f"{res.nodes.get('DequantizeLinear', 0)} DequantizeLinear; initializers {res.initializer_types})")
     print(f"onnxruntime vs fxquant fake-quant on {len(x)} test images: max |Δlogit| = {diff:.4g}")
+    _int8_note()
     return 0
+
+
+def _int8_note() -> None:
+    """Say when this CPU's int8 GEMMs saturate (no VNNI/AMX): the Δlogit above then measures the runtime."""
+    if not int8_dot_exact():
+        print(f"note: {INT8_SATURATION_NOTE}")
 
 
 def cmd_eval(args) -> int:
@@ -163,12 +263,14 @@ def cmd_eval(args) -> int:
         recipe_name = meta.get("recipe_label") or (meta["recipe"]["name"] if meta.get("recipe") else "custom")
         n_cal = int(meta.get("calib_images", 0))
         data = load_data(info, args.data, calib_images=0, limit=args.limit, seed=args.seed, batch_size=args.batch_size)
-        qmodel = artifact.load(args.model, model=info.model)
+        qmodel = artifact.load(args.model, model=info.model, verify=not args.no_verify)
         calib_secs = float(meta.get("calib_seconds", 0.0))
         model_name = meta["model"]
     else:
         if not args.recipe:
             raise FxQuantError("--recipe is required unless --model is a saved artifact folder (see `fxquant recipes`)")
+        if args.no_verify:
+            raise FxQuantError("--no-verify applies to a saved artifact folder (--model DIR)")
         info, recipe_name, n_cal, data, qmodel, calib_secs = _quantize_from_args(
             args, limit=args.limit, lower=args.lower, batch_size=args.batch_size)
         model_name = args.model
@@ -236,7 +338,7 @@ def cmd_sensitivity(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------
-# `fxquant platform`: the transformer-quantization platform's command line (METHODS.md §5)
+# `fxquant platform`: the transformer-quantization platform's command line (docs/methods.md, IGQ-ViT)
 # ------------------------------------------------------------------------------------------
 
 
@@ -279,6 +381,8 @@ def cmd_platform(args) -> int:
     options = {"n_bits": args.n_bits, "n_groups": args.n_groups, "channel_wise": args.channel_wise,
                "head_stem": args.head_stem_8bit, "eps": args.eps, "group_mode": args.group_mode}
     recipe = get_recipe("platform", **options)
+    if args.calib_images == 0:
+        raise ConfigError("--calib_images 0 gives the platform recipe no calibration data; give at least 1")
     label = _recipe_label("platform", {k: v for k, v in options.items()})
     data = load_data(info, _platform_data(args.data), calib_images=args.calib_images, limit=args.limit, seed=args.seed,
                      batch_size=args.batch_size)
@@ -309,7 +413,8 @@ def cmd_platform(args) -> int:
 def _add_platform_parser(sub) -> None:
     pl = sub.add_parser("platform", help="the transformer-quantization platform's command line (recipe 'platform')",
                         description="Flags as the platform's main.py: --channel_wise and --channel_wise=True both work. "
-                                    "See README 'The platform command line' for the mapping to recipes.")
+                                    "See docs/methods.md, 'IGQ-ViT and the transformer-quantization platform', for the "
+                                    "mapping to recipes.")
     who = pl.add_mutually_exclusive_group(required=True)
     who.add_argument("--name", choices=sorted(PLATFORM_NAMES), help="platform model name (timm, random init unless "
                      "--pretrained and cached)")
@@ -325,14 +430,14 @@ def _add_platform_parser(sub) -> None:
                     help="evaluate the float model first")
     pl.add_argument("--data", "--data_dir", dest="data", default=None,
                     help="cifar10 | ImageFolder | ImageNet root with val/ (default: the model's own)")
-    pl.add_argument("--calib_images", "--calib-images", type=int, default=32, help="calibration images (default 32)")
-    pl.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images")
+    pl.add_argument("--calib_images", "--calib-images", type=_count, default=32, help="calibration images (default 32)")
+    pl.add_argument("--limit", type=_positive_int, default=None, help="evaluate on the first N test images")
     pl.add_argument("--seed", type=int, default=1, help="seed (the platform's default: 1)")
     pl.add_argument("--group_mode", "--group-mode", choices=("contiguous", "instance"), default="contiguous",
                     help="groups of --n_groups: the platform's contiguous blocks or IGQ-ViT's instance-aware groups")
-    pl.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=200)
+    pl.add_argument("--batch-size", "--batch_size", dest="batch_size", type=_positive_int, default=200)
     pl.add_argument("--pretrained", action="store_true", help="timm: load pretrained weights (must be cached)")
-    pl.add_argument("--json", default=None, help="write the result as JSON (the keys of fxquant eval --json)")
+    pl.add_argument("--json", type=_json_path, default=None, help="write the result as JSON (the keys of fxquant eval --json)")
     pl.add_argument("--quiet", action="store_true", help="no progress bars")
     pl.set_defaults(fn=cmd_platform)
 
@@ -357,6 +462,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_finetune(args) -> int:
+    if args.out is not None and distributed.is_main():
+        artifact.check_target(Path(args.out) / "model")  # the artifact written after training
     cfg = FinetuneConfig(model=args.model, task=args.task, init=args.init, bits=args.bits, rank=args.rank, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
                          train_images=args.train_images, val_images=args.val_images, test_images=args.test_images,
@@ -384,7 +491,7 @@ def _add_finetune_parser(sub) -> None:
     f.add_argument("--bits", type=int, default=2)
     f.add_argument("--rank", type=int, default=32)
     f.add_argument("--epochs", type=int, default=20)
-    f.add_argument("--batch-size", type=int, default=64, help="global batch (split over torchrun processes)")
+    f.add_argument("--batch-size", type=_positive_int, default=64, help="global batch (split over torchrun processes)")
     f.add_argument("--lr", type=float, default=1e-3)
     f.add_argument("--weight-decay", type=float, default=1e-4)
     f.add_argument("--seed", type=int, default=0)
@@ -396,7 +503,7 @@ def _add_finetune_parser(sub) -> None:
     f.add_argument("--loftq-iters", type=int, default=5)
     f.add_argument("--loftq-grid", default="refit", choices=("refit", "fixed"))
     f.add_argument("--out", default=None, help="folder: checkpoint.safetensors, the artifact model/, peft/ (HF models)")
-    f.add_argument("--json", default=None, help="write the result as JSON to this path")
+    f.add_argument("--json", type=_json_path, default=None, help="write the result as JSON to this path")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
     f.set_defaults(fn=cmd_finetune)
 
@@ -414,22 +521,25 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--recipe", required=need_recipe, help="recipe name (fxquant recipes)")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe option (repeatable)")
         sp.add_argument("--data", default=None, help="cifar10 | ImageFolder path (default: the model's own)")
-        sp.add_argument("--calib-images", type=int, default=None, help="calibration images (default: the recipe's)")
+        sp.add_argument("--calib-images", type=_count, default=None, help="calibration images (default: the recipe's)")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--pretrained", action="store_true", help="timm: load pretrained weights (must be cached)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
 
     q = sub.add_parser("quantize", help="quantize a model and save it (safetensors + JSON)")
     common(q, True)
-    q.add_argument("--out", required=True)
-    q.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)
+    q.add_argument("--out", required=True, help="artifact folder (new, empty, or an artifact it replaces)")
+    q.add_argument("--force", action="store_true", help="replace --out even if it holds files that are not an artifact")
+    q.add_argument("--limit", type=_positive_int, default=None, help=argparse.SUPPRESS)
     q.set_defaults(fn=cmd_quantize)
 
     e = sub.add_parser("eval", help="quantize (or load) a model and report top-1 against FP32")
     common(e, False)
-    e.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images")
-    e.add_argument("--batch-size", type=int, default=200)
-    e.add_argument("--json", default=None, help="write the result as JSON to this path")
+    e.add_argument("--limit", type=_positive_int, default=None, help="evaluate on the first N test images")
+    e.add_argument("--batch-size", type=_positive_int, default=200)
+    e.add_argument("--json", type=_json_path, default=None, help="write the result as JSON to this path")
+    e.add_argument("--no-verify", action="store_true",
+                   help="load a saved artifact without checking its digests (for artifacts edited on purpose)")
     e.add_argument("--lower", action="store_true",
                    help="run quantized Linears, the patch embedding and attention matmuls on integer kernels (LowerToKernels)")
     e.add_argument("--recompute-fp32", action="store_true",
@@ -453,16 +563,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="per-layer error report (SQNR/cosine/rel. L2, local and accumulated) with plots + HTML")
     common(r, True, several=True)
-    r.add_argument("--images", type=int, default=1000, help="held-out evaluation images to measure on")
+    r.add_argument("--images", type=_positive_int, default=1000, help="held-out evaluation images to measure on")
     r.add_argument("--out", required=True, help="folder for report.json, *.png and report.html")
     r.set_defaults(fn=cmd_report)
 
     sn = sub.add_parser("sensitivity", help="quantize one layer (or block) at a time: KL and top-1 drop, ranked")
     common(sn, True)
-    sn.add_argument("--images", type=int, default=1000, help="held-out evaluation images")
+    sn.add_argument("--images", type=_positive_int, default=1000, help="held-out evaluation images")
     sn.add_argument("--granularity", default="layer", choices=("layer", "block"))
-    sn.add_argument("--top", type=int, default=None, help="print only the N most sensitive")
-    sn.add_argument("--json", default=None)
+    sn.add_argument("--top", type=_positive_int, default=None, help="print only the N most sensitive")
+    sn.add_argument("--json", type=_json_path, default=None, help="write the result as JSON to this path")
     sn.set_defaults(fn=cmd_sensitivity)
 
     _add_platform_parser(sub)

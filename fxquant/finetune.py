@@ -1,9 +1,9 @@
-"""Few-shot fine-tuning of low-bit LoRA models (OQFV and its baselines, METHODS.md §6): ``fxquant finetune``.
+"""Few-shot fine-tuning of low-bit LoRA models (OQFV and its baselines, docs/methods.md, OQFV): ``fxquant finetune``.
 
 One run: load the model, build the task (``fxquant.core.data.load_fewshot``: VTAB-1k's train800val200
 protocol on CIFAR-10 or its 4-way rotation task), compile ``[replace_head] → lora_quantize`` with
 ``fxquant.compile`` (the training images are the calibration data of OQFV's step), then train the
-adapters ``A``, ``B`` and the classifier (everything else frozen) with §6's defaults: AdamW
+adapters ``A``, ``B`` and the classifier (everything else frozen) with OQFV's defaults: AdamW
 (lr 1e-3, weight decay 1e-4, none on biases), a cosine schedule without warm-up, cross-entropy,
 batch 64, seed 0. Top-1 on the test set before any training (``top1_init``), after the last epoch
 (``top1``) and with the adapters of the epoch of best validation accuracy (``top1_best_val``: model
@@ -53,7 +53,7 @@ from .passes.lora import LORA_INITS, lora_layers
 
 @dataclass
 class FinetuneConfig:
-    """Options of one fine-tuning run (the CLI flags; defaults from METHODS.md §6)."""
+    """Options of one fine-tuning run (the CLI flags; defaults from docs/methods.md, OQFV)."""
 
     model: str = "cifar-vit"
     task: str = "cifar10"

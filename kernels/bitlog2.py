@@ -3,10 +3,10 @@
 The story, as in the Triton tutorials:
 
 1. **Reference** (plain PyTorch, integer arithmetic; the spec and the CPU path):
-   ``bitlog2_codes_ref`` = softmax → ``n = floor(p·M)`` → MSB code (``fxquant.core.quant.primitives``,
+   ``bitlog2_codes_ref`` = softmax → ``n = floor(p·M)`` → MSB code (``fxquant.core.quant.logcodes``,
    the only copy of the rule); ``bitlog2_av_ref`` = ``Σ_j (v_j << k_j) + h_j·(v_j << (k_j - 1))``
    on integer ``v`` (int64 accumulator), i.e. ``Σ_j D_j·v_j`` with shifts only, ``(k, h)`` decoded
-   from the codes by ``primitives.bitlog2_shifts``. Packed codes use ``fxquant.core.quant.codes``'
+   from the codes by ``logcodes.bitlog2_shifts``. Packed codes use ``fxquant.core.quant.codes``'
    ``pack_int4(signed=False)`` layout (even index in the low nibble, odd tail padded with 0).
 2. **Kernels**: ``_softmax_codes_kernel`` (one program per attention row: max, exp, sum, then the
    code of each probability, written as int8 codes or packed two 4-bit codes per byte for the
@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.core.quant.primitives import (
-    BITLOG2_VARIANTS,
+from fxquant.core.quant.logcodes import (
     bitlog2_codes_from_int,
     bitlog2_input,
     bitlog2_level_table,
     bitlog2_levels,
     bitlog2_shifts,
 )
+from fxquant.core.quant.spec import BITLOG2_VARIANTS
 
 try:
     import triton

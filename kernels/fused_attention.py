@@ -17,7 +17,7 @@ twice, FlashAttention-style, keeping only ``[BLOCK_R, BLOCK_K]`` tiles in regist
      the 7-bit digit planes of ``D`` (``bitlog2.level_planes``); ``A·v = (s_v/δ)·Σ``;
    * **uniform** (``KIND_UNIFORM``): signed codes ``a = clamp(rint(p / s_A) + z_A) - offset``
      (``int_linear._rint``: round half to even after a correctly rounded divide, the rule of
-     ``primitives.quantize``), ``Σ_j (a_j - z_a)(v_j - z_v)`` by one int8 ``tl.dot`` plus the
+     ``dispatch.quantize``), ``Σ_j (a_j - z_a)(v_j - z_v)`` by one int8 ``tl.dot`` plus the
      zero-point sums; ``A·v = s_A·s_v·Σ``.
 
 Keys beyond ``N`` (the last, partial block) get ``S = -inf``, hence ``p = 0``; their codes are
@@ -40,7 +40,8 @@ from __future__ import annotations
 import torch
 
 from fxquant.core.quant import QuantSpec, code_offset, to_signed_codes
-from fxquant.core.quant.primitives import BITLOG2_VARIANTS, bitlog2_codes_from_int, bitlog2_input, bitlog2_level_table
+from fxquant.core.quant.logcodes import bitlog2_codes_from_int, bitlog2_input, bitlog2_level_table
+from fxquant.core.quant.spec import BITLOG2_VARIANTS
 
 from .int_attention import int_bmm_cpu
 

@@ -8,18 +8,19 @@ Three operand kinds meet in a quantized attention block:
   cast fused in the epilogue); ``int_bmm_cpu`` is the exact CPU path (an integer ``matmul`` of the
   zero-point-shifted codes); ``int_bmm_ref`` / ``int_bmm_float64_ref`` are the references.
 * **log2 / log√2 A × uniform v** (RepQ-ViT's post-softmax quantizer): a code ``c`` stands for
-  ``Δ·2^(-t·c)`` (t = 1 or 1/2, ``primitives.log_step``) = ``Δ·2^(-⌈t·c⌉)·√2^h`` (``h = 1`` for odd
-  log√2 codes, ``primitives.log_shifts``). With ``E`` the largest shift, the even and odd codes give
+  ``Δ·2^(-t·c)`` (t = 1 or 1/2, ``logcodes.log_step``) = ``Δ·2^(-⌈t·c⌉)·√2^h`` (``h = 1`` for odd
+  log√2 codes, ``logcodes.log_shifts``). With ``E`` the largest shift, the even and odd codes give
   two integer accumulators of shifted values, ``acc_p = Σ_j [c_j ≡ p] (v_j << (E - ⌈t·c_j⌉))``, and
   ``A·v = Δ·s_v·2^(-E)·(acc_0 + √2·acc_1)`` (log2: ``acc_1 = 0``). ``log_av_int`` computes the
   accumulators (int64; the ``1 << shift`` weights make the products exact shifts), ``log_av``
   applies the float epilogue, ``log_av_float64_ref`` is the float reference.
 * **BitLog2 A × uniform v**: ``Σ_j D_j·(v_j - z_v)`` with the integer levels ``D`` of
-  ``fxquant.core.quant.primitives`` and ``A·v = (s_v/δ)·Σ``; the Triton kernel is
+  ``fxquant.core.quant.logcodes`` and ``A·v = (s_v/δ)·Σ``; the Triton kernel is
   ``fxquant.kernels.bitlog2.bitlog2_av``; ``bitlog2_av_int`` is the CPU path.
 
-No rounding or code rule lives here: codes come from ``fxquant.core.quant.primitives.quantize``
-(through ``fxquant.core.quant.codes.to_signed_codes``) and levels from its decoders and tables.
+No rounding or code rule lives here: codes come from ``fxquant.core.quant.dispatch.quantize``
+(through ``fxquant.core.quant.codes.to_signed_codes``) and levels from the decoders and tables of
+``fxquant.core.quant.logcodes``.
 """
 
 from __future__ import annotations
@@ -29,9 +30,8 @@ import math
 
 import torch
 
-from fxquant.core.quant.primitives import (
-    BITLOG2_VARIANTS,
-    QuantSpec,
+from fxquant.core.quant import QuantSpec, log_step, quantize
+from fxquant.core.quant.logcodes import (
     bitlog2_codes_from_int,
     bitlog2_input,
     bitlog2_level_by_input,
@@ -40,9 +40,8 @@ from fxquant.core.quant.primitives import (
     log_codes,
     log_count,
     log_shifts,
-    log_step,
-    quantize,
 )
+from fxquant.core.quant.spec import BITLOG2_VARIANTS
 
 try:
     import triton
@@ -178,7 +177,7 @@ def int_bmm(a: torch.Tensor, a_scale, a_zp, b: torch.Tensor, b_scale, b_zp, *, o
 
 def log_max_shift(spec: QuantSpec) -> int:
     """``E``: the shift of the smallest non-zero level, ``⌈t·qmax⌉`` (log2: ``qmax``; log√2:
-    ``⌈qmax/2⌉``), from ``primitives.log_shifts``."""
+    ``⌈qmax/2⌉``), from ``logcodes.log_shifts``."""
     if spec.scheme not in ("log2", "log_sqrt2"):
         raise ValueError(f"log_max_shift takes a log2/log_sqrt2 spec, got {spec.scheme}")
     return int(log_shifts(torch.tensor(spec.qmax), spec)[0])
@@ -283,7 +282,7 @@ def bitlog2_av_from_input(n: torch.Tensor, v: torch.Tensor, variant: str) -> tor
 
 def log_codes_of(x: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Codes (int64) of ``x`` under a per-tensor log or BitLog2 quantizer (the rule of
-    ``quant.primitives.quantize``, without its round trip through a float tensor)."""
+    ``quant.dispatch.quantize``, without its round trip through a float tensor)."""
     if scale.numel() != 1:
         return quantize(x.float(), scale, torch.zeros_like(scale), spec).to(torch.int64)
     if spec.scheme == "bitlog2":

@@ -1,7 +1,7 @@
 """Integer linear layers: activation quantization and W8A8 / W4A8 / W4A4 GEMMs with fused epilogue.
 
 Integer representation (``fxquant.core.quant.codes``, shared by references, kernels, the lowering pass
-and the ONNX exporter): a uniform quantizer's codes ``q`` (``quant.primitives.quantize``) are stored
+and the ONNX exporter): a uniform quantizer's codes ``q`` (``quant.dispatch.quantize``) are stored
 *signed*, ``c = q - offset`` with ``offset = 2^(b-1)`` for asymmetric specs (0 for symmetric)
 (``code_offset`` / ``to_signed_codes``), so 8-bit codes fit int8 and 4-bit codes fit a signed nibble,
 packed two per byte by ``pack_int4(signed=True)`` (k and k+1 in the low and high nibble of one

@@ -28,7 +28,7 @@ from fxquant.core.quant import (
     to_signed_codes,
     unpack_int4,
 )
-from fxquant.core.quant.primitives import bitlog2_input
+from fxquant.core.quant.logcodes import bitlog2_input
 
 from .bitlog2 import av_int32_fits, bitlog2_av
 from .fused_attention import fused_attention

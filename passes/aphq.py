@@ -1,4 +1,4 @@
-"""APHQ-ViT (Wu et al., CVPR 2025; METHODS.md §4) as graph passes: stage (A), MLP reconstruction.
+"""APHQ-ViT (Wu et al., CVPR 2025; docs/methods.md, APHQ-ViT) as graph passes: stage (A), MLP reconstruction.
 
 ``mlp_reconstruct`` runs on the *float* graph, before any annotation. It finds every MLP from
 structure (``match.find_mlps``: Linear → GELU → Linear feeding a residual add, inside a block of
@@ -54,9 +54,9 @@ from fxquant.core import match
 from fxquant.core.aph import APH_DIRECTIONS, average_perturbation_hessian
 from fxquant.core.calibration import Calibration
 from fxquant.core.errors import ConfigError, PassError
-from fxquant.core.graph import extract_subgraph, input_values, propagate_shapes, subgraph_args
+from fxquant.core.graph import extract_subgraph, input_values, subgraph_args
 from fxquant.core.meta import INPUT_SPECS, WEIGHT_SPEC, input_specs, set_input_spec
-from fxquant.core.pipeline import Pass, PassContext, PassResult, register_pass
+from fxquant.core.pipeline import SHAPES, Pass, PassContext, PassResult, register_pass
 from fxquant.core.quant import FakeQuantize, Observer, PerAxis, Percentile, PerTensor, QuantConv2d, QuantLinear, QuantSpec
 
 _PLACE_IT = ("place it before any annotation: passes=[MLPReconstruct(), AnnotateUniform(...), ...] or "
@@ -191,6 +191,7 @@ class MLPReconstruct(Pass):
     """
 
     name = "mlp_reconstruct"
+    requires = (SHAPES,)
     provides = ("mlp_reconstructed",)
 
     iters: int = 400
@@ -220,8 +221,6 @@ class MLPReconstruct(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         _check_float_graph(gm)
-        if ctx.example_inputs and any(match.tensor_shape(n) is None for n in gm.graph.nodes if n.op == "call_module"):
-            propagate_shapes(gm, ctx.example_inputs)
         modules = match.modules_of(gm)
         mlps = find_gelu_mlps(gm, modules)
         acts = [m.act for m in mlps]
@@ -330,14 +329,12 @@ class AnnotateAPHQ(Pass):
     """
 
     name = "annotate_aphq"
-    requires = ("annotated",)
+    requires = ("annotated", SHAPES)
     provides = ("aphq_annotated",)
 
     per_head: bool = True
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        if ctx.example_inputs and any(match.tensor_shape(n) is None for n in gm.graph.nodes if n.op == "call_module"):
-            propagate_shapes(gm, ctx.example_inputs)
         modules = match.modules_of(gm)
         n_head, per_tensor = 0, []
         for att in match.find_attention(gm, modules):

@@ -1,4 +1,4 @@
-"""BitLog2 (jiho264/BitLog2; METHODS.md §2): RepQ-ViT with the softmax-output quantizer replaced
+"""BitLog2 (jiho264/BitLog2; docs/methods.md, BitLog2): RepQ-ViT with the softmax-output quantizer replaced
 by an integer log2 quantizer, as an annotation pass.
 
 ``BitLog2Attention(scheme=...)`` rewrites the spec of the softmax → A·v edge (run it after the
@@ -27,7 +27,7 @@ from fxquant.core.errors import ConfigError, PassError
 from fxquant.core.meta import input_specs, set_input_spec
 from fxquant.core.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.core.quant import FakeQuantize, PctMSE, QuantSpec
-from fxquant.core.quant.primitives import BITLOG2_VARIANTS
+from fxquant.core.quant.spec import BITLOG2_VARIANTS
 
 SCHEMES = tuple(BITLOG2_VARIANTS) + ("sqrt2_17", "sqrt2_16")
 
@@ -44,7 +44,7 @@ def softmax_spec(scheme: str, bits: int = 4) -> QuantSpec:
 @register_pass
 @dataclass(frozen=True)
 class BitLog2Attention(Pass):
-    """Quantize every attention map (softmax → A·v) with a BitLog2 scheme (see module docstring)."""
+    """Quantize every attention map (softmax → A·v) with BitLog2's integer log2 levels (``scheme``, default half17)."""
 
     name = "bitlog2_attention"
     requires = ("annotated",)

@@ -1,4 +1,4 @@
-"""Block reconstruction (APHQ-ViT stage (C), METHODS.md §4; BRECQ/QDrop family) as a graph pass.
+"""Block reconstruction (APHQ-ViT stage (C), docs/methods.md, APHQ-ViT; BRECQ/QDrop family) as a graph pass.
 
 After calibration, each *region* of the quantized graph is trained, in graph order, to reproduce
 the float model's output of that region:
@@ -54,9 +54,9 @@ from fxquant.core import match
 from fxquant.core.aph import APH_DIRECTIONS, average_perturbation_hessian, logits_node
 from fxquant.core.calibration import Calibration
 from fxquant.core.errors import ConfigError, PassError
-from fxquant.core.graph import extract_subgraph, input_values, propagate_shapes, subgraph_args
-from fxquant.core.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.core.quant import AdaRoundWeight, FakeQuantize, QuantConv2d, QuantLinear, quantizers
+from fxquant.core.graph import extract_subgraph, input_values, subgraph_args
+from fxquant.core.pipeline import SHAPES, Pass, PassContext, PassResult, register_pass
+from fxquant.core.quant import AdaRoundWeight, FakeQuantize, QuantConv2d, QuantLinear, quantizer_state
 
 WEIGHT_LAYERS = (QuantLinear, QuantConv2d)
 
@@ -120,22 +120,6 @@ class _RegionCache:
     y: torch.Tensor
 
 
-class _QuantizersOff:
-    """Context manager: every FakeQuantize of ``gm`` off (the float model), restored after."""
-
-    def __init__(self, gm: fx.GraphModule):
-        self.qs = [q for _, q in quantizers(gm)]
-
-    def __enter__(self):
-        self.saved = [q.fake_quant_enabled for q in self.qs]
-        for q in self.qs:
-            q.fake_quant_enabled = False
-
-    def __exit__(self, *exc):
-        for q, s in zip(self.qs, self.saved):
-            q.fake_quant_enabled = s
-
-
 def beta_schedule(it: int, iters: int, warmup: float, start: float, end: float) -> float | None:
     """AdaRound's β at iteration ``it``: None during the warm-up (no round loss), then linear from
     ``start`` to ``end``."""
@@ -174,7 +158,7 @@ class BlockReconstruct(Pass):
     """
 
     name = "block_reconstruct"
-    requires = ("calibrated",)
+    requires = ("calibrated", SHAPES)
     provides = ("block_reconstructed",)
 
     iters: int = 250
@@ -227,8 +211,6 @@ class BlockReconstruct(Pass):
         if ctx.replay or self.iters == 0:  # weights and scales come from the saved tensors / nothing to train
             return PassResult(gm, modified=False, summary="replayed (weights from artifact)" if ctx.replay
                               else "iters=0: round-to-nearest kept", record=ctx.record() if ctx.replay else {})
-        if ctx.example_inputs and any(match.tensor_shape(n) is None for n in gm.graph.nodes if n.op == "call_module"):
-            propagate_shapes(gm, ctx.example_inputs)
         calib = ctx.require_calib(self.name)
         if calib.is_loop:
             raise PassError("block_reconstruct needs calib as an iterable of batches (it caches each region's inputs "
@@ -250,7 +232,7 @@ class BlockReconstruct(Pass):
 
     def _aph(self, gm: fx.GraphModule, region: match.Block, calib: Calibration, ctx: PassContext, idx: int,
              shape: tuple[int, ...]) -> torch.Tensor:
-        with _QuantizersOff(gm):
+        with quantizer_state(gm, fake_quant=False):
             h = average_perturbation_hessian(gm, region.output, calib, max_images=self.aph_images,
                                              direction=self.aph_direction, seed=ctx.seed * 1_000_003 + idx,
                                              progress=ctx.progress)
@@ -270,7 +252,7 @@ class BlockReconstruct(Pass):
             for batch in calib.limited(self.max_images):
                 values = input_values(gm, batch)
                 xq = prefix(*subgraph_args(prefix, values))
-                with _QuantizersOff(gm):
+                with quantizer_state(gm, fake_quant=False):
                     xf = prefix(*subgraph_args(prefix, values))
                     values.update(zip((n.name for n in inputs), xf if isinstance(xf, tuple) else (xf,)))
                     args = subgraph_args(body, values)

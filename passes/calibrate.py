@@ -25,7 +25,7 @@ from fxquant.core.batches import call_model
 from fxquant.core.calibration import Calibration, locate_nonfinite
 from fxquant.core.errors import CalibrationError, ConfigError
 from fxquant.core.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.core.quant import FakeQuantize, QuantConv2d, QuantLinear
+from fxquant.core.quant import FakeQuantize, QuantConv2d, QuantLinear, quantizer_state
 from fxquant.core.quant.modules import NonFiniteInput
 
 
@@ -59,10 +59,9 @@ def observe(gm: fx.GraphModule, quantizers: list[FakeQuantize], calib: Calibrati
     merged once at the end; the others (BitLog2's float sums, IGQ's instance ranges, whose result
     depends on the order of the batches) hand over one observer per batch, folded on every rank in
     batch order. A forward loop (``calib`` callable) runs whole on every rank."""
-    saved = {id(q): q.fake_quant_enabled for q in quantizers}
     for q in quantizers:
-        q.observer_enabled, q.fake_quant_enabled, q.observer = True, False, None
-    try:
+        q.observer = None
+    with quantizer_state(quantizers, fake_quant=False, observe=True):
         if calib.is_loop:  # the loop owns its batches: the error can name the quantizer, not the node
             try:
                 return calib.run(gm, max_images=max_images)
@@ -99,10 +98,6 @@ def observe(gm: fx.GraphModule, quantizers: list[FakeQuantize], calib: Calibrati
                 q.observer = folded[id(q)]
         _merge_across_ranks([q for q in quantizers if id(q) not in folded])
         return batches
-    finally:
-        for q in quantizers:
-            q.observer_enabled = False
-            q.fake_quant_enabled = saved[id(q)]
 
 
 def _merge_across_ranks(quantizers: list[FakeQuantize]) -> None:

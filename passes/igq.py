@@ -1,4 +1,4 @@
-"""IGQ-ViT (Moon et al., CVPR 2024; METHODS.md §5): group quantization of activations.
+"""IGQ-ViT (Moon et al., CVPR 2024; docs/methods.md, IGQ-ViT): group quantization of activations.
 
 ``GroupQuant`` (``group_quant``) re-annotates, after ``annotate_uniform``, the input of every
 Linear and (optionally) the softmax output of every attention:
@@ -10,12 +10,12 @@ Linear and (optionally) the softmax output of every attention:
   predictions on the CIFAR ViT); the softmax output gets ``InstanceGroups(G, axis=-2,
   instance_dims=2)``: per (image, head), each attention *row* is assigned to a group by its range
   over the keys. The group (scale, zero point) pairs are **static**: calibrated once by k-means
-  over the per-instance ranges of the calibration data (``quant.estimators.kmeans_ranges``),
+  over the per-instance ranges of the calibration data (``quant.range_search.kmeans_ranges``),
   then each group's range from its members' ranges (0.01/0.99 quantiles; the envelope for a
   classifier head's ``[B, C]`` input, one value per channel), only the assignment is recomputed per
   instance. Our reading of the paper: the quantizers are
   "group-specific" and calibrated, and the paper's cost analysis counts the assignment as the
-  dynamic part; METHODS.md lists this as unverified (no official code). Cost at inference: a
+  dynamic part; docs/methods.md (IGQ-ViT) lists this as unverified (no official code). Cost at inference: a
   min/max reduction of the input per instance and ``G`` comparisons per channel (row),
   then a GEMM whose partial sums per group are rescaled: ``Y = Σ_g s_g (Q_g − z_g) W_gᵀ`` with
   ``W_g`` the weight columns of the channels in group ``g`` (``kernels.grouped_linear``).
@@ -57,9 +57,20 @@ from fxquant.core.batches import call_model
 from fxquant.core.calibration import Calibration
 from fxquant.core.errors import ConfigError, PassError
 from fxquant.core.graph import logits_of
+from fxquant.core.knapsack import knapsack_units, solve_allocation
 from fxquant.core.meta import ROLE, input_specs, set_input_spec
 from fxquant.core.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.core.quant import FakeQuantize, InstanceGroups, MinMax, Percentile, PerGroup, PerTensor, QuantSpec, quantizers
+from fxquant.core.quant import (
+    FakeQuantize,
+    InstanceGroups,
+    MinMax,
+    Percentile,
+    PerGroup,
+    PerTensor,
+    QuantSpec,
+    quantizer_state,
+    quantizers,
+)
 
 from .calibrate import act_quantizers, observe
 
@@ -97,7 +108,7 @@ def row_group_spec(spec: QuantSpec, num_groups: int) -> QuantSpec:
 @register_pass
 @dataclass(frozen=True)
 class GroupQuant(Pass):
-    """IGQ-ViT group quantization of Linear inputs and attention rows (see module docstring).
+    """IGQ-ViT: G static group quantizers on every Linear input (instance-aware or contiguous) and on attention rows.
 
     Args:
         num_groups: G, the number of groups per quantizer (1 = layer-wise).
@@ -192,54 +203,6 @@ def with_groups(spec: QuantSpec, num_groups: int, channels: int) -> QuantSpec:
     return spec.with_(granularity=PerGroup(channels // num_groups, axis=g.axis))
 
 
-def solve_allocation(cost: list[list[int]], loss: list[list[float]], budget: int) -> list[int]:
-    """Multiple-choice knapsack: one choice ``j`` per item ``i`` minimising ``Σ loss[i][j]`` subject
-    to ``Σ cost[i][j] <= budget`` (non-negative integer costs), by exact dynamic programming over
-    the used budget. Returns the chosen index per item; raises if no choice fits."""
-    inf = float("inf")
-    best = torch.full((budget + 1,), inf, dtype=torch.float64)
-    best[0] = 0.0
-    picks = []
-    for c_i, l_i in zip(cost, loss):
-        new = torch.full_like(best, inf)
-        pick = torch.full((budget + 1,), -1, dtype=torch.int64)
-        for j, (c, lv) in enumerate(zip(c_i, l_i)):
-            if c > budget:
-                continue
-            cand = torch.full_like(best, inf)
-            cand[c:] = best[: budget + 1 - c] + lv
-            better = cand < new
-            new = torch.where(better, cand, new)
-            pick = torch.where(better, torch.full_like(pick, j), pick)
-        best = new
-        picks.append(pick)
-    if not torch.isfinite(best).any():
-        raise ConfigError("group allocation: no assignment of the candidate group counts fits the BOP budget")
-    used = int(torch.argmin(best))  # first minimum: the cheapest among equal losses
-    out = []
-    for pick, c_i in zip(reversed(picks), reversed(cost)):
-        j = int(pick[used])
-        out.append(j)
-        used -= c_i[j]
-    return out[::-1]
-
-
-def knapsack_units(costs: list[list[int]], uniform: list[int], max_units: int) -> tuple[list[list[int]], int]:
-    """Integer DP costs and budget for ``solve_allocation``, where the budget is the cost of the
-    ``uniform`` choice (one index per item). Costs are taken relative to it, divided by a step
-    (their gcd, or coarser so that the DP has at most ``max_units`` budget units) and rounded *up*,
-    then shifted to be non-negative: every solution of the coarse problem fits the exact budget,
-    and the uniform choice is always one of them."""
-    deltas = [[c - row[u] for c in row] for row, u in zip(costs, uniform)]
-    span = sum(-min(row) for row in deltas)  # exact budget left once every item takes its cheapest choice
-    div = math.gcd(*[d for row in deltas for d in row]) or 1
-    if span // div > max_units:
-        div = math.ceil(span / max_units)
-    coarse = [[-(-d // div) for d in row] for row in deltas]
-    lows = [min(row) for row in coarse]
-    return [[c - lo for c in row] for row, lo in zip(coarse, lows)], -sum(lows)
-
-
 def _linear_out_features(gm: fx.GraphModule, qname: str) -> int:
     """Summed ``out_features`` of the Linears reading quantizer ``qname`` (HF's q/k/v share one)."""
     modules = match.modules_of(gm)
@@ -253,7 +216,7 @@ def _linear_out_features(gm: fx.GraphModule, qname: str) -> int:
 @register_pass
 @dataclass(frozen=True)
 class AllocateGroups(Pass):
-    """IGQ-ViT group size allocation under a BOP budget (see module docstring).
+    """IGQ-ViT: the group count G of each quantizer (measured KL, exact knapsack) under the BOPs of a uniform G.
 
     Args:
         candidates: group counts to choose from per quantizer (contiguous mode: those dividing C).
@@ -296,53 +259,53 @@ class AllocateGroups(Pass):
         batches = list(calib.limited(self.max_images))
         shapes = self._input_shapes(gm, [q for _, q in sites], batches[0])
         everything = [m for _, m in quantizers(gm)]
-        saved = {id(q): (q.spec, q.scale, q.zero_point, q.fake_quant_enabled) for q in everything}
+        saved = {id(q): (q.spec, q.scale, q.zero_point) for q in everything}
         data = Calibration(batches, progress=False)
         try:
-            for q in everything:
-                q.fake_quant_enabled = False
-            with torch.no_grad():
-                fp = [F.log_softmax(logits_of(call_model(gm, b)).float(), dim=-1) for b in batches]
-            for q in everything:  # weights quantized from here on, as when calibrate observes activations
-                q.fake_quant_enabled = q.weight and saved[id(q)][3]
-            items, table = [], []
-            for name, q in tqdm(sites, desc="allocate groups", disable=not ctx.progress, leave=False):
-                channels = self._channels(q)
-                instance = isinstance(q.spec.granularity, InstanceGroups)
-                cands = [g for g in self.candidates if instance or channels % g == 0]
-                if self.budget_groups not in cands:
-                    raise ConfigError(f"allocate_groups: quantizer '{name}' cannot take the budget's G = "
-                                      f"{self.budget_groups} ({channels} channels)")
-                if instance:  # the per-instance ranges do not depend on G: observe once, cluster per candidate
-                    observe(gm, [q], data, None)
-                    ranges = q.observer
-                per_g = []
-                for g in cands:
-                    q.spec = with_groups(saved[id(q)][0], g, channels)
-                    if instance:
-                        q.set_qparams(*ranges.compute_qparams(num_groups=g))
-                    else:
+            with quantizer_state(everything, fake_quant=False) as enabled:
+                with torch.no_grad():
+                    fp = [F.log_softmax(logits_of(call_model(gm, b)).float(), dim=-1) for b in batches]
+                for q in everything:  # weights quantized from here on, as when calibrate observes activations
+                    q.fake_quant_enabled = q.weight and enabled[q]
+                items, table = [], []
+                for name, q in tqdm(sites, desc="allocate groups", disable=not ctx.progress, leave=False):
+                    channels = self._channels(q)
+                    instance = isinstance(q.spec.granularity, InstanceGroups)
+                    cands = [g for g in self.candidates if instance or channels % g == 0]
+                    if self.budget_groups not in cands:
+                        raise ConfigError(f"allocate_groups: quantizer '{name}' cannot take the budget's G = "
+                                          f"{self.budget_groups} ({channels} channels)")
+                    if instance:  # the per-instance ranges do not depend on G: observe once, cluster per candidate
                         observe(gm, [q], data, None)
-                        q.compute_qparams()
-                    q.fake_quant_enabled = True
-                    with torch.no_grad():
-                        kl = sum(F.kl_div(F.log_softmax(logits_of(call_model(gm, b)).float(), dim=-1), f, log_target=True,
-                                          reduction="sum").item() for b, f in zip(batches, fp))
-                    per_g.append((g, kl / sum(f.shape[0] for f in fp), q.scale.clone(), q.zero_point.clone(), q.spec))
-                    q.fake_quant_enabled = False
-                q.observer = None
-                items.append((name, q, channels, per_g))
-                table.append({"quantizer": name, "kl": {str(g): round(v, 6) for g, v, *_ in per_g}})
-        finally:
+                        ranges = q.observer
+                    per_g = []
+                    for g in cands:
+                        q.spec = with_groups(saved[id(q)][0], g, channels)
+                        if instance:
+                            q.set_qparams(*ranges.compute_qparams(num_groups=g))
+                        else:
+                            observe(gm, [q], data, None)
+                            q.compute_qparams()
+                        q.fake_quant_enabled = True
+                        with torch.no_grad():
+                            kl = sum(F.kl_div(F.log_softmax(logits_of(call_model(gm, b)).float(), dim=-1), f, log_target=True,
+                                              reduction="sum").item() for b, f in zip(batches, fp))
+                        per_g.append((g, kl / sum(f.shape[0] for f in fp), q.scale.clone(), q.zero_point.clone(), q.spec))
+                        q.fake_quant_enabled = False
+                    q.observer = None
+                    items.append((name, q, channels, per_g))
+                    table.append({"quantizer": name, "kl": {str(g): round(v, 6) for g, v, *_ in per_g}})
+        finally:  # flags are restored by quantizer_state; specs and parameters here
             for q in everything:
-                q.spec, q.scale, q.zero_point, q.fake_quant_enabled = saved[id(q)]
+                q.spec, q.scale, q.zero_point = saved[id(q)]
         # BOPs that depend on G, per instance: outputs × G rescales (Linear) or rows × G compares (A)
         unit = [self._rescale_outputs(gm, name, q, shapes[id(q)]) for name, q, _, _ in items]
         costs = [[u * g * BOP_ACC_BITS for g, *_ in per_g] for u, (_, _, _, per_g) in zip(unit, items)]
         budget = sum(u * self.budget_groups * BOP_ACC_BITS for u in unit)
         coarse, coarse_budget = knapsack_units(costs, [[g for g, *_ in per_g].index(self.budget_groups)
                                                        for *_, per_g in items], self.max_budget_units)
-        choice = solve_allocation(coarse, [[v for _, v, *_ in per_g] for *_, per_g in items], coarse_budget)
+        choice = solve_allocation(coarse, [[v for _, v, *_ in per_g] for *_, per_g in items], coarse_budget,
+                                  what="allocate_groups (BOP budget of the group counts)")
         chosen, used = {}, 0
         for (name, q, _, per_g), j, row in zip(items, choice, costs):
             g, _, scale, zp, spec = per_g[j]
@@ -396,5 +359,5 @@ class AllocateGroups(Pass):
         return per_instance // shape[-1] * out
 
 
-__all__ = ["GroupQuant", "AllocateGroups", "solve_allocation", "knapsack_units",
+__all__ = ["GroupQuant", "AllocateGroups",
            "group_quantizers", "channel_group_spec", "row_group_spec"]

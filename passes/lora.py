@@ -1,4 +1,4 @@
-"""Low-bit weights with trainable low-rank adapters (OQFV and its baselines, METHODS.md §6) and a
+"""Low-bit weights with trainable low-rank adapters (OQFV and its baselines, docs/methods.md, OQFV) and a
 new classifier head for a downstream task: the graph side of ``fxquant finetune``.
 
 * ``replace_head``: every classifier head (``match.head_layers``: the Linear(s) from which the
@@ -7,7 +7,7 @@ new classifier head for a downstream task: the graph side of ``fxquant finetune`
 * ``lora_quantize``: every Linear inside a transformer block (``match.find_blocks``: q/k/v or
   qkv, attention output, fc1, fc2; not the patch embedding, not the head), refined by FQN globs,
   becomes a ``fxquant.core.quant.LoRALinear``: ``y = x·Q(W')ᵀ + s·(x·Aᵀ)·Bᵀ + b`` with the frozen
-  per-tensor ``bits``-bit weight quantizer of §6 (``SigmaClip(num_std)`` range, min-max grid:
+  per-tensor ``bits``-bit weight quantizer of OQFV (``SigmaClip(num_std)`` range, min-max grid:
   ``zero_point_domain="float"``) and trainable ``A``, ``B`` of rank ``rank``. Initialisation
   (``init``): ``qlora``, ``loftq`` (``loftq_iters`` steps), ``oqfv`` (one LoftQ step, then one
   AdamW step on the logit MSE between the quantized and the float graph over ``oqfv_images``
@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 from fxquant.core import distributed, match
 from fxquant.core.calibration import stratified_indices
 from fxquant.core.errors import ConfigError, PassError
-from fxquant.core.graph import logits_of, propagate_shapes
-from fxquant.core.pipeline import Pass, PassContext, PassResult, register_pass
+from fxquant.core.graph import logits_of
+from fxquant.core.pipeline import SHAPES, Pass, PassContext, PassResult, register_pass
 from fxquant.core.quant import LoRALinear, PerTensor, QuantSpec, SigmaClip, fake_quantize, loftq
 from fxquant.core.quant.observers import exact_distribution_qparams
 
@@ -46,7 +46,7 @@ LORA_INITS = ("qlora", "loftq", "oqfv", "fp")
 @register_pass
 @dataclass(frozen=True)
 class ReplaceHead(Pass):
-    """New classifier head(s) with ``num_classes`` outputs (module docstring)."""
+    """Replace every classifier head by a new Linear with ``num_classes`` outputs (PyTorch's default init, seeded)."""
 
     name: ClassVar[str] = "replace_head"
     provides: ClassVar[tuple[str, ...]] = ("head_replaced",)
@@ -73,7 +73,7 @@ class ReplaceHead(Pass):
 
 
 def lora_weight_spec(bits: int, num_std: float = 2.0) -> QuantSpec:
-    """§6's weight quantizer: per-tensor, clip to ``μ ± num_std·σ``, min-max grid on the clipped range."""
+    """OQFV's weight quantizer: per-tensor, clip to ``μ ± num_std·σ``, min-max grid on the clipped range."""
     return QuantSpec(bits=bits, granularity=PerTensor(), estimator=SigmaClip(num_std), zero_point_domain="float")
 
 
@@ -91,7 +91,7 @@ def _quantize_exact(spec: QuantSpec):
 @register_pass
 @dataclass(frozen=True)
 class LoRAQuantize(Pass):
-    """Frozen low-bit weights + trainable rank-``rank`` adapters on the encoder Linears (module docstring).
+    """Encoder Linears → frozen low-bit weight + trainable low-rank (LoRA) adapters, initialised by OQFV, LoftQ, QLoRA or FP.
 
     Args:
         init: ``qlora``, ``loftq``, ``oqfv`` or ``fp``.
@@ -111,6 +111,7 @@ class LoRAQuantize(Pass):
     """
 
     name: ClassVar[str] = "lora_quantize"
+    requires: ClassVar[tuple[str, ...]] = (SHAPES,)
     provides: ClassVar[tuple[str, ...]] = ("lora",)
     init: str = "oqfv"
     bits: int = 2
@@ -143,8 +144,6 @@ class LoRAQuantize(Pass):
     # -- selection ---------------------------------------------------------------------------
     def targets(self, gm: fx.GraphModule, ctx: PassContext) -> list[str]:
         """FQNs of the Linears to adapt, in graph order."""
-        if ctx.example_inputs and any(match.tensor_shape(n) is None for n in gm.graph.nodes if n.op == "call_module"):
-            propagate_shapes(gm, ctx.example_inputs)
         modules = match.modules_of(gm)
         blocks = match.find_blocks(gm, modules)
         if not blocks:

@@ -134,7 +134,7 @@ def _why_not(linear: nn.Module, act: FakeQuantize | None) -> str:
 @register_pass
 @dataclass(frozen=True)
 class LowerToKernels(Pass):
-    """Lower fake-quantized Linears, patch convolutions and attention matmuls to integer kernels (see module docstring).
+    """Replace fake-quantized Linears, patch convolutions and attention matmuls by integer modules (int8/int4 kernels).
 
     Args:
         fuse_attention: fuse each lowered ``q·kᵀ → softmax → A·v`` (uniform q·kᵀ, uniform or BitLog2

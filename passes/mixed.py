@@ -17,7 +17,7 @@ treats the chosen widths like any other spec.
 * **Choice.** The budget is ``bit_budget`` bits per parameter for the weights (parameter-weighted
   mean ≤ B) and per element for the activations (element-weighted mean ≤ B): two independent
   multiple-choice knapsacks, each minimising the sum of the items' KL (the additive approximation
-  of HAWQ-style searches), solved exactly by dynamic programming (``passes.igq.solve_allocation``;
+  of HAWQ-style searches), solved exactly by dynamic programming (``fxquant.core.knapsack``;
   costs coarsened upward so the budget always holds). ``bit_budget`` must be one of the
   candidates: the uniform model of that width is then always a feasible choice, so the search can
   only lower the summed KL.
@@ -35,14 +35,13 @@ from tqdm.auto import tqdm
 
 from fxquant.core import match
 from fxquant.core.errors import ConfigError, PassError
-from fxquant.core.graph import propagate_shapes
+from fxquant.core.knapsack import knapsack_units, solve_allocation
 from fxquant.core.layer_sensitivity import isolated_kl
 from fxquant.core.meta import QUANTIZER, input_specs, set_input_spec, set_weight_spec, weight_spec
-from fxquant.core.pipeline import Pass, PassContext, PassResult, register_pass
+from fxquant.core.pipeline import SHAPES, Pass, PassContext, PassManager, PassResult, register_pass
 from fxquant.core.quant import FakeQuantize
 
 from .calibrate import Calibrate
-from .igq import knapsack_units, solve_allocation
 from .insert import InsertQuantizers
 
 MAX_UNITS = 20_000
@@ -61,10 +60,10 @@ def _numel(node: fx.Node) -> int:
 @register_pass
 @dataclass(frozen=True)
 class MixedPrecision(Pass):
-    """Per-layer weight and activation widths under ``bit_budget`` (module docstring)."""
+    """Per-layer weight and activation widths with mean bits ≤ ``bit_budget``, from measured KL (two exact knapsacks)."""
 
     name: ClassVar[str] = "mixed_precision"
-    requires: ClassVar[tuple[str, ...]] = ("annotated",)
+    requires: ClassVar[tuple[str, ...]] = ("annotated", SHAPES)
     provides: ClassVar[tuple[str, ...]] = ("mixed_precision",)
     bit_budget: int = 4
     candidates: tuple[int, ...] = (2, 3, 4, 6, 8)
@@ -108,8 +107,6 @@ class MixedPrecision(Pass):
 
     # -- the pass --------------------------------------------------------------------------------
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        if ctx.example_inputs and any(match.tensor_shape(n) is None for n in gm.graph.nodes if n.op != "output"):
-            propagate_shapes(gm, ctx.example_inputs)
         weights, acts = self._items(gm)
         if not weights and not acts:
             raise PassError("mixed_precision: nothing is annotated with a uniform spec; run it after annotate_uniform")
@@ -144,7 +141,7 @@ class MixedPrecision(Pass):
         costs = [[s * b for b in self.candidates] for s in sizes]
         uniform = [self.candidates.index(self.bit_budget)] * len(sizes)
         units, budget = knapsack_units(costs, uniform, MAX_UNITS)
-        picks = solve_allocation(units, kl, budget)
+        picks = solve_allocation(units, kl, budget, what="mixed_precision (bit budget)")
         return [self.candidates[j] for j in picks]
 
     def _sensitivities(self, gm, weights, acts, ctx, calib) -> tuple[list[list[float]], list[list[float]]]:
@@ -157,12 +154,7 @@ class MixedPrecision(Pass):
             t_w = [(names[n.name], s) for n, s in weights]
             t_a = [(names[src.name], spec, [(names[u.name], a) for u, a in uses], s) for src, spec, uses, s in acts]
             self._apply(t_w, t_a, [bits] * len(t_w), [bits] * len(t_a))
-            sub_ctx = copy.copy(ctx)
-            sub_ctx.progress = False
-            sub_ctx.facts = set(ctx.facts)
-            trial = InsertQuantizers().run(trial, sub_ctx).gm
-            trial.recompile()
-            trial = Calibrate(max_images=self.max_images).run(trial, sub_ctx).gm
+            trial, _ = PassManager([InsertQuantizers(), Calibrate(max_images=self.max_images)]).run(trial, ctx.nested())
             modules = dict(trial.named_modules())
             w_q = [modules[str(n.target)].weight_fake_quant for n, _ in t_w]  # every weight spec became a Quant* layer
             by_use = {}

@@ -1,4 +1,4 @@
-"""QwT — Quantization without Tears (Fu et al., CVPR 2025; METHODS.md §3) as a graph pass.
+"""QwT — Quantization without Tears (Fu et al., CVPR 2025; docs/methods.md, QwT) as a graph pass.
 
 After each transformer block ``B_l`` of an already calibrated quantized model, a linear node on
 the block input cancels the block's quantization error in closed form:
@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 
 from fxquant.core import match
 from fxquant.core.errors import ConfigError, PassError
-from fxquant.core.graph import extract_subgraph, input_values, propagate_shapes, subgraph_args
+from fxquant.core.graph import extract_subgraph, input_values, subgraph_args
 from fxquant.core.meta import ROLE
-from fxquant.core.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.core.quant import COMPUTE_DTYPES, CompensationLinear, FakeQuantize, QuantConv2d, QuantLinear
+from fxquant.core.pipeline import SHAPES, Pass, PassContext, PassResult, register_pass
+from fxquant.core.quant import COMPUTE_DTYPES, CompensationLinear, FakeQuantize, QuantConv2d, QuantLinear, quantizer_state
 
 COMP_ROOT = "qwt"
 
@@ -106,7 +106,7 @@ def _insert_compensation(gm: fx.GraphModule, blk: match.Block, comp: Compensatio
 @register_pass
 @dataclass(frozen=True)
 class QwTCompensate(Pass):
-    """Closed-form linear compensation after each transformer block (see module docstring).
+    """QwT: after each transformer block, a least-squares linear layer on the block input cancels its quantization error.
 
     Args:
         max_images: calibration images for the regression (QwT: 512).
@@ -117,7 +117,7 @@ class QwTCompensate(Pass):
     """
 
     name = "qwt"
-    requires = ("calibrated",)
+    requires = ("calibrated", SHAPES)
     provides = ("qwt_compensated",)
 
     max_images: int | None = 512
@@ -145,8 +145,6 @@ class QwTCompensate(Pass):
         return out
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        if ctx.example_inputs and any(match.tensor_shape(n) is None for n in gm.graph.nodes if n.op == "call_module"):
-            propagate_shapes(gm, ctx.example_inputs)
         modules = match.modules_of(gm)
         blocks = self._find_blocks(gm, modules)
         if not blocks:
@@ -176,10 +174,9 @@ class QwTCompensate(Pass):
             prefix = extract_subgraph(gm, [], block_inputs)
             body = extract_subgraph(gm, block_inputs, [blk.output])  # may also read graph inputs (masks)
             qs = _block_quantizers(gm, blk, modules)
-            saved = [q.fake_quant_enabled for q in qs]
             acc = LinearRegressionAccumulator(c_in, c_out)
 
-            def batch_sums(batch, prefix=prefix, body=body, block_inputs=block_inputs, qs=qs, saved=saved,
+            def batch_sums(batch, prefix=prefix, body=body, block_inputs=block_inputs, qs=qs,
                            c_in=c_in, c_out=c_out) -> LinearRegressionAccumulator:
                 # values by source node name: the graph inputs, then the block inputs the prefix computes
                 values = input_values(gm, batch)
@@ -187,11 +184,8 @@ class QwTCompensate(Pass):
                 xs = xs if isinstance(xs, tuple) else (xs,)
                 values.update(zip((n.name for n in block_inputs), xs))
                 body_args = subgraph_args(body, values)
-                for q in qs:
-                    q.fake_quant_enabled = False
-                y_fp = body(*body_args)
-                for q, s in zip(qs, saved):
-                    q.fake_quant_enabled = s
+                with quantizer_state(qs, fake_quant=False):
+                    y_fp = body(*body_args)
                 y_q = body(*body_args)
                 part = LinearRegressionAccumulator(c_in, c_out)
                 part.update(xs[0], y_fp - y_q)

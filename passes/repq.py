@@ -1,4 +1,4 @@
-"""RepQ-ViT (Li et al., ICCV 2023) as two passes; METHODS.md §1.
+"""RepQ-ViT (Li et al., ICCV 2023) as two passes; docs/methods.md, RepQ-ViT.
 
 ``AnnotateRepQ`` (decide, before ``InsertQuantizers``) rewrites the uniform annotation:
   * the input of the Linears behind each foldable LayerNorm gets a *per-channel* PctMSE quantizer
@@ -23,9 +23,8 @@ from torch import fx, nn
 
 from fxquant.core import match
 from fxquant.core.errors import PassError
-from fxquant.core.graph import propagate_shapes
 from fxquant.core.meta import REPQ_SITE, ROLE, input_specs, set_input_spec
-from fxquant.core.pipeline import Pass, PassContext, PassResult, register_pass
+from fxquant.core.pipeline import SHAPES, Pass, PassContext, PassResult, register_pass
 from fxquant.core.quant import FakeQuantize, PctMSE, PerAxis, PerTensor, QuantSpec
 
 from .calibrate import calibrate_weights, observe
@@ -55,7 +54,7 @@ def _ln_params(gm: fx.GraphModule, ln: fx.Node, modules: dict) -> tuple[nn.Modul
 @register_pass
 @dataclass(frozen=True)
 class AnnotateRepQ(Pass):
-    """RepQ-ViT quantizer choices on top of a uniform annotation (see module docstring).
+    """RepQ-ViT annotation: per-channel post-LayerNorm Linear inputs, log√2 softmax output, 8-bit patch-embedding input.
 
     Args:
         reparameterize: per-channel post-LayerNorm quantizers at foldable sites.
@@ -66,7 +65,7 @@ class AnnotateRepQ(Pass):
     """
 
     name = "annotate_repq"
-    requires = ("annotated",)
+    requires = ("annotated", SHAPES)
     provides = ("repq_annotated",)
 
     reparameterize: bool = True
@@ -76,8 +75,6 @@ class AnnotateRepQ(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         modules = match.modules_of(gm)
-        if ctx.example_inputs and any(match.tensor_shape(n) is None for n in gm.graph.nodes if n.op == "call_module"):
-            propagate_shapes(gm, ctx.example_inputs)
         heads = set(match.head_layers(gm, modules))
         folded, skipped = [], {}
         if self.reparameterize:

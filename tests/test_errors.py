@@ -83,3 +83,52 @@ def test_uncalibrated_enabled_quantizer_says_what_to_do():
     fq.fake_quant_enabled = True
     with pytest.raises(CalibrationError, match="'blocks_0_attn_qkv_in0' is enabled but has no scale; run calibration"):
         fq(torch.randn(3))
+
+
+@pytest.mark.parametrize("batch, message", [
+    (torch.randn(4, 1, 8, 8), r"shape \[4, 1, 8, 8\] vs \[1, 3, 8, 8\] \(channels 1 vs 3\)"),
+    (torch.randn(4, 3, 16, 16), r"shape \[4, 3, 16, 16\] vs \[1, 3, 8, 8\] \(sizes after the batch dimension \[3, 16, 16\] "
+                                r"vs \[3, 8, 8\]\)"),
+    (torch.randn(4, 3, 8), r"3 dimensions \[4, 3, 8\] vs 4 \[1, 3, 8, 8\]"),
+    (torch.randn(4, 3, 8, 8, dtype=torch.float64), r"dtype float64 vs float32"),
+    (torch.randn(4, 3, 8, 8, device="meta"), r"device meta vs cpu"),
+    ((torch.randn(4, 1, 8, 8), torch.zeros(4)), r"shape \[4, 1, 8, 8\] vs \[1, 3, 8, 8\] \(channels 1 vs 3\)"),
+], ids=["channels", "size", "ndim", "dtype", "device", "tuple"])
+def test_calibration_batch_unlike_the_example_input_is_named(batch, message):
+    with pytest.raises(CalibrationError, match=r"calibration batch 0 does not match the example input the model was captured "
+                                               rf"with: {message}\. Make the calibration batches like the example input"):
+        fxquant.compile(toy_vit(), recipe="w8a8", calib=[batch], example_inputs=(torch.randn(1, 3, 8, 8),), progress=False)
+
+
+def test_streamed_calibration_batches_are_checked_when_the_first_arrives():
+    """A generator or DataLoader is not iterated an extra time: its first batch is checked as it streams."""
+    seen = []
+
+    def batches():
+        for b in [torch.randn(4, 3, 16, 16)] * 3:
+            seen.append(b)
+            yield b
+
+    with pytest.raises(CalibrationError, match=r"calibration batch 0 does not match .*\[3, 16, 16\] vs \[3, 8, 8\]"):
+        fxquant.compile(toy_vit(), recipe="w8a8", calib=batches(), example_inputs=(torch.randn(1, 3, 8, 8),), progress=False)
+    assert len(seen) == 1
+    loader = torch.utils.data.DataLoader(torch.randn(8, 3, 8, 8, dtype=torch.float64), batch_size=4)
+    with pytest.raises(CalibrationError, match="dtype float64 vs float32"):
+        fxquant.compile(toy_vit(), recipe="w8a8", calib=loader, example_inputs=(torch.randn(1, 3, 8, 8),), progress=False)
+
+
+def test_matching_batches_compile_as_before():
+    """The check changes nothing for good batches: same state as without example_inputs."""
+    from fxquant.core.digest import state_digest
+
+    calib = toy_calib()
+    a = fxquant.compile(toy_vit(), recipe="w8a8", calib=calib, example_inputs=(calib[0][:1],), progress=False)
+    b = fxquant.compile(toy_vit(), recipe="w8a8", calib=calib, progress=False)
+    assert state_digest(a) == state_digest(b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_are_refused_up_front(dtype):
+    with pytest.raises(ConfigError, match=rf"the model holds {str(dtype)[6:]} tensors \(e.g. 'patch.weight'\); "
+                                          r"fxquant.compile quantizes float32 models .*pass model.float\(\)"):
+        fxquant.compile(toy_vit().to(dtype), recipe="w8a8", calib=[b.to(dtype) for b in toy_calib()], progress=False)

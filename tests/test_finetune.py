@@ -108,6 +108,8 @@ def test_hugging_face_adapters_load_in_peft_with_equal_logits(tmp_path):
         assert (peft_model(x).logits - logits_of(ours(x))).abs().max().item() < 1e-4
 
 
+# slow on the 2-core AVX2 CI machine; torchrun equality by default: tests/core/test_distributed.py
+@pytest.mark.slow
 def test_two_process_ddp_equals_the_single_process_run(tmp_path):
     """Same global batches (DistributedSampler, batch/2 per process), averaged gradients, OQFV's
     logit step reduced across processes; float summation order differs (DDP's all-reduce, thread

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from _bench import Table
 
 import fxquant
 from fxquant.core import match
@@ -33,13 +34,14 @@ def main() -> None:
     propagate_shapes(gm, (x[:2],))
     batches = list(torch.split(x, 8))
     print(f"{args.model}, {len(x)} calibration images; APH RMS over [N, C]")
-    print(f"{'block':10} {'max |O|':>8} {'ones f64':>10} {'ones f32':>10} {'±1 f64':>10}")
+    table = Table([("block", "10"), ("max |O|", "8.2f"), ("ones f64", "10.3g"), ("ones f32", "10.3g"), ("±1 f64", "10.3g")])
+    print(table.header())
     for b in match.find_blocks(gm):
         with torch.no_grad():
             o = extract_subgraph(gm, [], [b.output])(x)
         rms = [average_perturbation_hessian(gm, b.output, batches, **kw).pow(2).mean().sqrt().item()
                for kw in ({}, {"dtype": torch.float32}, {"direction": "rademacher"})]
-        print(f"{b.fqn:10} {o.abs().max().item():8.2f} " + " ".join(f"{v:10.3g}" for v in rms))
+        print(table.row(b.fqn, o.abs().max().item(), *rms))
 
 
 if __name__ == "__main__":

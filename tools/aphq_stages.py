@@ -8,11 +8,11 @@ reconstruction record, and top-1 against FP32 on the model's test set; optionall
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import time
 
 import torch
+from _bench import parse_overrides, write_json
 
 import fxquant
 from fxquant.core.data import load_data
@@ -32,7 +32,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    overrides = dict(kv.split("=", 1) for kv in args.set)
+    overrides = parse_overrides(args.set)  # the CLI's --set parser
     info = load_model(args.model)
     recipe = fxquant.get_recipe(args.recipe, **overrides)
     data = load_data(info, None, calib_images=recipe.calib_images, limit=args.limit, seed=args.seed)
@@ -66,8 +66,7 @@ def main() -> None:
                "test_images": data.test_count, "compile_s": compile_s, "stage_s": stage_s, "peak_rss_mb": rss,
                "passes": [{"name": r.name, "seconds": r.seconds, "summary": r.summary} for r in report.passes],
                "regions": regions}
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1, default=str)
+        write_json(args.json, out, indent=1, default=str)
         print(f"wrote {args.json}")
 
 

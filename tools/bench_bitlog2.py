@@ -17,12 +17,10 @@ file is rewritten after every row, so a run stopped by a timeout keeps what it m
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import sys
-import time
-from pathlib import Path
 
-from _device import cuda_or_interpreter
+from _bench import Table, cuda_or_interpreter, kernel_ms, write_json
 
 
 def main(argv=None) -> int:
@@ -44,24 +42,12 @@ def main(argv=None) -> int:
     from fxquant.kernels.bitlog2 import bitlog2_av, softmax_bitlog2_codes
 
     dev = args.device
+    timed = functools.partial(kernel_ms, device=dev, warmup_ms=args.warmup, rep_ms=args.rep)  # timed(fn) -> ms
     if dev == "cuda":
-        import triton.testing
-
-        def timed(fn):
-            return float(triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median"))
-
         heads, tokens, dim = 12, 197, 64
         name = torch.cuda.get_device_name()
         batches = args.batches or "1,8,32,64"
     else:
-        def timed(fn):
-            ts = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                fn()
-                ts.append((time.perf_counter() - t0) * 1e3)
-            return sorted(ts)[1]
-
         heads, tokens, dim = 2, 9, 16
         name = "cpu (Triton interpreter)"
         batches = args.batches or "1,2"
@@ -70,12 +56,12 @@ def main(argv=None) -> int:
     n_err = 0
 
     def save():
-        if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=2))
+        write_json(args.json, rows)
 
     print(f"{name}  heads={heads} tokens={tokens} head_dim={dim}")
-    print(f"{'variant':>8} {'batch':>5}  {'fp16 ms':>9}  {'torch ms':>9}  {'triton ms':>9}  {'codes ms':>9}  {'A·v ms':>9}  "
-          f"{'×torch':>7}  {'×fp16':>6}")
+    table = Table([("variant", ">8"), ("batch", "5d"), ("fp16 ms", "9.3f"), ("torch ms", "9.3f"), ("triton ms", "9.3f"),
+                   ("codes ms", "9.3f"), ("A·v ms", "9.3f"), ("×torch", "6.2f", "x"), ("×fp16", "5.2f", "x")], sep="  ")
+    print(table.header())
     for variant in [v for v in args.variant.split(",") if v]:
         spec = QuantSpec(bits=4, scheme="bitlog2", bitlog2_variant=variant)
         delta = torch.tensor(300.0, device=dev)
@@ -108,17 +94,17 @@ def main(argv=None) -> int:
                 row["triton_ms"] = row["codes_ms"] + row["av_ms"]
                 row["speedup"] = row["torch_ms"] / row["triton_ms"]
                 row["speedup_vs_fp16"] = row["fp16_ms"] / row["triton_ms"]
-                print(f"{variant:>8} {b:5d}  {row['fp16_ms']:9.3f}  {row['torch_ms']:9.3f}  {row['triton_ms']:9.3f}  "
-                      f"{row['codes_ms']:9.3f}  {row['av_ms']:9.3f}  {row['speedup']:6.2f}x  {row['speedup_vs_fp16']:5.2f}x",
-                      flush=True)
+                print(table.row(variant, b, row["fp16_ms"], row["torch_ms"], row["triton_ms"], row["codes_ms"], row["av_ms"],
+                                row["speedup"], row["speedup_vs_fp16"]), flush=True)
                 row.update(_whole_attention(b, heads, tokens, dim, spec, dev, timed))
-                print(f"{'':>8} {'':>5}  whole attention from int8 q, k, v: torch {row['attn_torch_ms']:.3f} ms, "
+                print(" " * len(table.row(variant, b))
+                      + f"  whole attention from int8 q, k, v: torch {row['attn_torch_ms']:.3f} ms, "
                       f"unfused integer {row['attn_unfused_ms']:.3f} ms, fused {row['attn_fused_ms']:.3f} ms "
                       f"({row['attn_fused_vs_torch']:.2f}x torch, {row['attn_fused_vs_unfused']:.2f}x unfused)", flush=True)
             except Exception as e:  # one broken variant must not cost the others
                 n_err += 1
                 row["error"] = f"{type(e).__name__}: {e}"
-                print(f"{variant:>8} {b:5d}  error: {row['error']}", flush=True)
+                print(table.row(variant, b) + f"  error: {row['error']}", flush=True)
             rows.append(row)
             save()
     save()

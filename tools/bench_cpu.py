@@ -35,32 +35,18 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import functools
-import json
-import os
-import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from _bench import Table, cpu_flags, cpu_line, interleaved_rounds, median_ms, recipe_from_arg, write_json
 
 import fxquant
 from fxquant.core.data import load_data
 from fxquant.core.models import load_model
 from fxquant.export import attention_operand_types, int8_attention_share, int8_share, runtime_precisions, to_onnx
-from fxquant.recipes import get_recipe
 
 MODELS = {"cifar-vit": (1, 32), "cifar-vit-outliers": (1, 32), "timm:vit_small_patch16_224": (1, 8)}
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return platform.processor()
-    names = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    return " ".join(names) or "no AVX2"
 
 
 @functools.lru_cache(maxsize=None)  # one session per model: built once, timed in every round
@@ -76,14 +62,7 @@ def _session(path: Path, threads: int):
 def latency_ms(path: Path, x: torch.Tensor, threads: int, reps: int, warmup: int = 3) -> float:
     sess = _session(path, threads)
     feed = {sess.get_inputs()[0].name: x.numpy()}
-    for _ in range(warmup):
-        sess.run(None, feed)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    return median_ms(lambda: sess.run(None, feed), warmup=warmup, reps=reps)
 
 
 def top1(path: Path, batches, threads: int) -> float:
@@ -130,14 +109,7 @@ def ov_latency_ms(path: Path, x: torch.Tensor, threads: int, reps: int, warmup: 
     compiled = _ov_compiled(path, threads, precision)
     request = compiled.create_infer_request()
     arr = x.numpy()
-    for _ in range(warmup):
-        request.infer([arr])
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        request.infer([arr])
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    return median_ms(lambda: request.infer([arr]), warmup=warmup, reps=reps)
 
 
 def ov_top1(path: Path, batches, threads: int, precision: str = "default") -> float:
@@ -179,13 +151,6 @@ def int8_layers(path: Path) -> str:
 def _ov_precision(runtime: str) -> str:
     """``"ov"`` → ``"default"``, ``"ov-f32"`` → ``"f32"``."""
     return runtime.partition("-")[2] or "default"
-
-
-def recipe_from_arg(arg: str):
-    """``name`` or ``name:key=value[;key=value]`` (the CLI's ``--set`` options) → a recipe."""
-    name, _, rest = arg.partition(":")
-    overrides = dict(kv.split("=", 1) for kv in rest.split(";") if kv)
-    return get_recipe(name, **overrides)
 
 
 def bench_model(spec: str, threads: int, tmp: Path, with_top1: bool, recipes: list[str], rounds: int,
@@ -230,18 +195,15 @@ def bench_model(spec: str, threads: int, tmp: Path, with_top1: bool, recipes: li
             acc = top1(path, data.test_batches(), threads) if runtime == "ort" else \
                 ov_top1(path, data.test_batches(), threads, _ov_precision(runtime))
         info_rows[variant] = (acc, int8_layers(path) if runtime.startswith("ov") else "")
-    best: dict[tuple[str, int], float] = {}
-    loads = []
-    for _ in range(rounds):
-        for variant, (runtime, path) in variants.items():
-            for b in batches_sizes:
-                reps = 100 if (b == 1 and info.dataset == "cifar10") else 15 if info.dataset == "cifar10" else 10 if b == 1 else 5
-                if runtime == "ort":
-                    ms = latency_ms(path, x[:b], threads, reps)
-                else:
-                    ms = ov_latency_ms(path, x[:b], threads, reps, precision=_ov_precision(runtime))
-                best[(variant, b)] = min(best.get((variant, b), float("inf")), ms)
-        loads.append(os.getloadavg()[0])
+    def measure(runtime: str, path: Path, b: int) -> float:
+        reps = 100 if (b == 1 and info.dataset == "cifar10") else 15 if info.dataset == "cifar10" else 10 if b == 1 else 5
+        if runtime == "ort":
+            return latency_ms(path, x[:b], threads, reps)
+        return ov_latency_ms(path, x[:b], threads, reps, precision=_ov_precision(runtime))
+
+    timed = interleaved_rounds({(variant, b): functools.partial(measure, runtime, path, b)
+                                for variant, (runtime, path) in variants.items() for b in batches_sizes}, rounds)
+    best, loads = timed.best(), timed.loads
     rows = []
     for variant, (runtime, _) in variants.items():
         acc, layers = info_rows[variant]
@@ -276,8 +238,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     hint = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
-    print(f"CPU: {cpu_flags()}; onnxruntime {ort.__version__}; OpenVINO {ov.__version__} (inference precision {hint}); "
-          f"{args.threads} threads; load {os.getloadavg()[0]:.2f}")
+    print(f"{cpu_line()}; onnxruntime {ort.__version__}; OpenVINO {ov.__version__} (inference precision {hint}); "
+          f"{args.threads} threads")
     tmp = Path(tempfile.mkdtemp(prefix="fxq_bench_"))
     rows = []
     for spec in ([args.model] if args.model else list(MODELS)):
@@ -285,14 +247,13 @@ def main() -> None:
                             tuple(args.ov_precisions))
     print()
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    print(f"{'model, batch':32s} " + " ".join(f"{v[:22]:>22s}" for v in variants))
+    table = Table([("model, batch", "32s")] + [(v[:22], "19.2f", " ms") for v in variants])
+    print(table.header())
     for spec in dict.fromkeys(r["model"] for r in rows):
         for b in MODELS[spec]:
             ms = {r["variant"]: r["ms_best_median"] for r in rows if r["model"] == spec and r["batch"] == b}
-            print(f"{spec + ', ' + str(b):32s} " + " ".join(f"{ms[v]:19.2f} ms" for v in variants))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_flags(), "threads": args.threads, "openvino_precision": str(hint),
-                                               "rows": rows}, indent=2))
+            print(table.row(f"{spec}, {b}", *(ms.get(v) for v in variants)))
+    write_json(args.json, {"cpu": cpu_flags(), "threads": args.threads, "openvino_precision": str(hint), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -44,14 +44,15 @@ from __future__ import annotations
 import argparse
 import copy
 import fnmatch
-import json
+import functools
 import math
 import os
 import statistics
 import sys
 import time
 import traceback
-from pathlib import Path
+
+from _bench import Table, call_ms, cuda_or_interpreter, cuda_sync, fast_autotune, interleaved_rounds, write_json
 
 MODELS = ["timm:vit_base_patch16_224", "timm:deit_small_patch16_224"]
 BATCHES = [1, 8, 64]
@@ -275,34 +276,6 @@ def build_variant(name: str, info, args, dev: str, fp16_model, cache: dict) -> V
     raise ValueError(f"unknown variant {name!r}")
 
 
-# ------------------------------------------------------------------------------------ timing
-
-
-class Clock:
-    def __init__(self, dev: str):
-        import torch
-
-        self.torch, self.dev = torch, dev
-
-    def sync(self):
-        if self.dev == "cuda":
-            self.torch.cuda.synchronize()
-
-    def call_ms(self, fn, x) -> float:
-        """One forward, ms: CUDA events on the GPU, wall clock on the CPU."""
-        torch = self.torch
-        if self.dev == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(x)
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        t0 = time.perf_counter()
-        fn(x)
-        return (time.perf_counter() - t0) * 1e3
-
-
 def _cos(a, b) -> float:
     import torch
 
@@ -310,20 +283,13 @@ def _cos(a, b) -> float:
     return torch.nn.functional.cosine_similarity(a, b, dim=1).mean().item()
 
 
-def _fmt(v, width, prec):
-    return f"{v:{width}.{prec}f}" if isinstance(v, (int, float)) and math.isfinite(v) else f"{'-':>{width}}"
-
-
 def main(argv=None) -> int:
     args = _parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.device == "cpu":  # Triton kernels in the interpreter if anything reaches them (before triton.jit)
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_e2e_gpu: no CUDA GPU found; nothing to time (`--device cpu --tiny` smoke-tests this script).")
+    # --device cpu: Triton kernels in the interpreter if anything reaches them (before triton.jit)
+    if not cuda_or_interpreter(args.device, "bench_e2e_gpu", smoke="`--device cpu --tiny`"):
         return 0
+    import torch
     dev = args.device
     models = [m for m in (args.models or ",".join(TINY_MODELS if args.tiny else MODELS)).split(",") if m]
     batches = [int(b) for b in (args.batches or ",".join(map(str, TINY_BATCHES if args.tiny else BATCHES))).split(",") if b]
@@ -335,14 +301,11 @@ def main(argv=None) -> int:
     if args.tiny:
         args.rounds, args.round_ms, args.warmup = min(args.rounds, 2), min(args.round_ms, 20.0), min(args.warmup, 2)
     if dev == "cuda":
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_kernels import _fast_autotune
-
         from fxquant.kernels import grouped_linear, int_attention, int_linear
 
         for mod, attr in ((int_linear, "_int_gemm_tuned"), (int_attention, "_int_bmm_tuned"),
                           (grouped_linear, "_grouped_gemm_tuned")):
-            _fast_autotune(getattr(mod, attr, None), args.tune_rep)
+            fast_autotune(getattr(mod, attr, None), args.tune_rep)
     import torch._dynamo
 
     from fxquant.core.models import load_model
@@ -350,7 +313,6 @@ def main(argv=None) -> int:
     for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
         if hasattr(torch._dynamo.config, knob):  # several variants × batches compile the same forward
             setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 256))
-    clock = Clock(dev)
     t_start = time.perf_counter()
     deadline = t_start + args.budget_s if args.budget_s > 0 else math.inf
     try:
@@ -375,8 +337,7 @@ def main(argv=None) -> int:
 
     def save():
         info["seconds"] = time.perf_counter() - t_start
-        if args.json:
-            Path(args.json).write_text(json.dumps(out, indent=2))
+        write_json(args.json, out)
 
     def fail(model, variant, stage, e, batch=None):
         msg = f"{type(e).__name__}: {e}"
@@ -388,6 +349,8 @@ def main(argv=None) -> int:
         out["skipped"].append({"model": model, "variant": variant, "batch": batch, "why": why})
         print(f"  -- {variant}{'' if batch is None else f' batch {batch}'}: skipped ({why})", flush=True)
 
+    table = Table([("variant", "28s"), ("dtype", ">7"), ("ms", "9.3f"), ("img/s", "9.1f"), ("×eager", "7.2f"),
+                   ("×compile", "8.2f"), ("cos", "7.4f"), ("warm s", "7.1f")], indent="    ")
     print(f"{info['device']}  torch {torch.__version__}  triton {triton_version}  torchao {info['torchao']}")
     print(f"variants: {', '.join(variants)}")
     for spec in models:
@@ -449,7 +412,7 @@ def main(argv=None) -> int:
                     with torch.no_grad(), (v.warm_ctx() if v.warm_ctx else _null_ctx()):
                         for _ in range(max(1, args.warmup)):
                             y = v.fn(xs[v.dtype])
-                    clock.sync()
+                    cuda_sync(dev)
                     warm = time.perf_counter() - t0
                     if name == "fp16-eager":
                         ref = y
@@ -458,19 +421,24 @@ def main(argv=None) -> int:
                     ready.append(name)
                 except Exception as e:
                     fail(spec, name, "warm-up", e, b)
-            # timed: interleaved rounds, each variant about round_ms per round
+            # timed: interleaved rounds, each variant about round_ms per round (every call kept: median over all)
+            def measure(name: str) -> list[float]:
+                v = built[name]
+                samples = rows[name]["samples"]
+                est = min(samples) if samples else call_ms(v.fn, xs[v.dtype], device=dev)
+                n = max(5, min(500, int(args.round_ms / max(est, 1e-3))))
+                new = [call_ms(v.fn, xs[v.dtype], device=dev) for _ in range(n)]
+                samples += new
+                return new
+
+            def timing_failed(name: str, e: Exception) -> None:
+                fail(spec, name, "timing", e, b)
+                rows.pop(name, None)
+
             with torch.no_grad():
-                for _ in range(max(1, args.rounds)):
-                    for name in list(ready):
-                        v = built[name]
-                        try:
-                            est = min(rows[name]["samples"]) if rows[name]["samples"] else clock.call_ms(v.fn, xs[v.dtype])
-                            n = max(5, min(500, int(args.round_ms / max(est, 1e-3))))
-                            rows[name]["samples"] += [clock.call_ms(v.fn, xs[v.dtype]) for _ in range(n)]
-                        except Exception as e:
-                            fail(spec, name, "timing", e, b)
-                            ready.remove(name)
-                            rows.pop(name, None)
+                timed = interleaved_rounds({name: functools.partial(measure, name) for name in ready}, max(1, args.rounds),
+                                           on_error=timing_failed)
+            ready = [name for name in ready if name not in timed.failed]
             base = rows.get("fp16-eager")
             comp = rows.get("fp16-compile")
             for name in ready:
@@ -492,14 +460,12 @@ def main(argv=None) -> int:
                     r["speedup_vs_fp16_compile"] = comp["ms"] / r["ms"]
                 out["rows"].append(r)
             print(f"  batch {b}:")
-            print(f"    {'variant':28s} {'dtype':>7} {'ms':>9} {'img/s':>9} {'×eager':>7} {'×compile':>8} {'cos':>7} "
-                  f"{'warm s':>7}")
+            print(table.header())
             for name in ready:
                 r = rows[name]
-                print(f"    {name:28s} {r['dtype']:>7} {_fmt(r['ms'], 9, 3)} {_fmt(r['images_per_s'], 9, 1)} "
-                      f"{_fmt(r.get('speedup_vs_fp16_eager'), 7, 2)} {_fmt(r.get('speedup_vs_fp16_compile'), 8, 2)} "
-                      f"{_fmt(r.get('cos_vs_fp16_eager'), 7, 4)} {_fmt(r['warmup_s'], 7, 1)}"
-                      f"{'' if r['finite'] else '  NON-FINITE'}", flush=True)
+                print(table.row(name, r["dtype"], r["ms"], r["images_per_s"], r.get("speedup_vs_fp16_eager"),
+                                r.get("speedup_vs_fp16_compile"), r.get("cos_vs_fp16_eager"), r["warmup_s"])
+                      + ("" if r["finite"] else "  NON-FINITE"), flush=True)
             save()
         built.clear()
         cache.clear()

@@ -2,9 +2,10 @@
 
 For each recipe (``fp32`` = the captured float graph) and each form (fake-quant, ``--lower``), the
 model is compiled once on 32 calibration images, then ``--images`` CIFAR-10 test images are run
-in batches of ``--batch-size`` under ``torch.no_grad``; rounds are interleaved across all models
+in batches of ``--batch-size`` under ``torch.inference_mode``; rounds are interleaved across all models
 (so background load hits all of them alike) and the best round is kept. Prints images/s and the
-ratio to FP32; ``--json`` writes the rows with the CPU flags, threads and load averages.
+ratio to FP32; ``--json`` writes the rows with the CPU flags, threads and load averages (and the
+``machine`` facts).
 
     python tools/bench_eval.py [--recipes fp32 w8a8 repq-w4a4 bitlog2-w4a4] [--images 1000] [--rounds 3] [--json out.json]
 """
@@ -12,24 +13,14 @@ ratio to FP32; ``--json`` writes the rows with the CPU flags, threads and load a
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import time
-from pathlib import Path
 
 import torch
+from _bench import Table, cpu_flags, interleaved_rounds, median_ms, write_json
 
 import fxquant
 from fxquant.core.data import load_data
 from fxquant.core.models import load_model
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "unknown"
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags) or "no AVX2"
 
 
 def main() -> None:
@@ -55,32 +46,34 @@ def main() -> None:
             models[(recipe, form)] = fxquant.compile(info.model, recipe=recipe, calib=[data.calib],
                                                      example_inputs=info.example_inputs(), progress=False,
                                                      lower=form == "lower").eval()
-    best: dict = {k: 0.0 for k in models}
     load = [os.getloadavg()[0]]
-    with torch.no_grad():
+    with torch.inference_mode():
         for m in models.values():
             m(batches[0])  # warm-up
-        for _ in range(args.rounds):
-            for key, m in models.items():
-                t0 = time.perf_counter()
-                for x in batches:
-                    m(x)
-                best[key] = max(best[key], data.test_count / (time.perf_counter() - t0))
-            load.append(os.getloadavg()[0])
+
+    def images_per_s(m) -> float:  # one timed pass over all test batches
+        def run():
+            for x in batches:
+                m(x)
+
+        return data.test_count / (median_ms(run, warmup=0, reps=1) / 1e3)
+
+    timed = interleaved_rounds({key: (lambda m=m: images_per_s(m)) for key, m in models.items()}, args.rounds)
+    best = {key: max(timed.results[key], default=0.0) for key in models}
+    load += timed.loads
     fp32 = best.get(("fp32", "fake"))
     print(f"{args.model}, {data.test_count} images, batch {args.batch_size}, {args.threads} threads, CPU: {cpu_flags()}, "
           f"load {min(load):.2f}-{max(load):.2f}; best of {args.rounds} interleaved rounds")
-    print(f"{'recipe':16s} {'form':6s} {'img/s':>8s} {'vs fp32':>8s}")
+    table = Table([("recipe", "16s"), ("form", "6s"), ("img/s", "8.1f"), ("vs fp32", "8.2f")])
+    print(table.header())
     rows = []
     for (recipe, form), ips in best.items():
         ratio = ips / fp32 if fp32 else None
-        print(f"{recipe:16s} {form:6s} {ips:8.1f} " + (f"{ratio:8.2f}" if ratio else f"{'-':>8s}"))
+        print(table.row(recipe, form, ips, ratio or None))
         rows.append({"recipe": recipe, "form": form, "images_per_s": round(ips, 1),
                      "vs_fp32": None if ratio is None else round(ratio, 3)})
-    if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "images": data.test_count, "batch": args.batch_size,
-                                               "threads": args.threads, "cpu": cpu_flags(), "load": load,
-                                               "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+    write_json(args.json, {"model": args.model, "images": data.test_count, "batch": args.batch_size, "threads": args.threads,
+                           "cpu": cpu_flags(), "load": load, "torch": torch.__version__, "rows": rows}, newline=True)
 
 
 if __name__ == "__main__":

@@ -33,13 +33,12 @@ after every shape, so a run stopped by a timeout keeps what it measured.
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import os
 import sys
 import time
-from pathlib import Path
 
-from _device import cuda_or_interpreter
+from _bench import Table, cuda_or_interpreter, fast_autotune, kernel_ms, write_json
 
 TOKENS = 197
 SHAPES = {  # (N, K) of the Linear layers, nn.Linear(K, N)
@@ -74,51 +73,7 @@ def _parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def _fast_autotune(tuned, rep_ms: float) -> None:
-    """Shorten a ``triton.autotune`` kernel's per-config benchmark (it runs once per shape key).
-    Triton keeps it as a ``_do_bench`` hook behind a ``do_bench`` property (3.4+), a cached_property,
-    or (3.0-3.2) a plain ``do_bench`` attribute; each is set here."""
-    if rep_ms <= 0 or tuned is None:
-        return
-    import triton.testing
-
-    def bench(kernel_call, quantiles=None, **_):
-        return triton.testing.do_bench(kernel_call, warmup=max(1.0, rep_ms / 4), rep=rep_ms, quantiles=quantiles)
-
-    try:
-        if "_do_bench" in vars(tuned):  # Triton >= 3.3: read by the do_bench (cached_)property
-            tuned._do_bench = bench
-        if not isinstance(getattr(type(tuned), "do_bench", None), property):  # an attribute, or a cached_property
-            tuned.do_bench = bench
-    except Exception as e:  # keep Triton's own benchmark
-        print(f"(autotuner benchmark left at Triton's default: {type(e).__name__}: {e})")
-
-
-class Timer:
-    """``ms(fn)``: CUDA — ``triton.testing.do_bench`` (median, ms); CPU — wall-clock median of a few calls."""
-
-    def __init__(self, device: str, warmup: float, rep: float):
-        self.device, self.warmup, self.rep = device, warmup, rep
-
-    def ms(self, fn) -> float:
-        if self.device == "cuda":
-            import triton.testing
-
-            return float(triton.testing.do_bench(fn, warmup=self.warmup, rep=self.rep, return_mode="median"))
-        fn()
-        ts = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-        return sorted(ts)[len(ts) // 2]
-
-
-def _fmt(v, width=7, prec=1):
-    return f"{v:{width}.{prec}f}" if isinstance(v, (int, float)) else f"{'-':>{width}}"
-
-
-def bench_linear(torch, timer: Timer, dev: str, m: int, n: int, k: int, variants: list[str]) -> dict:
+def bench_linear(torch, timer, dev: str, m: int, n: int, k: int, variants: list[str]) -> dict:
     from fxquant.core.quant import QuantSpec, pack_int4, unpack_int4
     from fxquant.kernels.int_linear import int_linear, quantize_act
 
@@ -163,7 +118,7 @@ def bench_linear(torch, timer: Timer, dev: str, m: int, n: int, k: int, variants
             fns[v]()  # compile / autotune outside the timed region
             if dev == "cuda":
                 torch.cuda.synchronize()
-            t = timer.ms(fns[v])
+            t = timer(fns[v])
             row["ms"][v] = t
             if v not in QUANT:
                 row["tops"][v] = row["ops"] / (t * 1e-3) / 1e12
@@ -193,7 +148,7 @@ def bench_linear(torch, timer: Timer, dev: str, m: int, n: int, k: int, variants
     return row
 
 
-def bench_attention(torch, timer: Timer, dev: str, batches: list[int], tokens: int, heads: int, dim: int) -> list[dict]:
+def bench_attention(torch, timer, dev: str, batches: list[int], tokens: int, heads: int, dim: int) -> list[dict]:
     from fxquant.kernels.int_attention import int_bmm
 
     rows = []
@@ -206,8 +161,8 @@ def bench_attention(torch, timer: Timer, dev: str, batches: list[int], tokens: i
                 b8 = torch.randint(-128, 128, (b * heads, k, n), device=dev, dtype=torch.int8, generator=g)
                 ah, bh = a8.half(), b8.half()
                 int_bmm(a8, 0.01, 3, b8, 0.02, -1, out_dtype=torch.float16)  # autotune outside the timed region
-                row["fp16_ms"] = timer.ms(lambda: ah @ bh)
-                row["int_bmm_ms"] = timer.ms(lambda: int_bmm(a8, 0.01, 3, b8, 0.02, -1, out_dtype=torch.float16))
+                row["fp16_ms"] = timer(lambda: ah @ bh)
+                row["int_bmm_ms"] = timer(lambda: int_bmm(a8, 0.01, 3, b8, 0.02, -1, out_dtype=torch.float16))
                 ops = 2 * b * heads * m * n * k
                 row["fp16_tflops"] = ops / row["fp16_ms"] / 1e9
                 row["int_bmm_tops"] = ops / row["int_bmm_ms"] / 1e9
@@ -249,8 +204,8 @@ def main(argv=None) -> int:
         from fxquant.kernels import int_attention, int_linear
 
         for tuned in (getattr(int_linear, "_int_gemm_tuned", None), getattr(int_attention, "_int_bmm_tuned", None)):
-            _fast_autotune(tuned, args.tune_rep)
-    timer = Timer(dev, args.warmup, args.rep)
+            fast_autotune(tuned, args.tune_rep)
+    timer = functools.partial(kernel_ms, device=dev, warmup_ms=args.warmup, rep_ms=args.rep)  # timer(fn) -> ms
     import triton
 
     info = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu (Triton interpreter)",
@@ -260,17 +215,16 @@ def main(argv=None) -> int:
     out = {"info": info, "linear": [], "attention": []}
 
     def save():
-        if args.json:
-            Path(args.json).write_text(json.dumps(out, indent=2))
+        write_json(args.json, out)
 
     print(f"{info['device']}  torch {torch.__version__}  triton {triton.__version__}")
     tops_cols = [v for v in variants if v not in QUANT]
     quant_cols = [v for v in variants if v in QUANT]
     print("TOPS (TFLOP/s for fp16) from 2·M·N·K; q8/q4: activation quantization alone, ms; "
           "×fp16 = fp16 ms / w8a8 ms, ×int_mm = _int_mm ms / w8a8 ms (>1: w8a8 faster)")
-    head = (f"{'set':>6} {'batch':>5} {'M':>6} {'N':>5} {'K':>5} " + " ".join(f"{c:>9}" for c in tops_cols)
-            + "".join(f" {c + ' ms':>8}" for c in quant_cols) + f" {'×fp16':>6} {'×int_mm':>7} {'check':>5}")
-    print(head)
+    table = Table([("set", ">6"), ("batch", "5d"), ("M", "6d"), ("N", "5d"), ("K", "5d")] + [(c, "9.1f") for c in tops_cols]
+                  + [(c + " ms", "8.4f") for c in quant_cols] + [("×fp16", "6.2f"), ("×int_mm", "7.2f"), ("check", ">5")])
+    print(table.header())
     t_start = time.perf_counter()
     for set_name, shapes in shape_sets.items():
         for b in batches:
@@ -283,28 +237,29 @@ def main(argv=None) -> int:
                 r8 = row.get("speedup_w8a8_vs_fp16")
                 ri = row.get("speedup_w8a8_vs_int_mm")
                 chk = row["check"].get("ok")
-                print(f"{set_name:>6} {b:5d} {m:6d} {n:5d} {k:5d} " + " ".join(_fmt(row["tops"].get(c), 9) for c in tops_cols)
-                      + "".join(" " + _fmt(row["ms"].get(c), 8, 4) for c in quant_cols)
-                      + f" {_fmt(r8, 6, 2)} {_fmt(ri, 7, 2)} {'ok' if chk else 'FAIL':>5}", flush=True)
+                print(table.row(set_name, b, m, n, k, *(row["tops"].get(c) for c in tops_cols),
+                                *(row["ms"].get(c) for c in quant_cols), r8, ri, "ok" if chk else "FAIL"), flush=True)
                 for v, e in row["errors"].items():
                     print(f"    {v}: {e}")
                 if not chk:
                     print(f"    check: {row['check']}")
     print("\nms per variant:")
-    print(f"{'set':>6} {'M':>6} {'N':>5} {'K':>5} " + " ".join(f"{c:>9}" for c in variants))
+    ms_table = Table([("set", ">6"), ("M", "6d"), ("N", "5d"), ("K", "5d")] + [(c, "9.4f") for c in variants])
+    print(ms_table.header())
     for row in out["linear"]:
-        print(f"{row['set']:>6} {row['M']:6d} {row['N']:5d} {row['K']:5d} "
-              + " ".join(_fmt(row["ms"].get(c), 9, 4) for c in variants))
+        print(ms_table.row(row["set"], row["M"], row["N"], row["K"], *(row["ms"].get(c) for c in variants)))
     if not args.no_attention:
         print(f"\nattention matmuls ({heads} heads, {tokens} tokens, head dim {dim}): int_bmm (int8) vs fp16 torch.matmul")
-        print(f"{'batch':>6} {'op':>6} {'fp16 ms':>9} {'int ms':>9} {'fp16 TF':>8} {'int8 TOPS':>9} {'int/fp16':>8}")
+        att = Table([("batch", "6d"), ("op", ">6"), ("fp16 ms", "9.4f"), ("int ms", "9.4f"), ("fp16 TF", "8.1f"),
+                     ("int8 TOPS", "9.1f"), ("int/fp16", "7.2f", "x")])
+        print(att.header())
         for row in bench_attention(torch, timer, dev, batches, tokens, heads, dim):
             out["attention"].append(row)
             if "error" in row:
-                print(f"{row['batch']:6d} {row['attention']:>6} error: {row['error']}")
+                print(att.row(row["batch"], row["attention"]) + f" error: {row['error']}")
                 continue
-            print(f"{row['batch']:6d} {row['attention']:>6} {row['fp16_ms']:9.4f} {row['int_bmm_ms']:9.4f} "
-                  f"{row['fp16_tflops']:8.1f} {row['int_bmm_tops']:9.1f} {row['speedup_int_vs_fp16']:7.2f}x")
+            print(att.row(row["batch"], row["attention"], row["fp16_ms"], row["int_bmm_ms"], row["fp16_tflops"],
+                          row["int_bmm_tops"], row["speedup_int_vs_fp16"]))
         save()
     info["seconds"] = time.perf_counter() - t_start
     save()

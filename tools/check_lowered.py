@@ -12,10 +12,10 @@ of identical predictions and the largest logit difference.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
+
+from _bench import Table, write_json
 
 
 def main() -> int:
@@ -41,7 +41,9 @@ def main() -> int:
     rows = []
     print(f"{args.model}, {len(x)} test images, lowered model on {args.device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if args.device == 'cuda' else ''}")
-    print(f"{'recipe':14s} {'fake-quant':>10s} {'lowered':>8s} {'same pred':>9s} {'max|Δ|':>8s} {'lowered s':>9s}")
+    table = Table([("recipe", "14s"), ("fake-quant", "10.2f"), ("lowered", "8.2f"), ("same pred", "8.2f", "%"),
+                   ("max|Δ|", "8.4f"), ("lowered s", "9.2f")])
+    print(table.header())
     for recipe in args.recipes.split(","):
         fq = fxquant.compile(info.model, recipe=recipe, calib=[data.calib], progress=False)
         low = fxquant.compile(info.model, recipe=recipe, calib=[data.calib], progress=False, lower=True).to(args.device)
@@ -57,10 +59,8 @@ def main() -> int:
                "max_abs_diff": (a - b).abs().max().item(), "lowered_seconds": secs,
                "lowered": fxquant.report(low)["lower_to_kernels"].summary}
         rows.append(row)
-        print(f"{recipe:14s} {row['top1_fake_quant']:10.2f} {row['top1_lowered']:8.2f} {row['same_pred']:8.2f}% "
-              f"{row['max_abs_diff']:8.4f} {secs:9.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        print(table.row(recipe, row["top1_fake_quant"], row["top1_lowered"], row["same_pred"], row["max_abs_diff"], secs))
+    write_json(args.json, rows)
     return 0
 
 

@@ -7,11 +7,10 @@ same models and inputs as tests/test_families.py -m slow: full size, 224 px).
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
+from _bench import write_json
 
 import fxquant
 from fxquant.core.data import load_data
@@ -45,8 +44,7 @@ def main() -> None:
     sqnr = compare_outputs(info.model, q, (x,))["sqnr_db"]
     rows.append({"family": "cifar-vit", "init": "trained", "sqnr_db": round(sqnr, 2)})
     print(f"{'cifar-vit (trained, 500 real images)':34s} {sqnr:6.2f} dB")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

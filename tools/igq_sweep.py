@@ -11,6 +11,7 @@ import json
 import time
 
 import torch
+from _bench import Table, write_json
 
 import fxquant
 from fxquant.core.data import load_data
@@ -52,14 +53,13 @@ def main() -> None:
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "groups_per_quantizer"}), flush=True)
     print(f"\n{args.model} {args.recipe}: fp32 {fp32:.2f} on {data.test_count} test images, {len(data.calib)} calibration images")
-    print(f"{'G':>3} {'allocation':>10} {'top1':>6} {'calib s':>8}  chosen G (count)")
+    table = Table([("G", ">3"), ("allocation", ">10"), ("top1", "6.2f"), ("calib s", "8.1f")])
+    print(table.header() + "  chosen G (count)")
     for r in rows:
-        print(f"{r['groups']:>3} {'yes' if r['allocate'] else 'no':>10} {r['top1']:>6.2f} {r['calib_seconds']:>8.1f}  "
-              f"{r.get('chosen', '')}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": args.model, "recipe": args.recipe, "fp32_top1": round(fp32, 2),
-                       "test_images": data.test_count, "rows": rows}, f, indent=2)
+        print(table.row(r["groups"], "yes" if r["allocate"] else "no", r["top1"], r["calib_seconds"])
+              + f"  {r.get('chosen', '')}")
+    write_json(args.json, {"model": args.model, "recipe": args.recipe, "fp32_top1": round(fp32, 2),
+                           "test_images": data.test_count, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ mean-pooled sentence embeddings, and which LayerNorms the RepQ passes folded or 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-from pathlib import Path
+
+from _bench import write_json
 
 import fxquant
 from fxquant.core.testing import EVAL_SENTENCES, embedding_cosine, minilm_setup
@@ -32,10 +32,8 @@ def main() -> None:
     print(f"folded LayerNorms: {rec['sites'] or 'none'}")
     for name, why in rec["skipped"].items():
         print(f"  left alone: {name}: {why}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"recipe": args.recipe, "sentences": len(EVAL_SENTENCES),
-                                               "cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(),
-                                               "folded": rec["sites"], "skipped": rec["skipped"]}, indent=2))
+    write_json(args.json, {"recipe": args.recipe, "sentences": len(EVAL_SENTENCES), "cosine_mean": cos.mean().item(),
+                           "cosine_min": cos.min().item(), "folded": rec["sites"], "skipped": rec["skipped"]})
 
 
 if __name__ == "__main__":

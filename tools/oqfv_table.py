@@ -6,7 +6,7 @@ parameters, wall time.
     python tools/oqfv_table.py --dir results/oqfv [--json t.json] # table from existing finetune JSONs
 
 Each run is ``fxquant finetune --model M --task T --init I --bits B --rank R --json DIR/T-I.json``
-(defaults of METHODS.md §6: 800 train / 200 val images, all test images, 20 epochs, batch 64, seed 0).
+(defaults of docs/methods.md, OQFV: 800 train / 200 val images, all test images, 20 epochs, batch 64, seed 0).
 Any ``*.json`` written by ``fxquant finetune`` in ``--dir`` joins the table (e.g. a torchrun or a
 Hugging Face run), labelled by its model, world size and init.
 """
@@ -18,6 +18,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+from _bench import text_table, write_json
 
 INITS = ("qlora", "loftq", "oqfv", "fp")
 TASKS = ("cifar10", "rotation")
@@ -57,10 +59,7 @@ def table(rows: list[dict]) -> str:
              f"{r['top1']:.2f}", "-" if r["best_val"] is None else f"{r['best_val']:.1f} ({r['best_val_epoch']})",
              "-" if r["top1_best_val"] is None else f"{r['top1_best_val']:.2f}", f"{r['trainable_params']:,}",
              f"{r['seconds']:.0f}") for r in rows]
-    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in body]
-    return "\n".join(lines)
+    return text_table(head, body)
 
 
 def main() -> None:
@@ -79,8 +78,7 @@ def main() -> None:
     if not rows:
         raise SystemExit(f"no fxquant finetune JSON files in {folder}")
     print(table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    write_json(args.json, rows, newline=True)
 
 
 if __name__ == "__main__":

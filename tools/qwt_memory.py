@@ -13,7 +13,8 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
+
+from _bench import Table, write_json
 
 CHILD = r"""
 import json, resource, sys, time
@@ -55,15 +56,15 @@ def main() -> None:
     for n in [int(x) for x in args.images.split(",")]:
         out = subprocess.run([sys.executable, "-c", CHILD, str(n)], capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"{'images':>6}  {'peak RSS MiB':>12}  {'growth MiB':>10}  {'rows/block':>10}  {'compile s':>9}")
+    table = Table([("images", "6d"), ("peak RSS MiB", "12.1f"), ("growth MiB", "10.1f"), ("rows/block", "10d"),
+                   ("compile s", "9.1f")], sep="  ")
+    print(table.header())
     for r in rows:
-        print(f"{r['images']:6d}  {r['peak_rss_mib']:12.1f}  {r['growth_mib']:10.1f}  {r['regression_rows_per_block']:10d}  "
-              f"{r['compile_seconds']:9.1f}")
+        print(table.row(r["images"], r["peak_rss_mib"], r["growth_mib"], r["regression_rows_per_block"], r["compile_seconds"]))
     if len(rows) >= 2:
         ratio = rows[-1]['peak_rss_mib'] / rows[0]['peak_rss_mib']
         print(f"peak RSS ratio {rows[-1]['images']} vs {rows[0]['images']} images: {ratio:.3f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
+from _bench import write_json
 
 import fxquant
 from fxquant.core.data import load_data
@@ -67,8 +66,7 @@ def main() -> None:
         codes = (f"codes equal {100 * v['codes_equal_fraction']:.2f} %" if k.startswith("integer")
                  else "codes shifted by frac(z_c - z̃): not comparable")
         print(f"LN->2 Linears toy, {k:13s}: z̃={v['z_target']:.3f}  {codes}  output rel diff {v['output_rel_diff']:.2e}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

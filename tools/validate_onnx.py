@@ -18,12 +18,12 @@ instance-aware groups have no QDQ form and the exporter refuses them.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _bench import write_json
 
 import fxquant
 from fxquant.core.data import load_data
@@ -110,8 +110,7 @@ def main() -> None:
             rows.append(row)
             print(f"{row['model']:28s} {recipe:15s} max|Δ| {row['max_abs_diff']:.4f}  mean|Δ| {row['mean_abs_diff']:.5f}  "
                   f"same pred {row['same_prediction']:.2f} %  ({row['images']} images)", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,30 @@
 """Quantizer core: granularity objects, specs and the quantize/dequantize primitives (the only
 place rounding rules live), the integer storage of codes (signed offset, int4 packing), streaming
-observers, range estimators and fake-quant modules."""
+observers, range estimators and fake-quant modules.
 
+The one home of fxquant's quantizer math: every rounding rule, clamp, scale formula and code→value
+mapping used anywhere in fxquant (fake quantization, calibration search, reparameterization,
+integer kernels' references, ONNX export) is defined in this package and imported from it. Nothing
+else rounds. One concern per module:
+
+* ``spec``: ``QuantSpec`` and the constants of its code range (schemes, bits, BitLog2 variants);
+* ``estimators``: the range-estimator configs; ``range_search``: the search they name;
+* ``layout``: parameters in granularity layout; ``group_params``: IGQ-ViT's instance groups;
+* ``affine``: uniform rounding and (scale, zero point) from a range; ``logcodes``: log2/log√2 and
+  BitLog2 codes; ``dispatch``: ``quantize``/``dequantize``/``fake_quantize`` for every scheme;
+* ``codes``: how codes are stored; ``adaround``: learned rounding; ``observers``, ``modules``,
+  ``lora``: calibration observers, fake-quant modules, low-rank compensation.
+"""
+
+from .adaround import adaround_fake_quantize, adaround_init, adaround_regularizer, rectified_sigmoid
+from .affine import choose_qparams, round_ste
 from .codes import code_offset, pack_int4, to_signed_codes, unpack_int4
+from .dispatch import dequantize, fake_quantize, grid_values, quantize
+from .estimators import OMSE, Estimator, JointGrid, MinMax, PctMSE, Percentile, SigmaClip, estimator_from_name
 from .granularity import Granularity, InstanceGroups, PerAxis, PerGroup, PerTensor
+from .group_params import group_ranges, instance_groups, resolve_params, slice_ranges
+from .layout import expand_params
+from .logcodes import log_step
 from .lora import LoRALinear, loftq, low_rank_split
 from .modules import (
     COMPUTE_DTYPES,
@@ -18,33 +39,7 @@ from .modules import (
     version_key,
 )
 from .observers import Observer
-from .primitives import (
-    OMSE,
-    Estimator,
-    JointGrid,
-    MinMax,
-    PctMSE,
-    Percentile,
-    QuantSpec,
-    SigmaClip,
-    adaround_fake_quantize,
-    adaround_init,
-    adaround_regularizer,
-    choose_qparams,
-    dequantize,
-    estimator_from_name,
-    expand_params,
-    fake_quantize,
-    grid_values,
-    group_ranges,
-    instance_groups,
-    log_step,
-    quantize,
-    rectified_sigmoid,
-    resolve_params,
-    round_ste,
-    slice_ranges,
-)
+from .spec import QuantSpec
 
 __all__ = [
     "cached_by_version", "version_key", "quantizer_state",

@@ -1,10 +1,10 @@
 """The integer representation of quantizer codes: signed storage and 4-bit packing.
 
-``primitives`` says which integer code a value gets; this module says how those integers are
+``dispatch.quantize`` says which integer code a value gets; this module says how those integers are
 stored, for the integer kernels (``fxquant.kernels``), the lowering pass and the ONNX exporter
 alike. It is the only copy of these rules.
 
-* **Signed codes.** A uniform quantizer's codes ``q`` (``primitives.quantize``) are stored signed,
+* **Signed codes.** A uniform quantizer's codes ``q`` (``dispatch.quantize``) are stored signed,
   ``c = q - offset`` with ``offset = 2^(b-1)`` for asymmetric specs and 0 for symmetric ones
   (``code_offset``), so 8-bit codes fit int8 and 4-bit codes a signed nibble; the zero point moves
   with them (``z_c = z - offset``). ``to_signed_codes`` gives ``c`` as int8.
@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from .primitives import QuantSpec, quantize, round_clamp_centered_
+from .affine import round_clamp_centered_
+from .dispatch import quantize
+from .spec import QuantSpec
 
 INT4_RANGE = {True: (-8, 7), False: (0, 15)}  # signed -> (lowest, highest) code a nibble holds
 
@@ -30,7 +32,7 @@ def code_offset(spec: QuantSpec) -> int:
 
 
 def to_signed_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Signed integer codes (int8) of ``x`` under ``spec`` (the rounding rule of ``primitives.quantize``).
+    """Signed integer codes (int8) of ``x`` under ``spec`` (the rounding rule of ``dispatch.quantize``).
 
     For per-tensor integer zero points (every lowered activation) the codes are computed in place as
     ``round_clamp_centered_(x/s, z) + (z - offset)``, which is ``quantize(x) - offset`` exactly."""

@@ -1,195 +1,131 @@
-"""Range search over a (possibly binned) distribution, one row per quantization-parameter block.
-
-A ``Distribution`` describes the values seen by a quantizer as bins: ``left``/``width``/``count``
-of shape ``[P, K]`` (P parameter blocks, K bins). Exact data (a weight tensor) is the special case
-width = 0, count = 1, left = the sorted values, and then quantiles and MSE are exact (the
-quantile equals ``torch.quantile(..., interpolation="linear")``). Streamed activations arrive as
-histograms (observers.py); a value inside a bin is placed uniformly within it for quantiles and at
-the bin centre for the MSE, so both are accurate to one bin width.
-
-All candidate ranges are scored with ``primitives.fake_quantize``: the search never re-implements
-a rounding rule.
+"""Range estimators (what range to quantize): the frozen, validated configs that name a range
+search, their JSON form and their names on the command line. The search itself lives in
+``range_search.py``; ``QuantSpec.estimator`` holds one of these.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-import torch
-
-from .primitives import (
-    OMSE,
-    Estimator,
-    JointGrid,
-    MinMax,
-    PctMSE,
-    Percentile,
-    QuantSpec,
-    SigmaClip,
-    choose_qparams,
-    fake_quantize,
-)
+from ..errors import ConfigError
 
 
-@dataclass
-class Distribution:
-    left: torch.Tensor  # [P, K] float64
-    width: torch.Tensor  # [P, K] or [P, 1] float64
-    count: torch.Tensor  # [P, K] float64 (integers)
-    vmin: torch.Tensor  # [P] exact minimum
-    vmax: torch.Tensor  # [P] exact maximum
+@dataclass(frozen=True)
+class Estimator:
+    """Base class of range estimators."""
+
+    def to_dict(self) -> dict:
+        d = {"type": type(self).__name__}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            d[f.name] = list(v) if isinstance(v, tuple) else v
+        return d
 
     @staticmethod
-    def exact(rows: torch.Tensor) -> "Distribution":
-        """Exact distribution of each row of a ``[P, M]`` tensor."""
-        v = rows.detach().double().sort(dim=1).values
-        return Distribution(v, torch.zeros(v.shape[0], 1, dtype=torch.float64), torch.ones_like(v), v[:, 0], v[:, -1])
-
-    @property
-    def total(self) -> torch.Tensor:
-        return self.count.sum(dim=1)
-
-    def _value_at_rank(self, rank: torch.Tensor) -> torch.Tensor:
-        cum = self.count.cumsum(dim=1)
-        k = torch.searchsorted(cum, rank.unsqueeze(1), right=True).clamp(max=cum.shape[1] - 1)
-        c = self.count.gather(1, k)
-        before = cum.gather(1, k) - c
-        width = self.width.expand_as(self.left).gather(1, k)
-        val = self.left.gather(1, k) + (rank.unsqueeze(1) - before + 0.5) / c.clamp(min=1) * width
-        return val.squeeze(1)
-
-    def quantile(self, p: float) -> torch.Tensor:
-        """Linear-interpolated quantile per row (rank ``p·(n-1)``), clamped to the exact extrema."""
-        n = self.total
-        rank = p * (n - 1)
-        r0 = rank.floor()
-        r1 = torch.minimum(r0 + 1, n - 1)
-        v0 = self._value_at_rank(r0)
-        v1 = self._value_at_rank(r1)
-        return (v0 + (rank - r0) * (v1 - v0)).clamp(self.vmin, self.vmax)
-
-    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and Bessel-corrected standard deviation per row (``torch.std``'s default; bins at
-        their centres)."""
-        centers = self.left + 0.5 * self.width
-        n = self.total
-        mean = (centers * self.count).sum(dim=1) / n.clamp(min=1)
-        var = (((centers - mean.unsqueeze(1)) ** 2) * self.count).sum(dim=1) / (n - 1).clamp(min=1)
-        return mean, var.sqrt()
-
-    def mse(self, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-        """Mean squared quantization error per row for per-row parameters ``[P]``."""
-        centers = (self.left + 0.5 * self.width).float()
-        xq = fake_quantize(centers, scale.view(-1, 1), zero_point.view(-1, 1), spec)
-        err = (centers.double() - xq.double()) ** 2
-        return (err * self.count).sum(dim=1) / self.total.clamp(min=1)
+    def from_dict(d: dict) -> "Estimator":
+        kinds = {c.__name__: c for c in (MinMax, Percentile, PctMSE, OMSE, JointGrid, SigmaClip)}
+        d = dict(d)
+        kind = d.pop("type")
+        if kind not in kinds:
+            raise ConfigError(f"unknown range estimator {kind!r}; known: {sorted(kinds)}")
+        return kinds[kind](**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def _candidates(dist: Distribution, spec: QuantSpec) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    est = spec.estimator
-    if isinstance(est, MinMax):
-        return [(dist.vmin, dist.vmax)]
-    if isinstance(est, Percentile):
-        return [(dist.quantile(1.0 - est.p), dist.quantile(est.p))]
-    if isinstance(est, PctMSE):
-        return [(dist.quantile(1.0 - p), dist.quantile(p)) for p in est.percentiles]
-    if isinstance(est, OMSE):
-        return [(dist.vmin * a, dist.vmax * a) for a in torch.arange(1, est.grid + 1, dtype=torch.float64) / est.grid]
-    if isinstance(est, JointGrid):
-        return _joint_grid(dist, spec, est)
-    if isinstance(est, SigmaClip):
-        mean, std = dist.mean_std()
-        return [(torch.maximum(dist.vmin, mean - est.num_std * std), torch.minimum(dist.vmax, mean + est.num_std * std))]
-    raise TypeError(f"unknown estimator {est!r}")
+@dataclass(frozen=True)
+class MinMax(Estimator):
+    """Range = observed [min, max] (exact running extrema)."""
 
 
-def _joint_grid(dist: Distribution, spec: QuantSpec, est: JointGrid) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(lo, hi) ranges whose ``choose_qparams`` are the (scale, zero point) pairs of the joint grid:
-    ``lo = (qmin - z)·s``, ``hi = (qmax - z)·s`` map back to exactly ``s`` and the integer ``z``."""
-    levels = spec.qmax - spec.qmin
-    if spec.symmetric:
-        zps = [0.0]
-    else:
-        num_zp = min(est.max_zp, 2**spec.bits)
-        centre = spec.qmin + 2 ** (spec.bits - 1)
-        zps = [float(min(max(centre - num_zp // 2 + j, spec.qmin), spec.qmax)) for j in range(num_zp)]
-        zps = list(dict.fromkeys(zps))
-    n_scales = max(est.candidates // len(zps), 1)
-    lo_w = (dist.quantile(est.hi_q) - dist.quantile(est.lo_q)).clamp(min=0)
-    hi_w = dist.vmax - dist.vmin
-    out = [(dist.vmin, dist.vmax)]  # the "+1": the min-max pair
-    for i in range(n_scales):
-        t = i / max(n_scales - 1, 1)
-        width = lo_w + t * (hi_w - lo_w)
-        if spec.symmetric:
-            out.append((-width / 2, width / 2))
-            continue
-        s = width / levels
-        for z in zps:
-            out.append(((spec.qmin - z) * s, (spec.qmax - z) * s))
-    return out
+@dataclass(frozen=True)
+class Percentile(Estimator):
+    """Range = [Q(1 - p), Q(p)] with linear-interpolated quantiles."""
+
+    p: float = 0.9999
+
+    def __post_init__(self):
+        if not 0.5 < self.p <= 1.0:
+            raise ConfigError(f"Percentile.p must be in (0.5, 1], got {self.p}")
 
 
-def estimate_qparams(dist: Distribution, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point per row ``[P]`` chosen by ``spec.estimator``."""
-    cands = _candidates(dist, spec)
-    params = [choose_qparams(lo, hi, spec) for lo, hi in cands]
-    if len(params) == 1:
-        return params[0]
-    errs = torch.stack([dist.mse(s, z, spec) for s, z in params])  # [C, P]
-    best = errs.argmin(dim=0)  # first minimum wins ties (strict <)
-    scale = torch.stack([s for s, _ in params]).gather(0, best.unsqueeze(0)).squeeze(0)
-    zp = torch.stack([z for _, z in params]).gather(0, best.unsqueeze(0)).squeeze(0)
-    return scale, zp
+@dataclass(frozen=True)
+class PctMSE(Estimator):
+    """RepQ-ViT's search: for each ``p`` take [Q(1-p), Q(p)] and keep the one with the smallest
+    mean squared quantization error (strict ``<``: the earlier ``p`` wins ties)."""
+
+    percentiles: tuple[float, ...] = (0.999, 0.9999, 0.99999)
+
+    def __post_init__(self):
+        if not self.percentiles or any(not 0.5 < p <= 1.0 for p in self.percentiles):
+            raise ConfigError(f"PctMSE.percentiles must be non-empty values in (0.5, 1], got {self.percentiles}")
 
 
-def _sq_dist(pts: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """``[n, G]`` squared distances of 2-D points (broadcast: ``torch.cdist`` is 10× slower here)."""
-    return (pts[:, None, 0] - centres[None, :, 0]) ** 2 + (pts[:, None, 1] - centres[None, :, 1]) ** 2
+@dataclass(frozen=True)
+class OMSE(Estimator):
+    """Optimal-MSE clipping: shrink [min, max] by ``alpha`` on a grid of ``grid`` values in
+    (0, 1] and keep the range with the smallest mean squared error (Choukroun et al., 2019)."""
+
+    grid: int = 100
+
+    def __post_init__(self):
+        if self.grid < 1:
+            raise ConfigError(f"OMSE.grid must be >= 1, got {self.grid}")
 
 
-def kmeans_ranges(points: torch.Tensor, num_groups: int, *, iters: int = 100,
-                  estimator: Estimator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group ranges for IGQ-ViT's instance-aware groups: k-means (Lloyd) over ``[n, 2]`` points
-    ``(min, max)``, one per slice and calibration instance (squared Euclidean distance: slices of
-    similar range share a cluster); then each group's range from its members: ``MinMax`` (or None)
-    the envelope ``[min of mins, max of maxes]``, ``Percentile(p)`` ``[Q(mins, 1-p), Q(maxes, p)]``.
-    The k-means centre alone would clip half the members' peaks; with ranges that cover their
-    members, ``primitives.instance_groups``' run-time rule (the narrowest covering group) sends a
-    slice like the calibration's to its own cluster's group or a narrower one that still fits.
+@dataclass(frozen=True)
+class JointGrid(Estimator):
+    """APHQ-ViT's joint (scale, zero point) grid (docs/methods.md, APHQ-ViT, stage B): ``num_zp = min(max_zp, 2^b)``
+    integer zero points centred on ``2^(b-1)`` times ``candidates // num_zp`` scales whose range
+    width ``s·(2^b - 1)`` runs linearly from ``Q(hi_q) - Q(lo_q)`` to ``max - min``, plus the min-max
+    pair; the pair with the smallest mean squared quantization error wins (first wins ties).
+    Symmetric specs have one zero point (0), so all ``candidates`` go to scales."""
 
-    Deterministic: the initial centres are the points at the quantiles ``(i + ½)/G`` of the range
-    width ``max - min``; an empty cluster is re-seeded with the point farthest from its centre.
-    Returns ``(lo, hi)`` of shape ``[G]`` (float64), sorted by width, narrowest first."""
-    pts = points.detach().double().reshape(-1, 2)
-    n = pts.shape[0]
-    if n == 0:
-        raise ValueError("kmeans_ranges needs at least one point")
-    order = torch.argsort(pts[:, 1] - pts[:, 0], stable=True)
-    init = order[((torch.arange(num_groups, dtype=torch.float64) + 0.5) * n / num_groups).long().clamp(max=n - 1)]
-    centres = pts[init].clone()
-    assign = None
-    for _ in range(iters):
-        d = _sq_dist(pts, centres)
-        new = d.argmin(dim=1)
-        if assign is not None and torch.equal(new, assign):
-            break
-        assign = new
-        counts = torch.bincount(assign, minlength=num_groups)
-        sums = torch.zeros(num_groups, 2, dtype=torch.float64).index_add_(0, assign, pts)
-        filled = counts > 0
-        centres[filled] = sums[filled] / counts[filled, None]
-        if not filled.all():  # re-seed empty clusters with the worst-fitted points
-            far = d.gather(1, assign[:, None]).squeeze(1).argsort(descending=True, stable=True)
-            for k, g in enumerate(torch.nonzero(~filled).flatten().tolist()):
-                centres[g] = pts[far[k % n]]
-    assign = _sq_dist(pts, centres).argmin(dim=1)
-    p = estimator.p if isinstance(estimator, Percentile) else 1.0
-    for g in range(num_groups):
-        members = pts[assign == g]
-        if len(members):
-            centres[g, 0] = torch.quantile(members[:, 0], 1.0 - p)
-            centres[g, 1] = torch.quantile(members[:, 1], p)
-    width = centres[:, 1] - centres[:, 0]
-    centres = centres[torch.argsort(width, stable=True)]
-    return centres[:, 0], centres[:, 1]
+    candidates: int = 128
+    max_zp: int = 16
+    lo_q: float = 0.1
+    hi_q: float = 0.9
+
+    def __post_init__(self):
+        if self.candidates < 1 or self.max_zp < 1:
+            raise ConfigError(f"JointGrid.candidates and max_zp must be >= 1, got {self.candidates}, {self.max_zp}")
+        if not 0.0 <= self.lo_q < self.hi_q <= 1.0:
+            raise ConfigError(f"JointGrid needs 0 <= lo_q < hi_q <= 1, got lo_q={self.lo_q}, hi_q={self.hi_q}")
+
+
+@dataclass(frozen=True)
+class SigmaClip(Estimator):
+    """Range = the mean ± ``num_std`` standard deviations (Bessel-corrected, ``torch.std``),
+    intersected with [min, max]: clipping to ``μ ± kσ`` and then taking the min-max range of the
+    clipped values, as OQFV, LoftQ and QLoRA's uniform baselines quantize weights (docs/methods.md, OQFV)."""
+
+    num_std: float = 2.0
+
+    def __post_init__(self):
+        if not self.num_std > 0:
+            raise ConfigError(f"SigmaClip.num_std must be > 0, got {self.num_std}")
+
+
+ESTIMATOR_NAMES = ("minmax", "percentile[:p]", "pctmse", "omse[:grid]", "grid[:candidates]", "sigma[:num_std]")
+
+
+def estimator_from_name(name: str | Estimator) -> Estimator:
+    """Parse ``"minmax"``, ``"percentile"``/``"percentile:0.999"``, ``"pctmse"``, ``"omse"``/``"omse:200"``,
+    ``"grid"``/``"grid:128"`` (APHQ-ViT's joint scale/zero-point grid), ``"sigma"``/``"sigma:3"`` (μ ± kσ clipping)."""
+    if isinstance(name, Estimator):
+        return name
+    kind, _, arg = str(name).lower().partition(":")
+    try:
+        if kind == "minmax" and not arg:
+            return MinMax()
+        if kind == "percentile":
+            return Percentile(float(arg)) if arg else Percentile()
+        if kind == "pctmse" and not arg:
+            return PctMSE()
+        if kind == "omse":
+            return OMSE(int(arg)) if arg else OMSE()
+        if kind == "grid":
+            return JointGrid(int(arg)) if arg else JointGrid()
+        if kind == "sigma":
+            return SigmaClip(float(arg)) if arg else SigmaClip()
+    except ValueError:
+        pass
+    raise ConfigError(f"unknown range estimator {name!r}; use one of {list(ESTIMATOR_NAMES)}")

@@ -21,10 +21,10 @@ granularity             activation [B, N, C]      weight [O, I]
 ``InstanceGroups(G)``   [G] (see below)           (activations only)
 ======================  ========================  ==========================
 
-``InstanceGroups`` (IGQ-ViT, METHODS.md §5) is the one granularity whose parameters are not tied
+``InstanceGroups`` (docs/methods.md, IGQ-ViT) is the one granularity whose parameters are not tied
 to fixed positions: it stores ``G`` static (scale, zero point) pairs, and *per input instance*
 each slice along ``axis`` (a channel, or an attention row) is assigned to the narrowest group whose
-quantization range covers the slice's own ``[min, max]`` (``primitives.instance_groups``).
+quantization range covers the slice's own ``[min, max]`` (``group_params.instance_groups``).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ class InstanceGroups(Granularity):
     (image, head) pair for attention ``[B, H, N, N]``) and every slice along ``axis``, the slice's
     range ``[min, max]`` is taken over all the remaining dimensions and the slice is quantized by
     the narrowest group whose range ``[l_g, u_g]`` covers it (within half a step), else by the
-    group that clips it least (``primitives.instance_groups``).
+    group that clips it least (``group_params.instance_groups``).
 
     * channels of a Linear input: ``InstanceGroups(G)`` (axis -1, statistics over tokens);
     * rows of a softmax output: ``InstanceGroups(G, axis=-2, instance_dims=2)`` (statistics over

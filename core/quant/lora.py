@@ -1,4 +1,4 @@
-"""Low-rank adapters on quantized weights (QLoRA, LoftQ, OQFV; METHODS.md §6).
+"""Low-rank adapters on quantized weights (QLoRA, LoftQ, OQFV; docs/methods.md, OQFV).
 
 A ``LoRALinear`` computes ``y = x·Q(W')ᵀ + s·(x·Aᵀ)·Bᵀ + b`` with a frozen, fake-quantized base
 weight ``Q(W')`` (``weight`` = ``W'`` through ``weight_fake_quant``, torch.ao's QAT convention),
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modules import _WeightQuantized
-from .primitives import QuantSpec
+from .spec import QuantSpec
 
 
 def low_rank_split(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CalibrationError
+from .adaround import adaround_fake_quantize, adaround_init, adaround_regularizer
+from .dispatch import fake_quantize
 from .granularity import PerAxis
 from .observers import NonFiniteError, Observer, exact_distribution_qparams, make_observer
-from .primitives import QuantSpec, adaround_fake_quantize, adaround_init, adaround_regularizer, fake_quantize
+from .spec import QuantSpec
 
 COMPUTE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 

@@ -16,19 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from .estimators import Distribution, estimate_qparams, kmeans_ranges
+from .affine import choose_qparams
+from .estimators import MinMax
 from .granularity import InstanceGroups
-from .primitives import (
-    MinMax,
-    QuantSpec,
-    bitlog2_codes_from_int,
-    bitlog2_delta,
-    bitlog2_input,
-    bitlog2_levels,
-    choose_qparams,
-    slice_ranges,
-    to_rows,
-)
+from .group_params import slice_ranges
+from .layout import to_rows
+from .logcodes import bitlog2_codes_from_int, bitlog2_delta, bitlog2_input, bitlog2_levels
+from .range_search import Distribution, estimate_qparams, kmeans_ranges
+from .spec import QuantSpec
 
 # Histogram budget: bins per row = clamp(_HIST_BUDGET / rows, 256, 16384), a power of two.
 _HIST_BUDGET = 2**20
@@ -249,7 +244,7 @@ class GroupRangeObserver:
     """Observer of an ``InstanceGroups`` quantizer (IGQ-ViT): keeps the ``(min, max)`` of every
     slice (channel or attention row) of every calibration instance, 8 bytes each (a ViT-S
     ``fc2`` input: 1536 channels, 12 KB per image), and turns them into ``G`` group quantizers
-    by k-means plus the spec's estimator over each group's members (``estimators.kmeans_ranges``)
+    by k-means plus the spec's estimator over each group's members (``range_search.kmeans_ranges``)
     and ``choose_qparams``. Memory grows with the
     number of calibration instances: this is the data k-means clusters (IGQ-ViT calibrates on 32
     images). Merging concatenates the points, so it is exact; the order of the points matters to

@@ -86,7 +86,7 @@ class UniformRecipe(Recipe):
 
 @dataclass(frozen=True)
 class RepQRecipe(UniformRecipe):
-    """RepQ-ViT (METHODS.md §1) on the uniform pipeline: ``annotate_repq`` after
+    """RepQ-ViT (docs/methods.md, RepQ-ViT) on the uniform pipeline: ``annotate_repq`` after
     ``annotate_uniform`` (per-channel post-LayerNorm activation scales, log√2 softmax output,
     8-bit patch-embedding input), sequential calibration as in RepQ-ViT's reference (each quantizer
     sees already-quantized inputs), then ``repq_reparam`` folds the scales into the LayerNorm and
@@ -100,7 +100,7 @@ class RepQRecipe(UniformRecipe):
 
 @dataclass(frozen=True)
 class APHQRecipe(UniformRecipe):
-    """APHQ-ViT (METHODS.md §4) from passes:
+    """APHQ-ViT (docs/methods.md, APHQ-ViT) from passes:
 
     (A) ``mlp_reconstruct`` on the float graph (``reconstruct_mlp``; ``mr_iters`` steps per block);
     (B) ``annotate_uniform`` with the ``JointGrid`` estimator (``grid``) for weights (per row,
@@ -140,7 +140,7 @@ class APHQRecipe(UniformRecipe):
 
 @dataclass(frozen=True)
 class IGQRecipe(UniformRecipe):
-    """IGQ-ViT (METHODS.md §5): uniform per-row weights, then ``group_quant`` puts ``num_groups``
+    """IGQ-ViT (docs/methods.md, IGQ-ViT): uniform per-row weights, then ``group_quant`` puts ``num_groups``
     instance-aware groups (``group_mode="instance"``; ``"contiguous"`` for fixed channel blocks)
     on every Linear input and (instance mode) on the rows of every attention map, with an 8-bit
     patch-embedding input as RepQ-ViT; parallel calibration on 32 images (k-means group ranges);
@@ -168,7 +168,7 @@ HEAD_STEM_MODES = ("quantized", "int8", "float")
 
 @dataclass(frozen=True)
 class PlatformRecipe(Recipe):
-    """The transformer-quantization platform's defaults (METHODS.md §5; ``fxquant platform``):
+    """The transformer-quantization platform's defaults (docs/methods.md, IGQ-ViT; ``fxquant platform``):
     ``n_bits`` weights and activations with the percentile range ``[Q(eps), Q(1 - eps)]``, 32
     calibration images (the first 32 of its loader), parallel calibration, attention matmul
     operands per tensor.

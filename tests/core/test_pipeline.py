@@ -9,8 +9,10 @@ import torch
 from torch import fx
 
 import fxquant
+from fxquant.core import match
 from fxquant.core.errors import ConfigError, PassError
-from fxquant.core.pipeline import Pass, PassContext, PassManager, PassResult
+from fxquant.core.graph import propagate_shapes
+from fxquant.core.pipeline import MANAGER_FACTS, SHAPES, Pass, PassContext, PassManager, PassResult
 from fxquant.core.testing import toy_calib, toy_vit
 from fxquant.passes import AnnotateUniform, Calibrate, InsertQuantizers
 
@@ -105,3 +107,76 @@ def test_fp32_recipe_is_the_float_graph():
     q = fxquant.compile(m, recipe="fp32", example_inputs=(torch.randn(2, 3, 8, 8),), progress=False)
     x = torch.randn(3, 3, 8, 8)
     assert torch.equal(q(x), m(x))
+
+
+# -- facts the manager establishes itself (SHAPES) and nested pipelines -------------------------------
+
+
+@dataclass(frozen=True)
+class _NeedsShapes(Pass):
+    name = "needs_shapes"
+    requires = (SHAPES,)
+
+    def run(self, gm, ctx):
+        missing = [n.name for n in gm.graph.nodes if n.op == "call_module" and match.tensor_shape(n) is None]
+        return PassResult(gm, modified=False, record={"missing": missing})
+
+
+@dataclass(frozen=True)
+class _AddsModuleCall(Pass):
+    """Inserts an identity module call after the first Linear, without shapes (as insert_quantizers can)."""
+
+    name = "adds_module_call"
+
+    def run(self, gm, ctx):
+        modules = dict(gm.named_modules())
+        first = next(n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], torch.nn.Linear))
+        gm.add_submodule("extra_identity", torch.nn.Identity())
+        with gm.graph.inserting_after(first):
+            new = gm.graph.call_module("extra_identity", (first,))
+        first.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        return PassResult(gm)
+
+
+def test_the_manager_establishes_shapes_for_passes_that_require_them():
+    gm = fxquant.trace(toy_vit(), (torch.randn(2, 3, 32, 32),))
+    assert all(match.tensor_shape(n) is None for n in gm.graph.nodes if n.op == "call_module")  # capture records none
+    ctx = PassContext(example_inputs=(torch.randn(2, 3, 32, 32),), progress=False)
+    gm, rep = PassManager([_NeedsShapes(), _AddsModuleCall(), _NeedsShapes()]).run(gm, ctx)
+    assert [r.record["missing"] for r in rep.passes if r.name == "needs_shapes"] == [[], []]  # re-established after the insert
+    assert SHAPES in MANAGER_FACTS and SHAPES not in ctx.facts  # derived on demand, never a stale provided fact
+    # without example inputs the pass still runs (as before the fact existed), on the shapes it finds
+    gm2 = fxquant.trace(toy_vit(), (torch.randn(2, 3, 32, 32),))
+    _, rep2 = PassManager([_NeedsShapes()]).run(gm2, PassContext(progress=False))
+    assert rep2["needs_shapes"].record["missing"]
+
+
+def test_shape_propagation_leaves_quantizers_and_observers_untouched():
+    q = fxquant.compile(toy_vit(), recipe="w8a8", calib=toy_calib(), progress=False)
+    before = {n: (m.fake_quant_enabled, m.observer_enabled, m.scale.clone()) for n, m in q.named_modules()
+              if isinstance(m, fxquant.quant.FakeQuantize)}
+    propagate_shapes(q, (torch.randn(2, 3, 32, 32),))
+    after = {n: (m.fake_quant_enabled, m.observer_enabled, m.scale) for n, m in q.named_modules()
+             if isinstance(m, fxquant.quant.FakeQuantize)}
+    assert before.keys() == after.keys()
+    assert all(before[k][:2] == after[k][:2] and torch.equal(before[k][2], after[k][2]) for k in before)
+
+
+def test_no_pass_sets_up_shapes_itself():
+    """The set-up lives in one place (the manager's SHAPES fact): no pass calls propagate_shapes."""
+    import inspect
+
+    import fxquant.passes as passes_pkg
+    from fxquant.core.pipeline import PASS_REGISTRY
+
+    for name, cls in PASS_REGISTRY.items():
+        if cls.__module__.startswith(passes_pkg.__name__):
+            assert "propagate_shapes(" not in inspect.getsource(inspect.getmodule(cls)), name
+
+
+def test_nested_context_isolates_facts_and_progress():
+    ctx = PassContext(calib=None, example_inputs=(torch.zeros(1),), seed=3, facts={"annotated"}, replay=True, records=[{"a": 1}])
+    sub = ctx.nested()
+    sub.facts.add("calibrated")
+    assert ctx.facts == {"annotated"} and sub.seed == 3 and sub.example_inputs is ctx.example_inputs
+    assert not sub.progress and not sub.replay and sub.records == []

@@ -14,7 +14,7 @@ import fxquant
 from fxquant.core.errors import ConfigError
 from fxquant.core.quant import modules as quant_modules
 from fxquant.core.testing import toy_calib, toy_vit
-from fxquant.export import EXPORT_HANDLERS, export_handler, prepare_for_export, run_onnx, to_onnx
+from fxquant.export import EXPORT_HANDLERS, export_handler, int8_dot_exact, prepare_for_export, run_onnx, to_onnx
 from fxquant.kernels import lowered
 
 
@@ -39,8 +39,9 @@ def test_a_kind_without_handler_is_an_error_naming_it(monkeypatch):
         prepare_for_export(q)
 
 
-@pytest.mark.parametrize("recipe,options", [("w8a8", {}), ("bitlog2-w4a4", {}), ("repq-qwt-w4a4", {}),
-                                            ("igq-w4a4", {"group_mode": "contiguous"}),
+@pytest.mark.parametrize("recipe,options", [("w8a8", {}), ("bitlog2-w4a4", {}),
+                                            pytest.param("repq-qwt-w4a4", {}, marks=pytest.mark.slow),
+                                            pytest.param("igq-w4a4", {"group_mode": "contiguous"}, marks=pytest.mark.slow),
                                             pytest.param("repq-w4a4", {}, marks=pytest.mark.slow)])
 def test_lowered_graph_exports_like_its_fake_quant_form(recipe, options, tmp_path):
     """A lowered Linear already holds the signed integer codes QDQ needs: the export of the
@@ -51,8 +52,9 @@ def test_lowered_graph_exports_like_its_fake_quant_form(recipe, options, tmp_pat
     low = fxquant.compile(toy_vit(), recipe=recipe, calib=toy_calib(), progress=False, lower=True, **options)
     assert any(isinstance(m, (lowered.LoweredLinear, lowered.LoweredGroupedLinear)) for m in low.modules())
     assert isinstance(low.get_submodule("patch"), lowered.LoweredPatchConv)  # exported as Q/DQ(x), DQ(W) → Conv
-    got_fake = run_onnx(to_onnx(fake, (x[:2],), tmp_path / "fake.onnx").path, (x,))
-    got_low = run_onnx(to_onnx(low, (x[:2],), tmp_path / "low.onnx").path, (x,))
+    # without VNNI/AMX onnxruntime's fused int8 GEMM saturates (fxquant.export.cpu): check the exported function op by op
+    got_fake = run_onnx(to_onnx(fake, (x[:2],), tmp_path / "fake.onnx").path, (x,), optimize=int8_dot_exact())
+    got_low = run_onnx(to_onnx(low, (x[:2],), tmp_path / "low.onnx").path, (x,), optimize=int8_dot_exact())
     assert torch.equal(got_low, got_fake)
     with torch.no_grad():
         ref = low(x)

@@ -11,9 +11,6 @@ mean 0.003-0.008, igq-w4a4 with contiguous groups max 0.34 / mean 0.0020; tools/
 
 from __future__ import annotations
 
-import platform
-from pathlib import Path
-
 import onnx
 import pytest
 import torch
@@ -23,25 +20,20 @@ import fxquant
 from fxquant.core.errors import ConfigError
 from fxquant.core.quant import PctMSE, QuantSpec
 from fxquant.core.testing import QuantizerOnly, calibrated_quantizer, family_model, toy_calib, toy_vit
-from fxquant.export import run_onnx, to_onnx
+from fxquant.export import int8_dot_exact, run_onnx, to_onnx
 
 TOL = {"fp32": (1e-4, 1e-5), "w8a8": (0.15, 0.01), "repq-w4a4": (1.0, 0.02), "bitlog2-w4a4": (1.0, 0.02),
        "repq-qwt-w4a4": (1.0, 0.02), "igq-w4a4": (1.0, 0.02)}
 # compile options per recipe: IGQ's instance-aware groups have no QDQ form (test_onnx_groups.py),
 # its contiguous channel groups export as per-channel Q/DQ
 OPTIONS = {"repq-qwt-w4a4": {"calib_images": 32}, "igq-w4a4": {"group_mode": "contiguous"}}
-# onnxruntime's fused int8 GEMM on x86 without VNNI (AVX2 vpmaddubsw: saturating int16 pair sums), W8A8
+# onnxruntime's fused int8 GEMM on x86 without VNNI (vpmaddubsw: saturating int16 pair sums; fxquant.export.cpu),
+# W8A8 on 200 images: measured max 0.18 / mean 0.022 and 97.5 % equal predictions on an AVX2-only EPYC
 AVX2_TOL = {"w8a8": (0.4, 0.04)}
+# where the fused int8 GEMM is exact (VNNI/AMX) the tests run onnxruntime as deployed; elsewhere with its graph
+# optimizations off, which runs the exported function op by op (the fused path is bounded by AVX2_TOL above)
+ORT_OPTIMIZE = int8_dot_exact()
 
-
-def _int8_gemm_is_exact() -> bool:
-    """Whether onnxruntime's int8 GEMM accumulates exactly here: not x86, or an x86 CPU with VNNI."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return True
-    try:
-        return "vnni" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +79,10 @@ def test_export_matches_fake_quant(recipe, tmp_path, cifar_compiled, cifar_batch
     # 200 images: max 0.18 / mean 0.022 vs 0.042 / 0.0028 unfused), hence AVX2_TOL there
     got = run_onnx(res.path, (x,))
     d = (got - ref).abs()
-    max_tol, mean_tol = (max_tol, mean_tol) if _int8_gemm_is_exact() else AVX2_TOL.get(recipe, (max_tol, mean_tol))
+    exact = int8_dot_exact()
+    max_tol, mean_tol = (max_tol, mean_tol) if exact else AVX2_TOL.get(recipe, (max_tol, mean_tol))
     assert d.max().item() <= max_tol and d.mean().item() <= mean_tol, (d.max().item(), d.mean().item())
-    assert (got.argmax(1) == ref.argmax(1)).float().mean().item() >= 0.98
+    assert (got.argmax(1) == ref.argmax(1)).float().mean().item() >= (0.98 if exact else 0.95)
 
 
 @pytest.mark.parametrize("spec", [
@@ -124,7 +117,7 @@ def test_uint8_activations_option(tmp_path):
     assert act_q and all(zps[n.input[2]].data_type == onnx.TensorProto.UINT8 for n in act_q if n.input[2] in zps)
     with torch.no_grad():
         ref = q(x)
-    assert (run_onnx(res.path, (x,)) - ref).abs().mean().item() <= 0.01 * ref.abs().mean().item()
+    assert (run_onnx(res.path, (x,), optimize=ORT_OPTIMIZE) - ref).abs().mean().item() <= 0.01 * ref.abs().mean().item()
 
 
 def test_export_refuses_what_onnx_cannot_express(tmp_path):
@@ -152,7 +145,7 @@ def test_timm_models_export_and_run(name, reduced, tmp_path):
     res = to_onnx(q, (x,), tmp_path / "t.onnx")
     with torch.no_grad():
         ref = q(x)
-    d = (run_onnx(res.path, (x,)) - ref).abs()
+    d = (run_onnx(res.path, (x,), optimize=ORT_OPTIMIZE) - ref).abs()
     assert d.max().item() <= 0.1 * ref.abs().max().item() and d.mean().item() <= 0.01 * ref.abs().max().item()
 
 

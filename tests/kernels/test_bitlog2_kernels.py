@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fxquant.core.quant import pack_int4, unpack_int4
-from fxquant.core.quant.primitives import BITLOG2_VARIANTS
+from fxquant.core.quant.spec import BITLOG2_VARIANTS
 from fxquant.core.testing import on_device
 from fxquant.kernels.bitlog2 import (
     bitlog2_av,
@@ -74,7 +74,7 @@ def test_integer_av_equals_reference(variant, shape):
 def test_level_planes_decompose_every_level(variant):
     """The digit planes the A·v kernel multiplies: 7-bit digits of every level recombine to it, and
     their count (int8 GEMMs per key block) is 2 for the half variants, 3 for the single ones."""
-    from fxquant.core.quant.primitives import bitlog2_level_table
+    from fxquant.core.quant.logcodes import bitlog2_level_table
     from fxquant.kernels.bitlog2 import level_planes
 
     levels = bitlog2_level_table(variant).to(torch.int64)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fxquant.core.quant import QuantSpec, code_offset, to_signed_codes
-from fxquant.core.quant.primitives import bitlog2_codes_from_int, bitlog2_input, bitlog2_level_table
+from fxquant.core.quant.logcodes import bitlog2_codes_from_int, bitlog2_input, bitlog2_level_table
 from fxquant.core.testing import on_device
 from fxquant.kernels.fused_attention import fused_attention, fused_attention_ref
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fxquant.core.quant import QuantSpec, choose_qparams, code_offset, to_signed_codes
-from fxquant.core.quant.primitives import bitlog2_codes_from_int, bitlog2_input, fake_quantize
+from fxquant.core.quant import QuantSpec, choose_qparams, code_offset, fake_quantize, to_signed_codes
+from fxquant.core.quant.logcodes import bitlog2_codes_from_int, bitlog2_input
 from fxquant.core.testing import on_device
 from fxquant.kernels.bitlog2 import bitlog2_av_ref
 from fxquant.kernels.int_attention import (
@@ -122,7 +122,8 @@ def test_bitlog2_av_int_equals_shift_reference(variant):
 
 @pytest.mark.parametrize("variant", ["half16", "half17", "single16"])
 def test_bitlog2_av_from_integer_inputs_equals_the_code_path(variant):
-    from fxquant.core.quant.primitives import BITLOG2_VARIANTS, bitlog2_codes_from_int
+    from fxquant.core.quant.logcodes import bitlog2_codes_from_int
+    from fxquant.core.quant.spec import BITLOG2_VARIANTS
     from fxquant.kernels.int_attention import bitlog2_av_from_input
 
     m, _ = BITLOG2_VARIANTS[variant]
@@ -137,7 +138,7 @@ def test_bitlog2_av_from_integer_inputs_equals_the_code_path(variant):
 @pytest.mark.parametrize("scheme", ["log2", "log_sqrt2"])
 @pytest.mark.parametrize("bits", [3, 4])
 def test_log_av_from_ratio_equals_the_code_path(scheme, bits):
-    from fxquant.core.quant.primitives import log_codes
+    from fxquant.core.quant.logcodes import log_codes
     from fxquant.kernels.int_attention import log_av_from_ratio
 
     spec = QuantSpec(bits=bits, scheme=scheme)

@@ -111,4 +111,4 @@ def test_cifar_vit_w8a8_structure_and_accuracy(cifar_info, cifar_data, cifar_w8a
     with torch.no_grad():
         fp = (cifar_info.model(x).argmax(1) == y).float().mean().item()
         q8 = (cifar_w8a8(x).argmax(1) == y).float().mean().item()
-    assert abs(fp - q8) <= 0.01  # 500 real test images: within 1 pt (10k-image figure in the README)
+    assert abs(fp - q8) <= 0.01  # 500 real test images: within 1 pt (10k-image figure in docs/results.md)

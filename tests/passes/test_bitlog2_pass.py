@@ -9,7 +9,7 @@ import fxquant
 from fxquant import artifact
 from fxquant.core import match
 from fxquant.core.errors import ConfigError, PassError
-from fxquant.core.quant.primitives import BITLOG2_VARIANTS
+from fxquant.core.quant.spec import BITLOG2_VARIANTS
 from fxquant.core.testing import toy_calib, toy_vit
 from fxquant.passes import AnnotateUniform, BitLog2Attention, InsertQuantizers
 

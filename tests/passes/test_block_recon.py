@@ -255,7 +255,7 @@ def test_cifar_vit_block_reconstruction(cifar_info, cifar_data):
         acc = (q(x).argmax(-1) == y).float().mean().item()
         fp = (cifar_info.model(x).argmax(-1) == y).float().mean().item()
     # 32 calibration images, 20 iterations, no MLP reconstruction: a smoke bound (RepQ-ViT W4A4 is
-    # 1.4 points below FP32 on all 10,000 images); the APHQ figures are in the README
+    # 1.4 points below FP32 on all 10,000 images); the APHQ figures are in docs/results.md
     assert acc > fp - 0.04, (acc, fp)
 
 

@@ -179,6 +179,8 @@ def test_overlapping_conv_is_kept_with_reason():
     assert type(q.patch) is QuantConv2d and not any(isinstance(m, LoweredPatchConv) for m in q.modules())
 
 
+# slow on the 2-core AVX2 CI machine; the toy-ViT lowering tests above and tests/kernels cover it by default
+@pytest.mark.slow
 def test_lowered_cifar_vit_matches_fake_quant(cifar_info, cifar_data, cifar_w8a8):
     calib, x, y = cifar_data
     low = fxquant.compile(cifar_info.model, recipe="w8a8", calib=[calib], progress=False, lower=True)

@@ -1,5 +1,5 @@
 """``mixed_precision``: per-layer widths under a size budget (toy graph; the CIFAR ViT figures are
-``tools/`` runs quoted in the README)."""
+``tools/`` runs in docs/results.md)."""
 
 from __future__ import annotations
 

@@ -141,6 +141,8 @@ def test_affine_error_is_recovered_exactly():
         assert torch.allclose(q(x), model(x), atol=1e-5)  # quantized block + compensation == float block
 
 
+# slow on the 2-core AVX2 CI machine; the toy streaming tests above run by default
+@pytest.mark.slow
 def test_streaming_matches_single_batch_end_to_end(cifar_info, cifar_data, cifar_compiled):
     calib = cifar_data[0][:16]  # 16 images: the point is one batch vs four, not the sample size
     one = fxquant.compile(cifar_info.model, recipe="repq-qwt-w4a4", calib=[calib], progress=False)

@@ -10,9 +10,7 @@ import torch
 
 from fxquant.core.errors import ConfigError
 from fxquant.core.quant import QuantSpec, fake_quantize, grid_values
-from fxquant.core.quant.observers import BitLog2Observer
-from fxquant.core.quant.primitives import (
-    BITLOG2_VARIANTS,
+from fxquant.core.quant.logcodes import (
     bitlog2_codes_by_compare,
     bitlog2_codes_from_int,
     bitlog2_compare_levels,
@@ -21,6 +19,8 @@ from fxquant.core.quant.primitives import (
     bitlog2_shifts,
     msb_index,
 )
+from fxquant.core.quant.observers import BitLog2Observer
+from fxquant.core.quant.spec import BITLOG2_VARIANTS
 
 LEVELS = {"single16": 16, "single17": 17, "half16": 16, "half17": 17}
 

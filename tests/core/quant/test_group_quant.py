@@ -1,4 +1,4 @@
-"""Group quantization in the quantizer core (IGQ-ViT, METHODS.md §5): the invariants G = 1 is
+"""Group quantization in the quantizer core (IGQ-ViT, docs/methods.md, IGQ-ViT): the invariants G = 1 is
 layer-wise, G = C is per-channel, channel permutations commute with a grouped Linear; the
 assignment rule; k-means group ranges; spec validation with pinned messages."""
 
@@ -21,8 +21,8 @@ from fxquant.core.quant import (
     fake_quantize,
     instance_groups,
 )
-from fxquant.core.quant.estimators import kmeans_ranges
 from fxquant.core.quant.observers import GroupRangeObserver
+from fxquant.core.quant.range_search import kmeans_ranges
 from fxquant.core.testing import calibrated_quantizer
 
 

@@ -1,4 +1,4 @@
-"""The quantizer-core side of OQFV/LoftQ/QLoRA (METHODS.md §6): the μ ± 2σ min-max weight quantizer
+"""The quantizer-core side of OQFV/LoftQ/QLoRA (docs/methods.md, OQFV): the μ ± 2σ min-max weight quantizer
 (``SigmaClip`` + ``zero_point_domain="float"``), the rank-r SVD split, LoftQ's alternation and
 ``LoRALinear``."""
 
@@ -85,7 +85,7 @@ def test_low_rank_split_equals_peft_loftq_decomposition():
 
 
 def test_one_loftq_step_equals_peft_step_with_the_same_quantizer():
-    """One LoftQ step on a real layer: quantize the weight with §6's 2-bit uniform quantizer, then
+    """One LoftQ step on a real layer: quantize the weight with OQFV's 2-bit uniform quantizer, then
     peft's decomposition of ``W − Q``. (peft's ``loftq_init`` itself needs bitsandbytes + CUDA and
     quantizes to NF4/int8 only, so the quantizer is matched by passing the same one to both.)"""
     peft_loftq = pytest.importorskip("peft.utils.loftq_utils")

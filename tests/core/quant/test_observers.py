@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxquant.core.quant import OMSE, MinMax, PctMSE, PerAxis, Percentile, PerTensor, QuantSpec, fake_quantize
-from fxquant.core.quant.estimators import Distribution, estimate_qparams
 from fxquant.core.quant.observers import NonFiniteError, Observer, exact_distribution_qparams
+from fxquant.core.quant.range_search import Distribution, estimate_qparams
 
 
 def _batches(n, seed=0, shape=(8, 17, 24)):
@@ -33,7 +33,7 @@ def test_histogram_quantiles_within_one_bin_of_exact(gran):
         obs.update(x)
     full = torch.cat(xs, dim=0)
     pshape = gran.param_shape(tuple(full.shape), weight=False)
-    from fxquant.core.quant.primitives import to_rows
+    from fxquant.core.quant.layout import to_rows
 
     exact = Distribution.exact(to_rows(full, pshape))
     hist = obs.distribution()

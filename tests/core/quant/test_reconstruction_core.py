@@ -22,8 +22,8 @@ from fxquant.core.quant import (
     fake_quantize,
     rectified_sigmoid,
 )
-from fxquant.core.quant.estimators import Distribution, _candidates
 from fxquant.core.quant.observers import exact_distribution_qparams
+from fxquant.core.quant.range_search import Distribution, _candidates
 
 
 def _mse(w, spec):

@@ -24,7 +24,7 @@ from fxquant.core.quant import (
     quantize,
     round_ste,
 )
-from fxquant.core.quant.primitives import (
+from fxquant.core.quant.logcodes import (
     log_code_of_count,
     log_count_by_compare,
     log_level_table,
@@ -280,7 +280,7 @@ def _adversarial(scale: torch.Tensor, shape: tuple[int, ...], seed: int) -> torc
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_inference_fake_quantize_equals_the_reference_composition_bit_for_bit(scheme, bits, symmetric, dtype):
-    from fxquant.core.quant.primitives import fake_quantize_inference
+    from fxquant.core.quant.dispatch import fake_quantize_inference
 
     grans = [PerTensor(), PerAxis(-1), PerGroup(4)] if scheme == "uniform" else [PerTensor()]
     for i, gran in enumerate(grans):
@@ -311,7 +311,7 @@ def test_inference_fake_quantize_equals_the_reference_composition_bit_for_bit(sc
 @pytest.mark.parametrize("scheme", ["log2", "log_sqrt2"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_log_count_equals_bucketize_on_every_float_near_each_midpoint(scheme, bits):
-    from fxquant.core.quant.primitives import log_count, log_thresholds
+    from fxquant.core.quant.logcodes import log_count, log_thresholds
 
     spec = QuantSpec(bits=bits, scheme=scheme)
     t = log_thresholds(spec)
