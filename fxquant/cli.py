@@ -54,26 +54,22 @@ def parse_overrides(pairs: list[str] | None) -> dict:
 # ------------------------------------------------------------------------------------------
 
 
-def _positive_int(value: str) -> int:
-    """A count that must be at least 1 (``--limit``, ``--images``, ``--batch-size``, ``--top``)."""
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+def _int_at_least(minimum: int, what: str):
+    """An argparse type: a whole number >= ``minimum`` (``what`` names the rule in the message)."""
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {n}")
+        return n
+
+    return parse
 
 
-def _count(value: str) -> int:
-    """A count that may be 0 (``--calib-images``)."""
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
-    return n
+_positive_int = _int_at_least(1, "at least 1")  # --limit, --images, --batch-size, --top
+_count = _int_at_least(0, "0 or more")  # --calib-images (0: no calibration images)
 
 
 def _json_path(value: str) -> str:

@@ -135,30 +135,29 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_i
 
 
 @functools.lru_cache(maxsize=None)
+def _field(text: str, key: str) -> str:
+    """The value of the first ``key: value`` line of ``text`` ("" if none)."""
+    return next((v.strip() for k, _, v in (ln.partition(":") for ln in text.splitlines()) if k.strip() == key), "")
+
+
 def _cpu_static() -> tuple[str, tuple[str, ...]]:
-    """``(model name, all flags)``: ``lscpu``, else ``/proc/cpuinfo``, else ``platform``."""
-    model, flags = "", []
+    """``(model name, all flags)``: the model from ``lscpu``, else ``/proc/cpuinfo``, else ``platform``;
+    the flags from the library's own reader (``fxquant.export.cpu.cpu_flags``, which also decides
+    whether int8 GEMMs are exact here)."""
+    from fxquant.export.cpu import cpu_flags as library_cpu_flags
+
+    model = ""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, env={**os.environ, "LC_ALL": "C"}).stdout
-        for line in out.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "Model name" and not model:
-                model = value.strip()
-            elif key.strip() == "Flags":
-                flags = value.split()
+        model = _field(out, "Model name")
     except (OSError, subprocess.SubprocessError):
         pass
-    if not model or not flags:
+    if not model:
         try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and not model:
-                    model = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = value.split()
+            model = _field(Path("/proc/cpuinfo").read_text(), "model name")
         except OSError:
             pass
-    return model or platform.processor() or "unknown", tuple(flags)
+    return model or platform.processor() or "unknown", tuple(sorted(library_cpu_flags()))
 
 
 def cpu_flags() -> str:
