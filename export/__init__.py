@@ -9,18 +9,21 @@ this CPU's int8 GEMMs are exact)."""
 from .cpu import INT8_SATURATION_NOTE, int8_dot_exact
 from .handlers import EXPORT_HANDLERS, export_handler, register_export_handler
 from .openvino_ir import (
+    CompileConfig,
     OpenVINOResult,
-    attention_operand_types,
-    int8_attention_share,
+    PluginRecord,
+    compile_configs,
+    compile_for_cpu,
     int8_share,
+    plugin_record,
     run_openvino,
     runtime_precisions,
     to_openvino,
 )
 from .rewrites import HoistActQuantAboveMoves, SplitFusedProjections
-from .runner import ExportResult, prepare_for_export, run_onnx, to_onnx
+from .runner import ExportResult, drop_zero_weight_zero_points, prepare_for_export, run_onnx, to_onnx
 
-__all__ = ["to_onnx", "run_onnx", "to_openvino", "run_openvino", "runtime_precisions", "attention_operand_types",
-           "int8_share", "int8_attention_share",
+__all__ = ["to_onnx", "run_onnx", "to_openvino", "run_openvino", "runtime_precisions", "CompileConfig", "PluginRecord",
+           "compile_configs", "compile_for_cpu", "plugin_record", "int8_share", "drop_zero_weight_zero_points",
            "OpenVINOResult", "prepare_for_export", "ExportResult", "EXPORT_HANDLERS", "register_export_handler",
            "export_handler", "SplitFusedProjections", "HoistActQuantAboveMoves", "int8_dot_exact", "INT8_SATURATION_NOTE"]

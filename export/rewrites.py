@@ -9,7 +9,7 @@ per-tensor activation Q/DQ moves above the reshapes/transposes that feed it
 their Linears' outputs and the projection input's on the attention output. OpenVINO's CPU plugin
 fuses all of them into their producers (CIFAR ViT ``w8a8-sym``: 2 standalone FakeQuantize left,
 the image and head inputs; NNCF's model has 14) and runs its fused attention subgraphs on int8 q,
-k and v (``openvino_ir.attention_operand_types``). Each pass reports how many it rewrote in its
+k and v (``openvino_ir.PluginRecord.attention``). Each pass reports how many it rewrote in its
 summary; the functions behind them (``split_fused_projections``, ``hoist_act_quant_above_moves``)
 return the count.
 """

@@ -202,6 +202,28 @@ def fx_report_text(qmodel) -> str:
     return str(report(qmodel))
 
 
+def _print_plugin_records(res) -> None:
+    """What OpenVINO's CPU plugin runs in int8 in each compile configuration to_openvino checked."""
+    kinds = list(dict.fromkeys(k for r in res.records for k in r.int8_summary()))
+    print("  OpenVINO CPU plugin, layers in int8 per compile configuration:")
+    print(f"    {'configuration':34s}" + "".join(f"{k:>20s}" for k in kinds))
+    for r in res.records:
+        summary = r.int8_summary()
+        cells = "".join(f"{'%d/%d' % summary[k] if k in summary else '-':>20s}" for k in kinds)
+        print(f"    {r.config.label + ' (' + r.precision + ')':34s}{cells}")
+    odd = res.inconsistent()
+    if odd:
+        print(f"  WARNING: {len(odd)} of {len(res.records)} configurations run other layers in float than "
+              f"'{res.records[0].config.label}': {', '.join(r.config.label for r in odd)}")
+    elif res.records:
+        print(f"  the same int8 layers in all {len(res.records)} configurations (dynamic and static batch, "
+              f"default and f32 precision, latency and throughput hints)")
+    attention = res.int8_attention()
+    if attention[1] and attention[0] == 0:
+        print("  (attention matmuls in float: OpenVINO runs them in int8 with symmetric activation quantizers, "
+              "e.g. recipe w8a8-sym)")
+
+
 def cmd_export(args) -> int:
     torch.manual_seed(args.seed)
     info, label, n_cal, data, qmodel, secs = _quantize_from_args(args, limit=16)
@@ -214,17 +236,7 @@ def cmd_export(args) -> int:
         res = to_openvino(qmodel, info.example_inputs(), args.out, act_dtype=args.act_dtype, opset=args.opset)
         diff = (run_openvino(res.xml, (x,)) - ref).abs().max().item()
         print(f"exported {label} '{args.model}' to {res.xml} + {res.bin.name} (OpenVINO IR via ONNX QDQ, opset {args.opset})")
-        for kind in ("FullyConnected", "MatMul", "Convolution"):
-            i8, total = res.int8_count(kind)
-            if total:
-                print(f"  OpenVINO CPU plugin: {i8}/{total} {kind} layers run in int8")
-        if res.attention_operands:
-            both, total = res.int8_attention()
-            print(f"  OpenVINO CPU plugin: {both}/{total} fused attention subgraphs take q, k and v in "
-                  f"int8 (both attention matmuls integer)")
-        elif res.int8_count("MatMul")[1]:
-            print("  (attention matmuls in float: OpenVINO fuses them in int8 with symmetric activation quantizers, "
-                  "e.g. recipe w8a8-sym)")
+        _print_plugin_records(res)
         print(f"OpenVINO vs fxquant fake-quant on {len(x)} test images: max |Δlogit| = {diff:.4g}")
         _int8_note()
         return 0

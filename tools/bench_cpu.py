@@ -12,12 +12,15 @@ Variants, all from the same captured FP32 graph and the same 32 calibration imag
     onnxruntime, and exported for OpenVINO (``target="openvino"``: the same function with each
     fused qkv Linear split into q, k and v Linears and the per-tensor Q/DQ pairs above the
     reshapes feeding them) and read by OpenVINO.
-OpenVINO rows also record how many FullyConnected / Convolution layers and fused attention
-subgraphs its CPU plugin runs in int8 (``runtime_precisions``), and in how many attention
-subgraphs q, kᵀ and v all enter in int8 (``attention_operand_types``: both matmuls integer).
-Each OpenVINO variant runs at every ``--ov-precisions`` entry: ``default`` (the plugin's choice:
-bf16 on CPUs with AVX512-BF16/AMX, else f32) and ``f32`` (``-f32`` suffix), since the float parts'
-precision moves both speed and top-1, for NNCF's model as for fxquant's.
+Each OpenVINO variant runs in every compile configuration a user picks (``--ov-shapes`` ×
+``--ov-precisions``): the IR's dynamic batch or reshaped to the batch being timed (``static``:
+``model.reshape``, as ``benchmark_app -shape`` does), and the plugin's default inference precision
+(bf16 on CPUs with AVX512-BF16/AMX, else f32) or f32 (``INFERENCE_PRECISION_HINT``). Where the
+plugin's default is f32 the two precisions are one configuration and run once. Every OpenVINO
+row records what the plugin runs in int8 in its configuration (``fxquant.export.plugin_record``:
+FullyConnected, Convolution, and the attention matmuls wherever the plugin put them), and top-1 is
+measured in each configuration (static: compiled for the evaluation batch). The headline table gives
+each model at its own best configuration per batch.
 
 Latency: the median of a set of runs after warm-up, measured in ``--rounds`` interleaved rounds over
 all variants (each model loaded or compiled once; the best median is kept, so that load from
@@ -26,7 +29,7 @@ elsewhere hits every variant alike), ``--threads`` threads, batch 1 and 32 (the 
 SmoothQuant) or 1 and 8 (224-pixel model, random init: latency only). Top-1 on all CIFAR-10 test images.
 
     python tools/bench_cpu.py [--model cifar-vit|cifar-vit-outliers|timm:vit_small_patch16_224] [--threads 2]
-        [--json out.json] [--ov-precisions default f32]
+        [--json out.json] [--ov-precisions default f32] [--ov-shapes static dynamic]
         [--recipes w8a8 'w8a8-sym:attention_matmuls=qk'] [--variants 'nncf-ov' 'fxquant-*-ov']
 """
 
@@ -44,7 +47,7 @@ from _bench import Table, cpu_flags, cpu_line, interleaved_rounds, median_ms, re
 import fxquant
 from fxquant.core.data import load_data
 from fxquant.core.models import load_model
-from fxquant.export import attention_operand_types, int8_attention_share, int8_share, runtime_precisions, to_onnx
+from fxquant.export import CompileConfig, compile_for_cpu, plugin_record, to_onnx
 
 MODELS = {"cifar-vit": (1, 32), "cifar-vit-outliers": (1, 32), "timm:vit_small_patch16_224": (1, 8)}
 
@@ -93,29 +96,24 @@ def ort_quantize_static(fp32_path: Path, out: Path, calib: torch.Tensor) -> Path
     return out
 
 
-@functools.lru_cache(maxsize=None)  # one compiled model per (model, precision), as _session
-def _ov_compiled(path: Path, threads: int, precision: str = "default"):
-    """``precision``: ``default`` (the plugin's choice: bf16 on CPUs with AVX512-BF16/AMX) or ``f32``
-    (``INFERENCE_PRECISION_HINT``: the float parts — LayerNorm, softmax, GELU, residual adds — in f32)."""
-    import openvino as ov
-
-    config = {"INFERENCE_NUM_THREADS": threads}
-    if precision != "default":
-        config["INFERENCE_PRECISION_HINT"] = precision
-    return ov.Core().compile_model(str(path), "CPU", config)
+@functools.lru_cache(maxsize=None)  # one compiled model per (model, configuration, batch), as _session
+def _ov_compiled(path: Path, threads: int, shape: str, precision: str, batch: int):
+    """``shape``: ``dynamic`` (the IR's dynamic batch) or ``static`` (reshaped to ``batch``);
+    ``precision``: ``default`` (the plugin's choice) or ``f32``/``bf16`` (``INFERENCE_PRECISION_HINT``)."""
+    return compile_for_cpu(path, CompileConfig(shape, batch, precision), threads=threads)
 
 
-def ov_latency_ms(path: Path, x: torch.Tensor, threads: int, reps: int, warmup: int = 3, precision: str = "default") -> float:
-    compiled = _ov_compiled(path, threads, precision)
-    request = compiled.create_infer_request()
+def ov_latency_ms(path: Path, x: torch.Tensor, threads: int, reps: int, shape: str, precision: str,
+                  warmup: int = 3) -> float:
+    request = _ov_compiled(path, threads, shape, precision, len(x)).create_infer_request()
     arr = x.numpy()
     return median_ms(lambda: request.infer([arr]), warmup=warmup, reps=reps)
 
 
-def ov_top1(path: Path, batches, threads: int, precision: str = "default") -> float:
-    compiled = _ov_compiled(path, threads, precision)
+def ov_top1(path: Path, batches, threads: int, shape: str, precision: str) -> float:
     correct = n = 0
     for x, y in batches:
+        compiled = _ov_compiled(path, threads, shape, precision, len(x))
         pred = compiled([x.numpy()])[compiled.output(0)].argmax(1)
         correct += int((pred == y.numpy()).sum())
         n += len(y)
@@ -133,28 +131,26 @@ def nncf_quantize(fp32_path: Path, out: Path, calib: torch.Tensor) -> Path:
     return out
 
 
-def int8_layers(path: Path) -> str:
-    """The int8 share of each layer type that matters, and how many fused attention subgraphs take
-    all three operands (q, kᵀ, v) in int8: both attention matmuls integer."""
-    counts = runtime_precisions(path)
-    parts = []
-    for kind in ("FullyConnected", "Convolution", "Subgraph", "MatMul"):
-        i8, total = int8_share(counts.get(kind, {}))
-        if total:
-            parts.append(f"{kind} {i8}/{total}")
-    both, total = int8_attention_share(attention_operand_types(path))
-    if total:
-        parts.append(f"attention with int8 q,k,v {both}/{total}")
-    return ", ".join(parts)
+def int8_layers(path: Path, shape: str, precision: str, batch: int) -> str:
+    """What the CPU plugin runs in int8 in one configuration: FullyConnected, Convolution and the
+    attention matmuls (``plugin_record``)."""
+    record = plugin_record(path, CompileConfig(shape, batch, precision))
+    return ", ".join(f"{kind} {i8}/{total}" for kind, (i8, total) in record.int8_summary().items())
 
 
-def _ov_precision(runtime: str) -> str:
-    """``"ov"`` → ``"default"``, ``"ov-f32"`` → ``"f32"``."""
-    return runtime.partition("-")[2] or "default"
+def ov_configs(shapes: tuple[str, ...], precisions: tuple[str, ...]) -> list[tuple[str, str]]:
+    """``(shape, precision)`` pairs to run; ``default`` and ``f32`` are one configuration where the
+    plugin's default inference precision is f32 (CPUs without AVX512-BF16/AMX), so f32 runs once."""
+    import openvino as ov
+
+    default = str(ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))
+    same = "f32" in default or "float32" in default
+    kept = [p for p in precisions if not (same and p == "f32" and "default" in precisions)]
+    return [(shape, prec) for shape in shapes for prec in kept]
 
 
 def bench_model(spec: str, threads: int, tmp: Path, with_top1: bool, recipes: list[str], rounds: int,
-                keep: list[str] | None = None, ov_precisions: tuple[str, ...] = ("default",)) -> list[dict]:
+                keep: list[str] | None = None, configs: list[tuple[str, str]] = (("dynamic", "default"),)) -> list[dict]:
     info = load_model(spec)
     batches_sizes = MODELS[spec]
     if info.dataset == "cifar10":
@@ -170,51 +166,66 @@ def bench_model(spec: str, threads: int, tmp: Path, with_top1: bool, recipes: li
     tag = spec.replace(":", "_")
     fp = fxquant.compile(info.model, recipe="fp32", example_inputs=ex, progress=False)
     fp32_onnx = to_onnx(fp, ex, tmp / f"{tag}_fp32.onnx").path
-    variants = {"fp32-ort": ("ort", fp32_onnx), "fp32-ov": ("ov", fp32_onnx),
-                "ort-quantize-static": ("ort", ort_quantize_static(fp32_onnx, tmp / f"{tag}_ortq.onnx", calib)),
-                "nncf-ov": ("ov", nncf_quantize(fp32_onnx, tmp / f"{tag}_nncf.xml", calib))}
+    models = {"fp32-ort": ("ort", fp32_onnx), "fp32-ov": ("ov", fp32_onnx),
+              "ort-quantize-static": ("ort", ort_quantize_static(fp32_onnx, tmp / f"{tag}_ortq.onnx", calib)),
+              "nncf-ov": ("ov", nncf_quantize(fp32_onnx, tmp / f"{tag}_nncf.xml", calib))}
     for name in recipes:
         q = fxquant.compile(info.model, recipe=recipe_from_arg(name), calib=list(torch.split(calib, 32)),
                             example_inputs=ex, progress=False)
         stem = f"{tag}_{name.replace(':', '_').replace(';', '_')}"
-        variants[f"fxquant-{name}-ort"] = ("ort", to_onnx(q, ex, tmp / f"{stem}.onnx").path)
+        models[f"fxquant-{name}-ort"] = ("ort", to_onnx(q, ex, tmp / f"{stem}.onnx").path)
         # OpenVINO reads the file exported for it (Q/DQ above reshapes: prepare_for_export's target)
-        variants[f"fxquant-{name}-ov"] = ("ov", to_onnx(q, ex, tmp / f"{stem}_ov.onnx", target="openvino").path)
-    # each OpenVINO variant once per inference precision: "-ov" (the plugin's default), "-ov-f32", ...
-    variants = {(name if prec == "default" else f"{name}-{prec}"): (runtime if prec == "default" else f"ov-{prec}", path)
-                for name, (runtime, path) in variants.items()
-                for prec in (ov_precisions if runtime == "ov" else ("default",))}
+        models[f"fxquant-{name}-ov"] = ("ov", to_onnx(q, ex, tmp / f"{stem}_ov.onnx", target="openvino").path)
     if keep:
-        variants = {k: v for k, v in variants.items() if any(fnmatch.fnmatch(k, pat) for pat in keep)}
+        models = {k: v for k, v in models.items() if any(fnmatch.fnmatch(k, pat) for pat in keep)}
+    # (model variant, shape, precision): OpenVINO variants once per compile configuration
+    variants = [(name, shape, prec) for name, (runtime, _) in models.items()
+                for shape, prec in (configs if runtime == "ov" else (("-", "-"),))]
     # top-1 and the int8 layer record first; then latency in interleaved rounds (every variant once
     # per round, best median kept), so that load from elsewhere on the machine hits them alike
     info_rows = {}
-    for variant, (runtime, path) in variants.items():
+    for name, shape, prec in variants:
+        runtime, path = models[name]
         acc = None
         if with_top1 and data is not None:
             acc = top1(path, data.test_batches(), threads) if runtime == "ort" else \
-                ov_top1(path, data.test_batches(), threads, _ov_precision(runtime))
-        info_rows[variant] = (acc, int8_layers(path) if runtime.startswith("ov") else "")
-    def measure(runtime: str, path: Path, b: int) -> float:
+                ov_top1(path, data.test_batches(), threads, shape, prec)
+        layers = {b: int8_layers(path, shape, prec, b) for b in batches_sizes} if runtime == "ov" else {}
+        info_rows[(name, shape, prec)] = (acc, layers)
+
+    def measure(runtime: str, path: Path, b: int, shape: str, prec: str) -> float:
         reps = 100 if (b == 1 and info.dataset == "cifar10") else 15 if info.dataset == "cifar10" else 10 if b == 1 else 5
         if runtime == "ort":
             return latency_ms(path, x[:b], threads, reps)
-        return ov_latency_ms(path, x[:b], threads, reps, precision=_ov_precision(runtime))
+        return ov_latency_ms(path, x[:b], threads, reps, shape, prec)
 
-    timed = interleaved_rounds({(variant, b): functools.partial(measure, runtime, path, b)
-                                for variant, (runtime, path) in variants.items() for b in batches_sizes}, rounds)
+    timed = interleaved_rounds({(v, b): functools.partial(measure, *models[v[0]], b, v[1], v[2])
+                                for v in variants for b in batches_sizes}, rounds)
     best, loads = timed.best(), timed.loads
     rows = []
-    for variant, (runtime, _) in variants.items():
-        acc, layers = info_rows[variant]
+    for v in variants:
+        (name, shape, prec), runtime = v, models[v[0]][0]
+        acc, layers = info_rows[v]
         for b in batches_sizes:
-            ms = best[(variant, b)]
-            rows.append({"model": spec, "variant": variant, "runtime": runtime, "batch": b, "threads": threads,
-                         "ms_best_median": round(ms, 3), "rounds": rounds, "top1": None if acc is None else round(acc, 2),
-                         "openvino_int8_layers": layers, "load_avg_per_round": loads})
-            print(f"{spec:28s} {variant:24s} batch {b:3d}  {ms:9.2f} ms" + ("" if acc is None else f"  top1 {acc:.2f}")
-                  + (f"  [{layers}]" if layers else ""), flush=True)
+            ms = best[(v, b)]
+            rows.append({"model": spec, "variant": name, "runtime": runtime, "shape": shape, "precision": prec,
+                         "batch": b, "threads": threads, "ms_best_median": round(ms, 3), "rounds": rounds,
+                         "top1": None if acc is None else round(acc, 2), "openvino_int8_layers": layers.get(b, ""),
+                         "load_avg_per_round": loads})
+            config = "" if runtime == "ort" else f"[{shape}, {prec}]"
+            print(f"{spec:28s} {name:28s} {config:20s} batch {b:3d}  {ms:9.2f} ms"
+                  + ("" if acc is None else f"  top1 {acc:.2f}") + (f"  [{layers[b]}]" if layers else ""), flush=True)
     return rows
+
+
+def headline(rows: list[dict]) -> list[dict]:
+    """Each model variant at its own best configuration for each batch (the lowest latency)."""
+    best: dict = {}
+    for r in rows:
+        key = (r["model"], r["batch"], r["variant"])
+        if key not in best or r["ms_best_median"] < best[key]["ms_best_median"]:
+            best[key] = r
+    return list(best.values())
 
 
 def main() -> None:
@@ -228,9 +239,10 @@ def main() -> None:
     ap.add_argument("--no-top1", action="store_true", help="latency only")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds (the best median is kept)")
     ap.add_argument("--ov-precisions", nargs="+", default=["default", "f32"], choices=["default", "f32", "bf16"],
-                    help="OpenVINO inference precisions to run each OpenVINO variant at (INFERENCE_PRECISION_HINT; "
-                         "'default' is the plugin's choice, bf16 where the CPU has it); non-default ones add a "
-                         "'-<precision>' suffix to the variant name")
+                    help="OpenVINO inference precisions (INFERENCE_PRECISION_HINT; 'default' is the plugin's choice, "
+                         "bf16 where the CPU has it); f32 is skipped where it is the plugin's default")
+    ap.add_argument("--ov-shapes", nargs="+", default=["static", "dynamic"], choices=["static", "dynamic"],
+                    help="OpenVINO compile shapes: the IR reshaped to the timed batch (static) or its dynamic batch")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import onnxruntime as ort
@@ -241,19 +253,23 @@ def main() -> None:
     print(f"{cpu_line()}; onnxruntime {ort.__version__}; OpenVINO {ov.__version__} (inference precision {hint}); "
           f"{args.threads} threads")
     tmp = Path(tempfile.mkdtemp(prefix="fxq_bench_"))
+    configs = ov_configs(tuple(args.ov_shapes), tuple(args.ov_precisions))
+    print(f"OpenVINO configurations (shape, precision): {configs}")
     rows = []
     for spec in ([args.model] if args.model else list(MODELS)):
-        rows += bench_model(spec, args.threads, tmp, not args.no_top1, args.recipes, args.rounds, args.variants,
-                            tuple(args.ov_precisions))
-    print()
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
-    table = Table([("model, batch", "32s")] + [(v[:22], "19.2f", " ms") for v in variants])
+        rows += bench_model(spec, args.threads, tmp, not args.no_top1, args.recipes, args.rounds, args.variants, configs)
+    print(f"\nload average per round: {rows[0]['load_avg_per_round'] if rows else []}")
+    print("\nEach variant at its best configuration (lowest latency) per batch:")
+    table = Table([("model", "28s"), ("batch", "5d"), ("variant", "30s"), ("configuration", "20s"), ("ms", "9.2f"),
+                   ("top-1", "7.2f"), ("int8 layers", "s")])
     print(table.header())
-    for spec in dict.fromkeys(r["model"] for r in rows):
-        for b in MODELS[spec]:
-            ms = {r["variant"]: r["ms_best_median"] for r in rows if r["model"] == spec and r["batch"] == b}
-            print(table.row(f"{spec}, {b}", *(ms.get(v) for v in variants)))
-    write_json(args.json, {"cpu": cpu_flags(), "threads": args.threads, "openvino_precision": str(hint), "rows": rows})
+    top = headline(rows)
+    for r in sorted(top, key=lambda r: (r["model"], r["batch"], r["ms_best_median"])):
+        config = "-" if r["runtime"] == "ort" else f"{r['shape']}, {r['precision']}"
+        print(table.row(r["model"], r["batch"], r["variant"], config, r["ms_best_median"], r["top1"],
+                        r["openvino_int8_layers"]))
+    write_json(args.json, {"cpu": cpu_flags(), "threads": args.threads, "openvino_precision": str(hint),
+                           "openvino_configs": configs, "rows": rows, "headline": top})
 
 
 if __name__ == "__main__":
