@@ -6,7 +6,14 @@ multiply u8×s8 byte pairs with ``vpmaddubsw``, whose int16 pair sums saturate, 
 can differ from fxquant's integer arithmetic by more than a rounding step (measured on an AVX2-only
 AMD EPYC, CIFAR ViT W8A8, 200 images: onnxruntime max |Δlogit| 0.18 / mean 0.022 fused against
 0.042 / 0.0028 with its graph optimizations off; OpenVINO max 1.8). With VNNI (``vpdpbusd``) or AMX
-the int32 accumulation is exact. NNCF's ``OverflowFix`` (7-bit weights) is the usual workaround.
+the int32 accumulation is exact.
+
+The workaround (NNCF's ``OverflowFix``) is 7-bit weights, for which no pair sum can overflow
+(2·255·64 < 2^15): recipe option ``overflow_fix`` (``annotate_uniform``). The overflow that costs
+accuracy is in the patch embedding, whose input codes spread over the whole range: CIFAR ViT
+``w8a8-sym`` in OpenVINO on the AVX2-only EPYC, all 10,000 test images, 65.41 % top-1 against 69.09
+fake-quant; with 7-bit stem weights (``overflow_fix="stem"``, the default of ``w8a8-sym``, ``w8a8-ov``
+and ``repq-w8a8-sym``) 68.89 against 69.05; 7-bit weights everywhere (``"all"``) 68.99 against 69.03.
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ def int8_dot_exact() -> bool:
 
 INT8_SATURATION_NOTE = ("this CPU has no VNNI/AMX: onnxruntime's and OpenVINO's int8 GEMMs sum byte pairs into saturating "
                         "int16 (vpmaddubsw), so the exported model's logits can differ from fxquant's by more than a "
-                        "rounding step here; on a VNNI/AMX CPU they agree (see fxquant.export.cpu)")
+                        "rounding step here (recipes w8a8-sym, w8a8-ov and repq-w8a8-sym keep 7-bit stem weights against it: "
+                        "--set overflow_fix=stem|all); on a VNNI/AMX CPU they agree (see fxquant.export.cpu)")
 
 
 __all__ = ["cpu_flags", "int8_dot_exact", "EXACT_INT8_FLAGS", "INT8_SATURATION_NOTE"]

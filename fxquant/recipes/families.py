@@ -38,6 +38,8 @@ class UniformRecipe(Recipe):
 
     Range estimators by name: ``minmax``, ``percentile[:p]``, ``pctmse`` (RepQ-ViT's search),
     ``omse[:grid]``. ``calibrate`` options (``order``, ``max_images``) are pass options.
+    ``overflow_fix``: ``"stem"``/``"all"`` quantize 8-bit weights of the patch embedding / of every
+    layer at 7 bits, so that int8 GEMMs of x86 CPUs without VNNI cannot saturate (``annotate_uniform``).
     """
 
     w_bits: int = 8
@@ -51,11 +53,13 @@ class UniformRecipe(Recipe):
     attention_matmuls: tuple[str, ...] = ("qk", "av")
     skip: tuple[str, ...] = ()
     bit_budget: int | None = None
+    overflow_fix: str = "none"
 
     def __post_init__(self):
         super().__post_init__()
         self.weight_spec(), self.act_spec()  # validate early, with the spec's error messages
-        AnnotateUniform(attention_matmuls=self.attention_matmuls)  # and the option, with the pass's message
+        # and the options, with the pass's messages
+        AnnotateUniform(attention_matmuls=self.attention_matmuls, overflow_fix=self.overflow_fix)
         if self.bit_budget is not None:
             MixedPrecision(bit_budget=self.bit_budget)  # validates the budget
 
@@ -78,7 +82,7 @@ class UniformRecipe(Recipe):
         return [
             AnnotateUniform(weight=self.weight_spec(), act=self.act_spec(), head_stem_8bit=self.head_stem_8bit,
                             quantize_attention=self.quantize_attention, attention_matmuls=self.attention_matmuls,
-                            skip=self.skip),
+                            skip=self.skip, overflow_fix=self.overflow_fix),
             InsertQuantizers(),
             Calibrate(),
         ]

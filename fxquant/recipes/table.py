@@ -33,11 +33,13 @@ register_recipe("aphq-mr", FloatRecipe, "APHQ-ViT stage A only: MLP reconstructi
 register_recipe("w8a8", UniformRecipe, "uniform W8A8: symmetric per-channel weights, asymmetric per-tensor activations (PctMSE)",
                 w_bits=8, a_bits=8, w_symmetric=True)
 register_recipe("w8a8-sym", UniformRecipe, "uniform W8A8 with symmetric activations too: the Q/DQ pattern OpenVINO's CPU "
-                "plugin runs wholly in int8, attention matmuls included (tools/bench_cpu.py)",
-                w_bits=8, a_bits=8, w_symmetric=True, a_symmetric=True)
+                "plugin runs wholly in int8, attention matmuls included; 7-bit stem weights (overflow_fix=stem) so that CPUs "
+                "without VNNI do not saturate (tools/bench_cpu.py)",
+                w_bits=8, a_bits=8, w_symmetric=True, a_symmetric=True, overflow_fix="stem")
 register_recipe("w8a8-ov", UniformRecipe, "uniform W8A8 for OpenVINO's CPU plugin: symmetric activations, q·kᵀ quantized and "
-                "softmax·v left in float (NNCF's transformer scheme); export with --format openvino (tools/bench_cpu.py)",
-                w_bits=8, a_bits=8, w_symmetric=True, a_symmetric=True, attention_matmuls=("qk",))
+                "softmax·v left in float (NNCF's transformer scheme), 7-bit stem weights (overflow_fix=stem, NNCF's default); "
+                "export with --format openvino (tools/bench_cpu.py)",
+                w_bits=8, a_bits=8, w_symmetric=True, a_symmetric=True, attention_matmuls=("qk",), overflow_fix="stem")
 register_recipe("w6a6", UniformRecipe, "uniform W6A6: asymmetric per-channel weights and per-tensor activations (PctMSE)",
                 w_bits=6, a_bits=6)
 register_recipe("w4a4", UniformRecipe, "uniform W4A4: asymmetric per-channel weights and per-tensor activations (PctMSE)",
@@ -71,8 +73,10 @@ register_recipe("repq-w8a8", RepQRecipe, "RepQ-ViT passes at W8A8 (reparameteriz
                 w_bits=8, a_bits=8)
 register_recipe("repq-w8a8-sym", RepQRecipe, "RepQ-ViT LayerNorm reparameterization at W8A8 with symmetric weights and "
                 "activations and a uniform softmax quantizer: the form OpenVINO's CPU plugin runs wholly in int8 (both "
-                "attention matmuls), for models with post-LayerNorm outliers (tools/bench_cpu.py)",
-                w_bits=8, a_bits=8, w_symmetric=True, a_symmetric=True, options={"annotate_repq": {"log_softmax": False}})
+                "attention matmuls), for models with post-LayerNorm outliers; 7-bit stem weights (overflow_fix=stem) "
+                "(tools/bench_cpu.py)",
+                w_bits=8, a_bits=8, w_symmetric=True, a_symmetric=True, overflow_fix="stem",
+                options={"annotate_repq": {"log_softmax": False}})
 register_recipe("bitlog2-w4a4", RepQRecipe, "BitLog2 W4A4: RepQ-ViT + integer log2 attention maps (--set scheme=half17|half16|"
                 "single17|single16|sqrt2_17|sqrt2_16)", w_bits=4, a_bits=4, stages=(_bitlog2(),))
 register_recipe("repq-qwt-w4a4", RepQRecipe, "RepQ-ViT W4A4 + QwT block compensation (32 + 512 calibration images)",

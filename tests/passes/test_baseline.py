@@ -63,6 +63,34 @@ def test_skip_glob_and_head_stem_8bit():
     assert q.get_submodule("block.fc1").weight_fake_quant.spec.bits == 4
 
 
+def test_overflow_fix_keeps_stem_or_all_weights_within_seven_bits():
+    """``overflow_fix``: 8-bit weights of the patch embedding (``stem``, found by structure: the conv
+    fed by the graph input) or of every layer (``all``) quantized at 7 bits, codes within ±64, so
+    that no u8×s8 pair sum exceeds int16; lower widths stay as they are; the OpenVINO recipes ship
+    with ``stem``; a wrong value is refused by name."""
+    calib = toy_calib()
+
+    def weight_bits(q):
+        return {name: m.weight_fake_quant.spec.bits for name, m in q.named_modules()
+                if isinstance(m, (QuantLinear, QuantConv2d))}
+
+    none = weight_bits(fxquant.compile(toy_vit(), recipe="w8a8-sym", calib=calib, progress=False, overflow_fix="none"))
+    stem_q = fxquant.compile(toy_vit(), recipe="w8a8-sym", calib=calib, progress=False)
+    stem = weight_bits(stem_q)
+    every = weight_bits(fxquant.compile(toy_vit(), recipe="w8a8-sym", calib=calib, progress=False, overflow_fix="all"))
+    assert set(none.values()) == {8} and set(every.values()) == {7}
+    assert stem == {**none, "patch": 7}
+    patch = stem_q.get_submodule("patch")
+    codes = torch.round(patch.weight / patch.weight_fake_quant.scale.reshape(-1, 1, 1, 1))
+    assert codes.abs().max().item() <= 64
+    assert set(weight_bits(fxquant.compile(toy_vit(), recipe="w4a4", calib=calib, progress=False,
+                                           overflow_fix="all")).values()) == {4}
+    for recipe in ("w8a8-sym", "w8a8-ov", "repq-w8a8-sym"):
+        assert fxquant.get_recipe(recipe).overflow_fix == "stem"
+    with pytest.raises(ConfigError, match=r"overflow_fix must be one of \['none', 'stem', 'all'\], got 'first'"):
+        fxquant.get_recipe("w8a8-sym", overflow_fix="first")
+
+
 def test_attention_matmuls_selects_the_quantized_attention_operands():
     """``attention_matmuls=("qk",)`` (NNCF's transformer scheme): q and kᵀ quantized, softmax·v in float."""
     q = fxquant.compile(toy_vit(), recipe="w8a8", calib=toy_calib(), progress=False, attention_matmuls=("qk",))
