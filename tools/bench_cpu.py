@@ -143,8 +143,8 @@ def ov_configs(shapes: tuple[str, ...], precisions: tuple[str, ...]) -> list[tup
     plugin's default inference precision is f32 (CPUs without AVX512-BF16/AMX), so f32 runs once."""
     import openvino as ov
 
-    default = str(ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))
-    same = "f32" in default or "float32" in default
+    default = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
+    same = (default.get_type_name() if hasattr(default, "get_type_name") else str(default)) == "f32"
     kept = [p for p in precisions if not (same and p == "f32" and "default" in precisions)]
     return [(shape, prec) for shape in shapes for prec in kept]
 
@@ -250,6 +250,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     hint = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
+    hint = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)  # an element type: "f32", "bf16"
     print(f"{cpu_line()}; onnxruntime {ort.__version__}; OpenVINO {ov.__version__} (inference precision {hint}); "
           f"{args.threads} threads")
     tmp = Path(tempfile.mkdtemp(prefix="fxq_bench_"))
