@@ -11,7 +11,8 @@ handlers build the export-ready modules of ``modules``:
   ``LoweredGroupedLinear`` (IGQ) does too, its input quantizer exported as a grouped
   ``FakeQuantize`` is (``modules``: contiguous groups per channel, instance-aware groups refused). A
   ``LoweredMatmul`` becomes ``matmul`` of its two operand quantizers, and a fused
-  ``LoweredAttention`` its two matmuls around a ``Softmax`` again.
+  ``LoweredAttention`` its two matmuls around a ``Softmax`` again. A ``LoweredLinear`` with a dynamic
+  (per-token) input gets the ``ExportDynamicActQuant`` a dynamic ``FakeQuantize`` gets.
 """
 
 from __future__ import annotations
@@ -30,7 +31,16 @@ from fxquant.core.quant import (
 )
 from fxquant.kernels.lowered import LoweredAttention, LoweredGroupedLinear, LoweredLinear, LoweredMatmul, LoweredPatchConv
 
-from .modules import ExportActQuant, ExportAttention, ExportCompensation, ExportConv2d, ExportLinear, ExportMatmul, _ExportWeight
+from .modules import (
+    ExportActQuant,
+    ExportAttention,
+    ExportCompensation,
+    ExportConv2d,
+    ExportDynamicActQuant,
+    ExportLinear,
+    ExportMatmul,
+    _ExportWeight,
+)
 
 ExportHandler = Callable[[nn.Module, str, str], "nn.Module | None"]
 EXPORT_HANDLERS: dict[type, ExportHandler] = {}
@@ -60,6 +70,8 @@ def _export_fake_quant(mod: FakeQuantize, name: str, act_dtype: str) -> nn.Modul
         return None
     if not mod.fake_quant_enabled:
         raise ConfigError(f"ONNX export: quantizer '{name}' is disabled; export a calibrated model")
+    if mod.spec.dynamic:  # ranges per input: computed in the graph
+        return ExportDynamicActQuant.from_fake_quant(mod)
     return ExportActQuant.from_fake_quant(mod, act_dtype)
 
 
@@ -87,8 +99,9 @@ def _export_compensation(mod: CompensationLinear, name: str, act_dtype: str) -> 
 
 @register_export_handler(LoweredLinear)
 def _export_lowered_linear(mod: LoweredLinear, name: str, act_dtype: str) -> nn.Module:
-    # the lowered layer already holds the signed integer codes QDQ needs
-    act = ExportActQuant(mod.act_spec, mod.a_scale, mod.a_zp, f"{name} (input)", act_dtype)
+    # the lowered layer already holds the signed integer codes QDQ needs; a dynamic input computes its ranges
+    act = (ExportDynamicActQuant(mod.act_spec, f"{name} (input)") if mod.act_spec.dynamic
+           else ExportActQuant(mod.act_spec, mod.a_scale, mod.a_zp, f"{name} (input)", act_dtype))
     w = _ExportWeight(mod.weight_codes(), mod.w_scale, mod.w_zp, name)
     return ExportLinear(w, mod.bias, act)
 
@@ -96,6 +109,7 @@ def _export_lowered_linear(mod: LoweredLinear, name: str, act_dtype: str) -> nn.
 @register_export_handler(LoweredPatchConv)
 def _export_lowered_patch_conv(mod: LoweredPatchConv, name: str, act_dtype: str) -> nn.Module:
     # the [O, K] codes back in the convolution's [O, C, kh, kw] layout: the fake-quant conv's QDQ form
+    # (lowering keeps convolutions with dynamic inputs in fake quantization: their input is static here)
     act = ExportActQuant(mod.act_spec, mod.a_scale, mod.a_zp, f"{name} (input)", act_dtype)
     codes = mod.weight_codes().reshape(mod.out_channels, mod.in_channels, *mod.kernel_size)
     return ExportConv2d(w=_ExportWeight(codes, mod.w_scale, mod.w_zp, name), bias=mod.bias, stride=mod.kernel_size, act=act)

@@ -31,6 +31,18 @@ QDQ (``handlers`` builds them from the runtime modules, ``onnx.to_onnx`` exports
   parameters would be exact but is not QDQ (no runtime would run it as integer arithmetic);
   compile with ``group_mode="contiguous"`` for ONNX. ``InstanceGroups(1)`` is per tensor and is
   exported as such.
+* **dynamic activations** (``Dynamic``: ranges from each input at run time, per image, token or
+  token and channel group; ``ExportDynamicActQuant``) are the very function fake quantization
+  computes, in standard ops: ``ReduceMin``/``ReduceMax`` over the token's channels (or the image,
+  or a ``Reshape``-d channel group), the quantizer core's ``choose_qparams`` as ``Sub``/``Div``/
+  ``Max``/``Round``/``Clip``, then ``x/s`` rounded, clamped to ``[qmin - z, qmax - z]`` and times
+  ``s``: float ops, exact, with a dynamic batch. ``QuantizeLinear`` takes a scalar or per-axis
+  scale, not one per token (``DynamicQuantizeLinear`` is per tensor, uint8), so there is no QDQ
+  form; the graph runs on onnxruntime and OpenVINO as float. onnxruntime's default optimization
+  (1.32) turns each ``DQ(W) → MatMul`` with a float input into ``MatMulNBits`` at accuracy level 4,
+  which quantizes that input again, to int8 per block of 32 (CIFAR ViT W4A4 per-token: mean
+  |Δlogit| 0.11 instead of 0.009); the session config ``session.qdq_matmulnbits_accuracy_level=1``
+  keeps the exported function (tests/export/test_onnx_dynamic.py).
 * **log quantizers** (log√2, log2, BitLog2) have no ONNX op. They are exported with standard ops as
   the very computation fxquant runs: ``r = x / Δ``, compare ``r`` with the float32 rounding midpoints
   (``LessOrEqual`` + ``ReduceSum`` = the code), then ``Gather`` from the float32 level table and
@@ -55,13 +67,16 @@ from torch import nn
 from fxquant.core.errors import ConfigError
 from fxquant.core.quant import (
     CompensationLinear,
+    Dynamic,
     FakeQuantize,
     InstanceGroups,
     PerAxis,
     PerGroup,
     QuantConv2d,
     QuantSpec,
+    choose_qparams,
     code_offset,
+    dynamic_ranges,
     expand_params,
     to_signed_codes,
 )
@@ -182,6 +197,35 @@ class ExportActQuant(nn.Module):
         return self.scale * self.table[log_code_of_count(count, spec)]
 
 
+class ExportDynamicActQuant(nn.Module):
+    """Export form of a dynamic activation quantizer (``Dynamic`` spec, see module docstring): the
+    per-input ranges (``quant.dynamic_ranges``), parameters (``quant.choose_qparams``, the rule of
+    every uniform quantizer) and ``round(x/s)`` clamped to ``[qmin - z, qmax - z]`` times ``s``
+    (``affine.round_clamp_centered_``'s arithmetic, out of place for the exporter), so fake
+    quantization and the exported graph compute the same function."""
+
+    def __init__(self, spec: QuantSpec, label: str = ""):
+        super().__init__()
+        if not isinstance(spec.granularity, Dynamic) or spec.scheme != "uniform":
+            raise ConfigError(f"ONNX export: '{label}' ({spec.short()}) is not a dynamic uniform quantizer")
+        self.spec = spec
+        self.label = label
+
+    @classmethod
+    def from_fake_quant(cls, fq: FakeQuantize) -> "ExportDynamicActQuant":
+        return cls(fq.spec, fq.label)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spec, g = self.spec, self.spec.granularity
+        scale, zp = choose_qparams(*dynamic_ranges(x, g), spec)
+        grouped = g.level == "token" and g.group_size > 0
+        if grouped:  # [.., C] -> [.., C/g, g]: each group's parameters broadcast over its channels, no repeat
+            x = x.unflatten(-1, (-1, g.group_size))
+            scale, zp = scale.unsqueeze(-1), zp.unsqueeze(-1)
+        out = torch.clamp(torch.round(x / scale), spec.qmin - zp, spec.qmax - zp) * scale
+        return out.flatten(-2) if grouped else out
+
+
 class _ExportWeight(nn.Module):
     """Signed integer weight codes + per-channel dequantization (exports as an int8 initializer →
     ``DequantizeLinear``). Codes and zero points follow the quantizer core's signed-code rule, so
@@ -219,7 +263,7 @@ class ExportLinear(nn.Module):
     """``linear(x, DQ(W))``, with the input quantizer in front when the layer quantizes it itself
     (a lowered Linear)."""
 
-    def __init__(self, w: _ExportWeight, bias: torch.Tensor | None, act: ExportActQuant | None = None):
+    def __init__(self, w: _ExportWeight, bias: torch.Tensor | None, act: ExportActQuant | ExportDynamicActQuant | None = None):
         super().__init__()
         self.act = act
         self.w = w

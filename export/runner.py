@@ -194,10 +194,16 @@ def run_onnx(path: str | Path, inputs: Sequence[torch.Tensor], *, threads: int |
     then run as written (no ``MatMulIntegerToFloat`` fusion), which isolates the exported function
     from the integer GEMM kernel of the machine (on x86 CPUs without VNNI, onnxruntime's u8×s8 GEMM
     sums byte pairs into saturating int16, ``vpmaddubsw``, so its results can differ by more than a
-    code step)."""
+    code step). ``MatMulNBits`` (what onnxruntime makes of a weight dequantization feeding a MatMul
+    with a float input) runs at accuracy level 1 (fp32), not its default 4, which would quantize
+    that input again."""
     import onnxruntime as ort  # heavy, and needed only to run an exported model
 
     opts = ort.SessionOptions()
+    # a DQ(int8 W) → MatMul with a float input (dynamic activations, IGQ channel groups) becomes
+    # MatMulNBits in onnxruntime, whose default accuracy level 4 re-quantizes that input to int8
+    # per block of 32; level 1 computes in fp32, i.e. the exported function (modules.py)
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     if threads:
         opts.intra_op_num_threads = threads
     if not optimize:

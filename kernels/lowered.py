@@ -23,6 +23,8 @@ from fxquant.core.quant import (
     QuantSpec,
     cached_by_version,
     code_offset,
+    dynamic_qparams,
+    expand_params,
     instance_groups,
     pack_int4,
     to_signed_codes,
@@ -45,7 +47,14 @@ from .int_linear import HAS_TRITON, int_linear, int_linear_cpu, quantize_act
 
 
 class LoweredLinear(nn.Module):
-    """An integer Linear: ``y = s_a·s_w·Σ(a - z_a)(w - z_w) + bias`` (see ``kernels/int_linear.py``)."""
+    """An integer Linear: ``y = s_a·s_w·Σ(a - z_a)(w - z_w) + bias`` (see ``kernels/int_linear.py``).
+
+    With a dynamic input spec (``Dynamic("token")`` or ``Dynamic("tensor")``, no channel groups) the
+    activation parameters are computed from each input by the quantizer core
+    (``dynamic_qparams``, the fake quantizer's rule) and passed per row, ``s_a[m]``, ``z_a[m]``: the
+    same integer GEMM, with the zero-point correction ``z_a[m]·Σ_k w[n,k]`` per token and the scale
+    ``s_a[m]·s_w[n]`` per token and output channel (``int_linear_cpu``, or the Triton GEMM's per-row
+    epilogue); ``a_scale``/``a_zp`` then stay unused."""
 
     def __init__(self, in_features: int, out_features: int, act_spec: QuantSpec, weight_spec: QuantSpec, has_bias: bool):
         super().__init__()
@@ -78,8 +87,9 @@ class LoweredLinear(nn.Module):
             self.w_scale = wq.scale.reshape(-1).float().expand(n).clone()
             self.w_zp = (wq.zero_point.reshape(-1).expand(n) - code_offset(wq.spec)).to(torch.int32).clone()
             self.w_colsum = codes.to(torch.int32).sum(1)
-            self.a_scale = act.scale.reshape(()).float().clone()
-            self.a_zp = act.zero_point.reshape(()).float().clone()
+            if not self.act_spec.dynamic:  # a dynamic input quantizer stores no parameters
+                self.a_scale = act.scale.reshape(()).float().clone()
+                self.a_zp = act.zero_point.reshape(()).float().clone()
             if bias is not None:
                 self.bias = bias.detach().float().clone()
 
@@ -112,10 +122,31 @@ class LoweredLinear(nn.Module):
         on CPU tensors under ``TRITON_INTERPRET=1``)."""
         return x.is_cuda and HAS_TRITON
 
+    def dynamic_act_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A dynamic input's ``(scale, zero point)`` per row of ``x.reshape(-1, in_features)`` (``[M]``
+        each), from ``x`` in its own shape (a per-image range needs the image dimension)."""
+        scale, zp = dynamic_qparams(x, self.act_spec)
+        rows = tuple(x.shape[:-1]) + (1,)
+        return expand_params(scale, rows).expand(rows).reshape(-1), expand_params(zp, rows).expand(rows).reshape(-1)
+
+    def _dynamic_forward(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """Per-row activation parameters: codes by the quantizer core (``to_signed_codes``), then the
+        integer GEMM with a per-row epilogue (Triton on CUDA, ``int_linear_cpu`` elsewhere)."""
+        s_a, z = self.dynamic_act_params(x)
+        a = to_signed_codes(x2.float(), s_a[:, None], z[:, None], self.act_spec)
+        z_a = (z - code_offset(self.act_spec)).round().to(torch.int32)
+        if self._use_triton(x2):
+            return int_linear(a, s_a, z_a, self.w_codes, self.w_scale, self.w_zp, self.bias, k=self.in_features,
+                              w_packed=self.w_packed, w_colsum=self.w_colsum, out_dtype=x.dtype, has_w_zp=self._has_w_zp())
+        w, w_zp, w_colsum = self._cpu_weight()
+        return int_linear_cpu(a, s_a, z_a, w, self.w_scale, w_zp, self.bias, w_colsum=w_colsum).to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self._use_triton(x2):
+        if self.act_spec.dynamic:
+            y = self._dynamic_forward(x, x2)
+        elif self._use_triton(x2):
             pack_a = self.act_spec.bits <= 4 and self.w_packed
             a, s_a, z_a = quantize_act(x2, self.act_spec, self.a_scale, self.a_zp, pack=pack_a)
             y = int_linear(a, s_a, z_a, self.w_codes, self.w_scale, self.w_zp, self.bias, k=self.in_features,

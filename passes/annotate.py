@@ -49,6 +49,8 @@ class AnnotateUniform(Pass):
         act: activation quantizer spec (per tensor by default).
         layer_act: spec of Linear/Conv inputs when it differs from ``act`` (which then applies to
             the attention matmul operands only), e.g. the platform's per-channel Linear inputs.
+        conv_act: spec of Conv inputs when it differs from ``layer_act`` (or ``act``), e.g. dynamic
+            token groups on Linear inputs, which have no meaning on an image's pixel rows.
         head_stem_8bit: patch embedding and classifier head(s) at 8 bits (weights and inputs).
         head_stem_float: patch embedding and classifier head(s) left in floating point.
         quantize_attention: quantize q, kᵀ, softmax output and v at the attention matmuls.
@@ -68,6 +70,7 @@ class AnnotateUniform(Pass):
     weight: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8, granularity=PerAxis(0), estimator=PctMSE()))
     act: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8, granularity=PerTensor(), estimator=PctMSE()))
     layer_act: QuantSpec | None = None
+    conv_act: QuantSpec | None = None
     head_stem_8bit: bool = False
     head_stem_float: bool = False
     quantize_attention: bool = True
@@ -101,7 +104,7 @@ class AnnotateUniform(Pass):
             if kind not in self.layer_kinds or _skipped(match.node_fqn(node), self.skip):
                 n_skipped += 1
                 continue
-            w, a = self.weight, self.layer_act or self.act
+            w, a = self.weight, (self.conv_act if kind == "conv" and self.conv_act is not None else self.layer_act or self.act)
             role = "stem" if node in stems else "head" if node in heads else kind
             if self.head_stem_float and role in ("stem", "head"):
                 n_skipped += 1

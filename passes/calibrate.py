@@ -11,6 +11,11 @@ fake quantization. Two orders:
   already quantizing and later ones off. This is what RepQ-ViT's lazily initialised quantizers
   do within its single calibration forward; it costs one pass over the data per stage.
 A NaN/Inf in a batch stops calibration with the name of the first graph node that produced it.
+
+Dynamic activation quantizers (``QuantSpec.dynamic``: ranges from each input at run time) have
+nothing to fit: they observe nothing and switch on with their stage (in ``parallel`` order, after
+the one pass over the data, so the static quantizers still observe the float model). A model whose
+activation quantizers are all dynamic needs no calibration data.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ def weight_quantized_layers(gm: fx.GraphModule):
 
 
 def act_quantizers(gm: fx.GraphModule) -> list[tuple[str, FakeQuantize]]:
+    """Every activation quantizer as ``(qualified name, module)``, static and dynamic."""
     return [(n, m) for n, m in gm.named_modules() if isinstance(m, FakeQuantize) and not m.weight]
 
 
@@ -171,27 +177,34 @@ class Calibrate(Pass):
             raise ConfigError(f"calibrate: order must be 'parallel' or 'sequential', got {self.order!r}")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        acts = [q for _, q in act_quantizers(gm) if not (self.only_uncalibrated and q.calibrated)]
+        everything = [q for _, q in act_quantizers(gm)]
+        acts = [q for q in everything if not q.spec.dynamic and not (self.only_uncalibrated and q.calibrated)]
+        # dynamic quantizers fit nothing; the ones not switched on yet (just inserted) join the stages to switch on
+        dynamic = [q for q in everything if q.spec.dynamic and not (self.only_uncalibrated and q.fake_quant_enabled)]
         if ctx.replay:  # parameters come from the saved tensors
             for _, layer in weight_quantized_layers(gm):
                 layer.weight_fake_quant.fake_quant_enabled = True
-            for q in acts:
+            for q in acts + dynamic:
                 q.fake_quant_enabled = True
             return PassResult(gm, modified=False, summary="replayed (parameters from artifact)")
         n_w = calibrate_weights(gm)
         batches = 0
-        stages = [acts] if self.order == "parallel" else quantizer_stages(gm, acts)
-        if acts:
-            calib = ctx.require_calib(self.name)
-            for q in acts:  # later stages stay off while earlier ones are observed
+        switched = acts + dynamic
+        stages = [switched] if self.order == "parallel" else quantizer_stages(gm, switched)
+        if switched:
+            calib = ctx.require_calib(self.name) if acts else None
+            for q in switched:  # later stages stay off while earlier ones are observed
                 q.fake_quant_enabled = False
             for i, stage in enumerate(tqdm(stages, desc="calibration stages", disable=not ctx.progress or len(stages) == 1,
                                            leave=False)):
-                batches = observe(gm, stage, calib, self.max_images)
+                static = [q for q in stage if not q.spec.dynamic]
+                if static:
+                    batches = observe(gm, static, calib, self.max_images)
                 for q in stage:
-                    q.compute_qparams()
+                    q.compute_qparams()  # a dynamic quantizer's is a no-op
                     q.fake_quant_enabled = True
         return PassResult(gm, modified=False,
                           summary=f"{n_w} weight + {len(acts)} activation quantizers from {batches} batches"
+                                  + (f", {len(dynamic)} dynamic (ranges per input, nothing to fit)" if dynamic else "")
                                   + (f" ({len(stages)} sequential stages)" if self.order == "sequential" else ""),
                           record={"batches": batches, "stages": len(stages)})

@@ -13,6 +13,13 @@ quantizer conditions (input uniform per tensor with an integer zero point, weigh
 output channel), becomes a ``LoweredPatchConv(x)``: a ``LoweredLinear`` over the ``C·kh·kw``
 patch rows, gathered by reshape/permute, on the same integer kernels.
 
+A ``FakeQuantize(x) → QuantLinear`` whose input quantizer is dynamic per token (or per image), with
+no channel groups (``Dynamic(level)``, ``a_dynamic``), becomes a ``LoweredLinear`` too: it computes
+each token's (scale, zero point) from its input with the quantizer core's rule and runs the same
+integer GEMM with per-row activation parameters. Dynamic token groups raise a ``ConfigError`` (no
+kernel takes per-(token, group) parameters yet); dynamic patch-conv inputs and attention operands
+are kept in fake quantization, with the reason.
+
 A ``QuantLinear`` whose input quantizer groups the channels (IGQ-ViT, ``passes/igq.py``):
 ``InstanceGroups`` on the last axis (each instance assigns its channels to the ``G`` static
 quantizers) or ``PerGroup`` on the last axis (fixed channel blocks), uniform with integer zero
@@ -93,6 +100,8 @@ def _why_not_matmul(a_fq: FakeQuantize | None, b_fq: FakeQuantize | None) -> str
         return "operands are not both fake-quantized"
     if not (a_fq.fake_quant_enabled and b_fq.fake_quant_enabled):
         return "quantizers are disabled"
+    if a_fq.spec.dynamic or b_fq.spec.dynamic:
+        return "operand quantizer has dynamic (per-input) ranges; attention matmuls are lowered with static per-tensor operands"
     if not (_per_tensor(a_fq) and _per_tensor(b_fq)):
         return "operand quantizer is not per tensor"
     if b_fq.spec.scheme != "uniform" or not _integer_zero_point(b_fq):
@@ -105,13 +114,20 @@ def _why_not_matmul(a_fq: FakeQuantize | None, b_fq: FakeQuantize | None) -> str
     return ""
 
 
-def _why_not(linear: nn.Module, act: FakeQuantize | None) -> str:
+def _why_not(linear: nn.Module, act: FakeQuantize | None, name: str = "") -> str:
     if act is None:
         return "input is not fake-quantized"
     a, w = act.spec, linear.weight_fake_quant.spec
     if a.scheme != "uniform":
         return f"input quantizer is {a.scheme}"
-    if _channel_groups(a):
+    if a.dynamic:
+        if isinstance(linear, nn.Conv2d):
+            return f"dynamic input ranges ({a.short()}) are not lowered for convolutions"
+        if a.granularity.group_size:
+            raise ConfigError(f"lower_to_kernels: '{name}' has dynamic token-group activations ({a.short()}: one range per "
+                              f"token and group of {a.granularity.group_size} channels); dynamic token-group activations "
+                              f"cannot be lowered yet (per-token ones can: a_group_size=0), or compile without lower=True")
+    elif _channel_groups(a):
         if isinstance(linear, nn.Conv2d):
             return f"input channel groups ({a.short()}) are not lowered for convolutions"
         if a.granularity.axis != -1:
@@ -177,7 +193,7 @@ class LowerToKernels(Pass):
                     new = _lowered_class(act.spec)(mod.in_features, mod.out_features, act.spec, mod.weight_fake_quant.spec,
                                                    mod.bias is not None)
             else:
-                why = (patch_conv_mismatch(mod) if conv else "") or _why_not(mod, act)
+                why = (patch_conv_mismatch(mod) if conv else "") or _why_not(mod, act, str(node.target))
                 if why:
                     kept[str(node.target)] = why
                     continue

@@ -9,7 +9,8 @@ else rounds. One concern per module:
 
 * ``spec``: ``QuantSpec`` and the constants of its code range (schemes, bits, BitLog2 variants);
 * ``estimators``: the range-estimator configs; ``range_search``: the search they name;
-* ``layout``: parameters in granularity layout; ``group_params``: IGQ-ViT's instance groups;
+* ``layout``: parameters in granularity layout; ``group_params``: parameters decided per input
+  (IGQ-ViT's instance groups, dynamic per-token ranges);
 * ``affine``: uniform rounding and (scale, zero point) from a range; ``logcodes``: log2/log√2 and
   BitLog2 codes; ``dispatch``: ``quantize``/``dequantize``/``fake_quantize`` for every scheme;
 * ``codes``: how codes are stored; ``adaround``: learned rounding; ``observers``, ``modules``,
@@ -21,8 +22,8 @@ from .affine import choose_qparams, round_ste
 from .codes import code_offset, pack_int4, to_signed_codes, unpack_int4
 from .dispatch import dequantize, fake_quantize, grid_values, quantize
 from .estimators import OMSE, Estimator, JointGrid, MinMax, PctMSE, Percentile, SigmaClip, estimator_from_name
-from .granularity import Granularity, InstanceGroups, PerAxis, PerGroup, PerTensor
-from .group_params import group_ranges, instance_groups, resolve_params, slice_ranges
+from .granularity import DYNAMIC_LEVELS, Dynamic, Granularity, InstanceGroups, PerAxis, PerGroup, PerTensor
+from .group_params import dynamic_qparams, dynamic_ranges, group_ranges, instance_groups, resolve_params, slice_ranges
 from .layout import expand_params
 from .logcodes import log_step
 from .lora import LoRALinear, loftq, low_rank_split
@@ -43,11 +44,11 @@ from .spec import QuantSpec
 
 __all__ = [
     "cached_by_version", "version_key", "quantizer_state",
-    "Granularity", "PerTensor", "PerAxis", "PerGroup", "InstanceGroups",
+    "Granularity", "PerTensor", "PerAxis", "PerGroup", "InstanceGroups", "Dynamic", "DYNAMIC_LEVELS",
     "QuantSpec", "Estimator", "MinMax", "Percentile", "PctMSE", "OMSE", "JointGrid", "SigmaClip",
     "choose_qparams", "estimator_from_name", "quantize", "dequantize", "fake_quantize", "expand_params", "grid_values",
     "log_step", "round_ste",
-    "instance_groups", "resolve_params", "slice_ranges", "group_ranges",
+    "instance_groups", "resolve_params", "slice_ranges", "group_ranges", "dynamic_ranges", "dynamic_qparams",
     "code_offset", "to_signed_codes", "pack_int4", "unpack_int4",
     "rectified_sigmoid", "adaround_init", "adaround_fake_quantize", "adaround_regularizer",
     "Observer", "FakeQuantize", "AdaRoundWeight", "QuantLinear", "QuantConv2d", "quantizers", "CompensationLinear",

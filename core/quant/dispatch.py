@@ -12,7 +12,7 @@ import torch
 
 from ..errors import ConfigError
 from .affine import _round, round_clamp_centered_
-from .granularity import InstanceGroups
+from .granularity import Dynamic, InstanceGroups
 from .group_params import resolve_params
 from .layout import expand_params
 from .logcodes import (
@@ -52,6 +52,9 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, s
     not say which group a slice was assigned to."""
     if isinstance(spec.granularity, InstanceGroups) and scale.dim() != q.dim():
         raise ConfigError("dequantize of InstanceGroups codes needs the per-slice parameters from resolve_params(x, ...)")
+    if isinstance(spec.granularity, Dynamic) and scale.numel() == 0:
+        raise ConfigError("dequantize of Dynamic codes needs the parameters of the input they came from "
+                          "(resolve_params(x, ...) or dynamic_qparams(x, spec))")
     scale = expand_params(scale, q.shape)
     if spec.scheme == "bitlog2":
         return bitlog2_levels(q, spec.bitlog2_variant).to(q.dtype) / scale
@@ -67,7 +70,10 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
                   ste: bool = False) -> torch.Tensor:
     """``dequantize(quantize(x))``; with ``ste=True`` gradients pass straight through the rounding
     (and are zero where the input is clipped). Without ``ste`` (inference) the common schemes take
-    ``fake_quantize_inference``: the same values bit for bit, in fewer passes over ``x``."""
+    ``fake_quantize_inference``: the same values bit for bit, in fewer passes over ``x``. A ``Dynamic``
+    spec takes its parameters from ``x`` first (``resolve_params``), then quantizes as a static one."""
+    if isinstance(spec.granularity, Dynamic):
+        scale, zero_point = resolve_params(x, scale, zero_point, spec)
     tracked = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)
     if not (ste or tracked or isinstance(spec.granularity, InstanceGroups)):
         return fake_quantize_inference(x, scale, zero_point, spec)
@@ -91,6 +97,8 @@ def fake_quantize_inference(x: torch.Tensor, scale: torch.Tensor, zero_point: to
     Other forms (float zero point) take the reference composition."""
     if isinstance(spec.granularity, InstanceGroups):
         raise ConfigError("fake_quantize_inference: InstanceGroups parameters need resolve_params; use fake_quantize")
+    if isinstance(spec.granularity, Dynamic):
+        scale, zero_point = resolve_params(x, scale, zero_point, spec)
     if spec.scheme == "bitlog2":
         table = _on(bitlog2_level_by_input(spec.bitlog2_variant), x.device)
         return torch.take(table, bitlog2_input(x, spec.bitlog2_variant).long()).to(x.dtype) / expand_params(scale, x.shape)

@@ -19,12 +19,21 @@ granularity             activation [B, N, C]      weight [O, I]
 ``PerAxis(0)``          [B, 1, 1] (rarely useful)  [O, 1]
 ``PerGroup(g)``         [1, 1, C // g]            [O, I // g]
 ``InstanceGroups(G)``   [G] (see below)           (activations only)
+``Dynamic("token")``    [B, N, 1] per call        (activations only)
+``Dynamic("token", g)`` [B, N, C // g] per call   (activations only)
+``Dynamic("tensor")``   [B, 1, 1] per call        (activations only)
 ======================  ========================  ==========================
 
 ``InstanceGroups`` (docs/methods.md, IGQ-ViT) is the one granularity whose parameters are not tied
 to fixed positions: it stores ``G`` static (scale, zero point) pairs, and *per input instance*
 each slice along ``axis`` (a channel, or an attention row) is assigned to the narrowest group whose
 quantization range covers the slice's own ``[min, max]`` (``group_params.instance_groups``).
+
+``Dynamic`` is the one granularity with no stored parameters: its ranges are the ``[min, max]`` of
+each input *at run time* (per image, per token, or per token and channel group), turned into
+``(scale, zero point)`` by the same rule as calibrated ranges (``affine.choose_qparams``;
+``group_params.dynamic_qparams``). Its parameter shape is that of one call's input; nothing is
+calibrated.
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ class Granularity:
 
     @staticmethod
     def from_dict(d: dict) -> "Granularity":
-        kinds = {c.__name__: c for c in (PerTensor, PerAxis, PerGroup, InstanceGroups)}
+        kinds = {c.__name__: c for c in (PerTensor, PerAxis, PerGroup, InstanceGroups, Dynamic)}
         d = dict(d)
         kind = d.pop("type")
         if kind not in kinds:
@@ -155,3 +164,55 @@ class InstanceGroups(Granularity):
         """The dimensions a slice's range is taken over (all but the instance dims and ``axis``)."""
         a = _norm_axis(self.axis, ndim)
         return tuple(d for d in range(self.instance_dims, ndim) if d != a)
+
+
+DYNAMIC_LEVELS: tuple[str, ...] = ("tensor", "token")
+
+
+@dataclass(frozen=True)
+class Dynamic(Granularity):
+    """Ranges computed from each input at run time (dynamic activation quantization; activations only).
+
+    * ``level="tensor"``: one range per input *instance*, i.e. per index of the first dimension
+      (the image of a ``[B, N, C]`` or ``[B, C, H, W]`` tensor), so that an image's codes never
+      depend on the other images of its batch (a range over the whole batch would);
+    * ``level="token"``: one range per token, i.e. per index of every dimension but the last
+      (``[B, N, C]`` → ``B·N`` ranges over ``C`` channels each);
+    * ``group_size=g > 0`` (``"token"`` only): the channels of each token split into contiguous
+      groups of ``g``, one range per token and group (``g`` must divide ``C``).
+
+    The range ``[min, max]`` becomes ``(scale, zero point)`` by ``affine.choose_qparams``, the rule
+    calibrated ranges use (``group_params.dynamic_qparams``), so only ``MinMax`` applies: there is
+    no distribution to search over at run time. The cost is the metadata: one scale and zero point
+    per token (and group) travel with the codes, and one min/max reduction per token at run time."""
+
+    level: str = "token"
+    group_size: int = 0
+
+    def __post_init__(self):
+        if self.level not in DYNAMIC_LEVELS:
+            raise ConfigError(f"Dynamic.level must be one of {list(DYNAMIC_LEVELS)}, got {self.level!r}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 0:
+            raise ConfigError(f"Dynamic.group_size must be a whole number >= 0 (0: one group per token), "
+                              f"got {self.group_size!r}")
+        if self.group_size and self.level != "token":
+            raise ConfigError(f"Dynamic.group_size={self.group_size} splits each token's channels; it applies to "
+                              f"level='token', not {self.level!r}")
+
+    def param_shape(self, shape, *, weight):
+        """The parameter shape of one call with input ``shape`` (``[B, 1, .., 1]``, ``[.., 1]`` or ``[.., C // g]``)."""
+        if weight:
+            raise ConfigError("Dynamic ranges are computed from each activation at run time; weights are static "
+                              "(use PerAxis(0) or PerGroup)")
+        shape = tuple(shape)
+        if not shape:
+            return ()
+        if self.level == "tensor":
+            return (shape[0],) + (1,) * (len(shape) - 1) if len(shape) > 1 else (1,)
+        c = shape[-1]
+        if not self.group_size:
+            return shape[:-1] + (1,)
+        if c % self.group_size:
+            raise ConfigError(f"Dynamic(group_size={self.group_size}) does not divide the {c} channels of a tensor of "
+                              f"shape {shape}; pick a group size that divides {c}")
+        return shape[:-1] + (c // self.group_size,)

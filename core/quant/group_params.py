@@ -1,5 +1,7 @@
-"""Instance-aware groups (IGQ-ViT, docs/methods.md, IGQ-ViT): per-instance assignment of slices to static
-group quantizers, and the per-slice parameters that assignment gives (``resolve_params``).
+"""Parameters decided per input at run time: instance-aware groups (IGQ-ViT, docs/methods.md, IGQ-ViT),
+the per-instance assignment of slices to static group quantizers, and dynamic ranges (``Dynamic``: each
+image's, token's or token-group's own ``[min, max]``); ``resolve_params`` gives either as parameters
+that broadcast against the input.
 """
 
 from __future__ import annotations
@@ -7,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from .granularity import InstanceGroups
+from .affine import choose_qparams
+from .granularity import Dynamic, InstanceGroups
 from .spec import QuantSpec
 
 
@@ -50,10 +53,43 @@ def instance_groups(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     return score.argmin(dim=-1)
 
 
+def dynamic_ranges(x: torch.Tensor, g: Dynamic) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each input's own ``[min, max]`` in ``g``'s parameter layout for ``x`` (``g.param_shape``), float32,
+    detached (a straight-through estimator: gradients do not flow through the range). Per image
+    (``level="tensor"``: over all but the first dimension), per token (over the last dimension), or
+    per token and contiguous channel group. Plain reductions and reshapes, so that the ONNX exporter
+    writes them as ``ReduceMin``/``ReduceMax`` with a dynamic batch."""
+    xf = x.detach().float()
+    if g.level == "tensor":
+        if xf.dim() <= 1:  # no instance dimension: one range for the whole tensor
+            return xf.amin().reshape((1,) * xf.dim()), xf.amax().reshape((1,) * xf.dim())
+        flat = xf.flatten(1)
+        shape = (-1,) + (1,) * (xf.dim() - 1)
+        return flat.amin(1).reshape(shape), flat.amax(1).reshape(shape)
+    if g.group_size:
+        g.param_shape(tuple(xf.shape), weight=False)  # the group size must divide C: a ConfigError naming both
+        grouped = xf.unflatten(-1, (-1, g.group_size))
+        return grouped.amin(-1), grouped.amax(-1)
+    return xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
+
+
+def dynamic_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero point)`` of a ``Dynamic`` spec for this input: ``dynamic_ranges`` through the rule
+    calibrated ranges use (``affine.choose_qparams``: asymmetric with an integer zero point, 0 in
+    range as the spec says; symmetric from ``max(|min|, |max|)``), in the parameter layout."""
+    if not isinstance(spec.granularity, Dynamic):
+        raise ConfigError(f"dynamic_qparams needs a Dynamic spec, got {spec.short()}")
+    return choose_qparams(*dynamic_ranges(x, spec.granularity), spec)
+
+
 def resolve_params(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                    spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Parameters that broadcast against ``x``: for ``InstanceGroups`` the assigned group's
-    ``(s, z)`` per instance and slice (gathered from the ``[G]`` parameters); otherwise unchanged."""
+    ``(s, z)`` per instance and slice (gathered from the ``[G]`` parameters); for ``Dynamic`` specs
+    without parameters (a ``FakeQuantize`` stores none) ``x``'s own (``dynamic_qparams``); otherwise,
+    and for parameters already resolved against ``x``, unchanged."""
+    if isinstance(spec.granularity, Dynamic):
+        return dynamic_qparams(x, spec) if scale.numel() == 0 else (scale, zero_point)
     if not isinstance(spec.granularity, InstanceGroups) or scale.dim() == x.dim():
         return scale, zero_point
     idx = instance_groups(x, scale, zero_point, spec)

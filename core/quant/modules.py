@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, ConfigError
 from .adaround import adaround_fake_quantize, adaround_init, adaround_regularizer
 from .dispatch import fake_quantize
 from .granularity import PerAxis
@@ -65,10 +65,17 @@ class FakeQuantize(nn.Module):
     value otherwise (``torch.rand``: seed the global generator for a reproducible run). With a
     scale that requires grad (learned activation scales), gradients reach it through the
     straight-through rounding (LSQ).
+
+    A ``Dynamic`` spec (``spec.dynamic``) stores no parameters: each call computes them from its
+    input (``group_params.dynamic_qparams``), so the quantizer is ``calibrated`` from the start,
+    never observes, and needs only ``fake_quant_enabled``.
     """
 
     def __init__(self, spec: QuantSpec, *, weight: bool = False, label: str = ""):
         super().__init__()
+        if weight and spec.dynamic:
+            raise ConfigError(f"quantizer '{label}': {spec.short()} computes its ranges from each input at run time, "
+                              f"which applies to activations only; weights are static (PerAxis(0) or PerGroup)")
         self.spec = spec
         self.weight = weight
         self.label = label
@@ -82,10 +89,11 @@ class FakeQuantize(nn.Module):
 
     @property
     def calibrated(self) -> bool:
-        return self.scale.numel() > 0
+        """Whether the quantizer can fake-quantize: it holds parameters, or computes them per call (dynamic)."""
+        return self.spec.dynamic or self.scale.numel() > 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer_enabled:
+        if self.observer_enabled and not self.spec.dynamic:  # a dynamic quantizer has nothing to fit
             if self.observer is None:
                 self.observer = make_observer(self.spec, weight=self.weight)
             try:
@@ -116,11 +124,17 @@ class FakeQuantize(nn.Module):
 
     # -- parameters ---------------------------------------------------------------------
     def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Store ``(scale, zero point)`` in the granularity's layout (static specs only)."""
+        if self.spec.dynamic:
+            raise ConfigError(f"quantizer '{self.label}' ({self.spec.short()}) computes its parameters from each input; "
+                              f"it stores none")
         self.scale = scale.detach().float().clone()
         self.zero_point = zero_point.detach().float().clone()
 
     def compute_qparams(self, *, keep_observer: bool = False) -> None:
-        """Parameters from the streamed statistics (activation quantizers)."""
+        """Parameters from the streamed statistics (activation quantizers); nothing for a dynamic one."""
+        if self.spec.dynamic:
+            return
         if self.observer is None or self.observer.empty:
             raise CalibrationError(
                 f"quantizer '{self.label}' saw no data during calibration: the calibration data never reached it "
@@ -144,7 +158,8 @@ class FakeQuantize(nn.Module):
 
     def extra_repr(self) -> str:
         state = "+".join(s for s, on in (("observe", self.observer_enabled), ("quant", self.fake_quant_enabled)) if on) or "off"
-        return f"{self.spec.short()}, {state}, params={tuple(self.scale.shape)}"
+        params = "per call" if self.spec.dynamic else tuple(self.scale.shape)
+        return f"{self.spec.short()}, {state}, params={params}"
 
 
 class AdaRoundWeight(nn.Module):

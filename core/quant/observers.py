@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 from .affine import choose_qparams
 from .estimators import MinMax
 from .granularity import InstanceGroups
@@ -292,7 +293,9 @@ class GroupRangeObserver:
 
 
 def make_observer(spec: QuantSpec, *, weight: bool = False):
-    """The observer a quantizer spec needs."""
+    """The observer a quantizer spec needs (a dynamic spec needs none: it fits nothing)."""
+    if spec.dynamic:
+        raise ConfigError(f"{spec.short()} computes its ranges from each input at run time; there is nothing to observe")
     if isinstance(spec.granularity, InstanceGroups):
         return GroupRangeObserver(spec, weight=weight)
     if spec.scheme == "bitlog2":

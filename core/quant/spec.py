@@ -10,7 +10,7 @@ from typing import Literal
 
 from ..errors import ConfigError
 from .estimators import Estimator, JointGrid, MinMax, Percentile
-from .granularity import Granularity, InstanceGroups, PerAxis, PerTensor
+from .granularity import Dynamic, Granularity, InstanceGroups, PerAxis, PerTensor
 
 Scheme = Literal["uniform", "log2", "log_sqrt2"]
 SCHEMES: tuple[str, ...] = ("uniform", "log2", "log_sqrt2", "bitlog2")
@@ -36,8 +36,9 @@ class QuantSpec:
         scheme: ``"uniform"`` (affine), ``"log2"`` or ``"log_sqrt2"`` (for non-negative inputs
             such as softmax output).
         symmetric: uniform only; signed codes with zero point 0.
-        granularity: ``PerTensor()``, ``PerAxis(axis)`` or ``PerGroup(size, axis)``.
-        estimator: range estimator used at calibration.
+        granularity: ``PerTensor()``, ``PerAxis(axis)``, ``PerGroup(size, axis)``, ``InstanceGroups(G)``
+            or ``Dynamic(level, group_size)`` (ranges from each input at run time: ``dynamic``).
+        estimator: range estimator used at calibration (``Dynamic`` specs: ``MinMax``, at run time).
         zero_in_range: uniform asymmetric only; widen the range to include 0 so the zero point is a
             valid code (deployable). RepQ-ViT's per-channel post-LayerNorm quantizers use False.
         integer_zero_point: uniform asymmetric only; False keeps a fractional zero point (only
@@ -100,6 +101,15 @@ class QuantSpec:
         if self.zero_point_domain == "float" and (self.scheme != "uniform" or self.symmetric
                                                   or isinstance(self.granularity, InstanceGroups)):
             raise ConfigError("zero_point_domain='float' applies to uniform asymmetric per-tensor/axis/group quantizers only")
+        if isinstance(self.granularity, Dynamic):
+            if self.scheme != "uniform":
+                raise ConfigError(f"Dynamic (run-time range) quantizers are uniform; got scheme {self.scheme!r}")
+            if not isinstance(self.estimator, MinMax):
+                raise ConfigError(f"Dynamic quantizers take each input's own [min, max] at run time: the estimator must be "
+                                  f"MinMax (there is no calibration distribution to search), got {type(self.estimator).__name__}")
+            if self.zero_point_domain != "int" or not self.integer_zero_point:
+                raise ConfigError("Dynamic quantizers use the integer zero point of affine.choose_qparams "
+                                  "(zero_point_domain='int', integer_zero_point=True)")
         if isinstance(self.estimator, JointGrid) and self.scheme != "uniform":
             raise ConfigError(f"the JointGrid estimator searches uniform (scale, zero point) pairs; scheme {self.scheme!r} "
                               f"needs another estimator (PctMSE)")
@@ -130,6 +140,11 @@ class QuantSpec:
     def is_log(self) -> bool:
         return self.scheme != "uniform"
 
+    @property
+    def dynamic(self) -> bool:
+        """Whether the ranges are computed from each input at run time (``Dynamic``): nothing to calibrate."""
+        return isinstance(self.granularity, Dynamic)
+
     def with_(self, **changes) -> "QuantSpec":
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
@@ -157,8 +172,11 @@ class QuantSpec:
 
     def short(self) -> str:
         g = self.granularity
-        gs = "tensor" if isinstance(g, PerTensor) else f"axis{g.axis}" if isinstance(g, PerAxis) else (
-            f"igroups{g.num_groups}@{g.axis}" if isinstance(g, InstanceGroups) else f"group{g.group_size}")
+        if isinstance(g, Dynamic):
+            gs = f"dyn-{g.level}" + (f"-g{g.group_size}" if g.group_size else "")
+        else:
+            gs = "tensor" if isinstance(g, PerTensor) else f"axis{g.axis}" if isinstance(g, PerAxis) else (
+                f"igroups{g.num_groups}@{g.axis}" if isinstance(g, InstanceGroups) else f"group{g.group_size}")
         kind = {"uniform": "sym" if self.symmetric else "asym"}.get(self.scheme, self.scheme)
         fzp = "_fzp" if self.zero_point_domain == "float" else ""
         kind = self.bitlog2_variant or (kind + ("_fit" if self.fit_bits else "") + fzp)

@@ -4,10 +4,11 @@ options). The named recipes built from them are in ``table``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..core.errors import ConfigError
 from ..core.pipeline import Pass
-from ..core.quant import PerAxis, PerTensor, QuantSpec, estimator_from_name
+from ..core.quant import Dynamic, MinMax, PerAxis, PerTensor, QuantSpec, estimator_from_name
 from ..passes import (
     AllocateGroups,
     AnnotateAPHQ,
@@ -31,6 +32,9 @@ class FloatRecipe(Recipe):
     calib_images: int = 0
 
 
+A_DYNAMIC = ("none", "tensor", "token")  # UniformRecipe.a_dynamic: static, or Dynamic(level)
+
+
 @dataclass(frozen=True)
 class UniformRecipe(Recipe):
     """Uniform affine quantization of weights (per output channel) and activations (per tensor):
@@ -40,7 +44,19 @@ class UniformRecipe(Recipe):
     ``omse[:grid]``. ``calibrate`` options (``order``, ``max_images``) are pass options.
     ``overflow_fix``: ``"stem"``/``"all"`` quantize 8-bit weights of the patch embedding / of every
     layer at 7 bits, so that int8 GEMMs of x86 CPUs without VNNI cannot saturate (``annotate_uniform``).
+
+    ``a_dynamic``: ``"none"`` (static ranges, calibrated with ``a_estimator``), ``"token"`` (each
+    token's own ``[min, max]`` at run time; ``a_group_size=g`` > 0: each token's channels in groups
+    of ``g``, one range per token and group) or ``"tensor"`` (each image's own range). Dynamic
+    ranges apply to every activation quantizer of the recipe (Linear and patch-conv inputs, attention
+    operands; token groups to the Linear inputs only: the last axis of kᵀ and of the attention map
+    holds keys, an image's its pixels), take the ``MinMax`` rule whatever ``a_estimator`` says, and
+    need no calibration data (``QuantSpec.dynamic``; docs/methods.md, Conventions).
     """
+
+    # whether a_dynamic applies: the families that calibrate or rewrite specific activation
+    # quantizers (RepQ's folding, APHQ's learned scales, IGQ's groups) keep static ones
+    dynamic_acts: ClassVar[bool] = True
 
     w_bits: int = 8
     a_bits: int = 8
@@ -54,10 +70,20 @@ class UniformRecipe(Recipe):
     skip: tuple[str, ...] = ()
     bit_budget: int | None = None
     overflow_fix: str = "none"
+    a_dynamic: str = "none"
+    a_group_size: int = 0
 
     def __post_init__(self):
         super().__post_init__()
-        self.weight_spec(), self.act_spec()  # validate early, with the spec's error messages
+        if self.a_dynamic not in A_DYNAMIC:
+            raise ConfigError(f"recipe {self.name!r}: a_dynamic must be one of {list(A_DYNAMIC)}, got {self.a_dynamic!r}")
+        if self.a_dynamic != "none" and not self.dynamic_acts:
+            raise ConfigError(f"recipe {self.name!r}: a_dynamic applies to the uniform recipes (w8a8, w6a6, w4a4, ...); "
+                              f"{type(self).__name__} calibrates its own activation quantizers")
+        if self.a_group_size and self.a_dynamic != "token":
+            raise ConfigError(f"recipe {self.name!r}: a_group_size={self.a_group_size} splits each token's channels into "
+                              f"groups; it needs a_dynamic=token, got a_dynamic={self.a_dynamic!r}")
+        self.weight_spec(), self.act_spec(), self.layer_act_spec()  # validate early, with the spec's error messages
         # and the options, with the pass's messages
         AnnotateUniform(attention_matmuls=self.attention_matmuls, overflow_fix=self.overflow_fix)
         if self.bit_budget is not None:
@@ -75,14 +101,28 @@ class UniformRecipe(Recipe):
                          estimator=estimator_from_name(self.w_estimator))
 
     def act_spec(self) -> QuantSpec:
+        """Activation spec of every Linear/conv input and attention operand: per tensor with
+        ``a_estimator``, or dynamic (``a_dynamic``; ranges per input, ``MinMax``)."""
+        if self.a_dynamic != "none":  # token groups (a_group_size): layer_act_spec(), Linear inputs only
+            return QuantSpec(bits=self.a_bits, symmetric=self.a_symmetric, granularity=Dynamic(self.a_dynamic),
+                             estimator=MinMax())
         return QuantSpec(bits=self.a_bits, symmetric=self.a_symmetric, granularity=PerTensor(),
                          estimator=estimator_from_name(self.a_estimator))
 
+    def layer_act_spec(self) -> QuantSpec | None:
+        """Spec of the Linear inputs when it is not ``act_spec()``: dynamic token groups (``a_group_size``),
+        which apply to channels, not to the attention operands' or the image's last axis."""
+        if self.a_dynamic == "none" or not self.a_group_size:
+            return None
+        return self.act_spec().with_(granularity=Dynamic(self.a_dynamic, self.a_group_size))
+
     def base_passes(self) -> list[Pass]:
+        layer_act = self.layer_act_spec()
         return [
-            AnnotateUniform(weight=self.weight_spec(), act=self.act_spec(), head_stem_8bit=self.head_stem_8bit,
-                            quantize_attention=self.quantize_attention, attention_matmuls=self.attention_matmuls,
-                            skip=self.skip, overflow_fix=self.overflow_fix),
+            AnnotateUniform(weight=self.weight_spec(), act=self.act_spec(), layer_act=layer_act,
+                            conv_act=self.act_spec() if layer_act is not None else None,
+                            head_stem_8bit=self.head_stem_8bit, quantize_attention=self.quantize_attention,
+                            attention_matmuls=self.attention_matmuls, skip=self.skip, overflow_fix=self.overflow_fix),
             InsertQuantizers(),
             Calibrate(),
         ]
@@ -95,6 +135,8 @@ class RepQRecipe(UniformRecipe):
     8-bit patch-embedding input), sequential calibration as in RepQ-ViT's reference (each quantizer
     sees already-quantized inputs), then ``repq_reparam`` folds the scales into the LayerNorm and
     the next Linear(s)."""
+
+    dynamic_acts: ClassVar[bool] = False
 
     def base_passes(self) -> list[Pass]:
         passes = insert_pass(super().base_passes(), AnnotateRepQ(), after="annotate_uniform")
@@ -115,6 +157,8 @@ class APHQRecipe(UniformRecipe):
     (C) ``block_reconstruct`` (AdaRound, learned activation scales, QDrop, APH-weighted loss) on
     all 1024 images, ``iters`` steps per region (the paper: 20000).
     """
+
+    dynamic_acts: ClassVar[bool] = False
 
     calib_images: int = 1024
     w_estimator: str = "grid"
@@ -150,6 +194,8 @@ class IGQRecipe(UniformRecipe):
     patch-embedding input as RepQ-ViT; parallel calibration on 32 images (k-means group ranges);
     with ``allocate`` the ``allocate_groups`` pass then picks G per quantizer from
     ``candidates`` under the BOP budget of G = ``num_groups`` everywhere."""
+
+    dynamic_acts: ClassVar[bool] = False
 
     num_groups: int = 8
     group_mode: str = "instance"
