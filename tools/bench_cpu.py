@@ -205,7 +205,10 @@ def bench_model(spec: str, threads: int, tmp: Path, with_top1: bool, recipes: li
         time.sleep(0.2)  # let the previous variant's worker threads go idle before this one is timed
         if runtime == "ort":
             return latency_ms(path, x[:b], threads, reps)
-        return ov_latency_ms(path, x[:b], threads, reps, shape, prec)
+        # 20 untimed runs at batch 1: each variant starts cold after the others ran; with 3, batch-1
+        # medians of one model moved by up to 15 % between runs (an A/B with 20 warm-up runs and 7
+        # rounds: within 1 %)
+        return ov_latency_ms(path, x[:b], threads, reps, shape, prec, warmup=20 if b == 1 else 3)
 
     timed = interleaved_rounds({(v, b): functools.partial(measure, *models[v[0]], b, v[1], v[2])
                                 for v in variants for b in batches_sizes}, rounds)
