@@ -17,6 +17,7 @@ from . import distributed
 from .batches import call_model
 from .digest import tensors_digest
 from .graph import logits_of
+from .quant import FakeQuantize
 
 
 def top1(model: nn.Module, batches: Iterable[tuple[Any, torch.Tensor]], *, total: int | None = None,
@@ -103,3 +104,34 @@ def compare_outputs(fp: nn.Module, q: nn.Module, inputs: tuple, ) -> dict[str, f
     return {"sqnr_db": sqnr_db(a, b), "max_abs_diff": (a - b).abs().max().item(),
             "rel_err": ((a - b).abs().max() / a.abs().max().clamp(min=1e-12)).item()}
 
+
+
+def activation_bits(model: nn.Module, batch: Any, *, scale_bits: int = 16, zero_point_bits: int = 8) -> dict[str, float]:
+    """Mean bits per quantized activation element on one ``batch`` (one forward pass), weighted by
+    element count over every enabled activation quantizer: ``nominal`` (the codes' widths) and
+    ``with_metadata`` (plus the per-image/token/group scales and zero points dynamic quantizers carry,
+    ``QuantSpec.metadata_bits_per_element``), and the ``elements`` counted. Empty dict when the model
+    quantizes no activation."""
+    totals = {"elements": 0, "code_bits": 0.0, "meta_bits": 0.0}
+
+    def count(mod: FakeQuantize, args: tuple, _out) -> None:
+        x = args[0]
+        n = x.numel()
+        totals["elements"] += n
+        totals["code_bits"] += n * mod.spec.bits
+        totals["meta_bits"] += n * mod.spec.metadata_bits_per_element(tuple(x.shape), scale_bits=scale_bits,
+                                                                      zero_point_bits=zero_point_bits)
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if isinstance(m, FakeQuantize) and not m.weight and m.fake_quant_enabled]
+    try:
+        with torch.no_grad():
+            call_model(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not totals["elements"]:
+        return {}
+    nominal = totals["code_bits"] / totals["elements"]
+    return {"nominal": round(nominal, 4), "with_metadata": round(nominal + totals["meta_bits"] / totals["elements"], 4),
+            "elements": totals["elements"]}

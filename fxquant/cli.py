@@ -23,7 +23,7 @@ from .core.data import load_data
 from .core.digest import state_digest
 from .core.error_report import error_report, report_table, write_report
 from .core.errors import ConfigError, FxQuantError
-from .core.evaluate import fp32_top1, top1
+from .core.evaluate import activation_bits, fp32_top1, top1
 from .core.graph import logits_of
 from .core.layer_sensitivity import layer_sensitivity, sensitivity_table
 from .core.models import PLATFORM_NAMES, load_model
@@ -294,9 +294,15 @@ def cmd_eval(args) -> int:
               "state_digest": state_digest(qmodel)}
     if args.lower:
         result["lowered"] = True
+    # the honest size of the activations: dynamic quantizers carry a scale (and zero point) per token/group
+    bits = activation_bits(qmodel, next(iter(data.test_batches())))
+    result["activation_bits"] = bits
     print(_table([(model_name, recipe_name, f"{fp32:.2f}", f"{acc:.2f}", f"{acc - fp32:+.2f}", data.test_count, n_cal,
                    f"{calib_secs:.1f}")], ("model", "recipe", "fp32 top1", "top1", "delta", "images", "calib", "calib s")))
     print(f"data: {data.source}; {distributed.world_size()} process(es); state digest {result['state_digest'][:16]}")
+    if bits and bits["with_metadata"] != bits["nominal"]:
+        print(f"activation bits per element: {bits['nominal']:.2f} nominal, {bits['with_metadata']:.2f} with the "
+              f"per-token/group scales and zero points (fp16 + 8-bit)")
     _write_json(args.json, result)
     return 0
 

@@ -15,7 +15,7 @@ from fxquant import cli
 from fxquant.cli import main
 
 EVAL_KEYS = ["model", "recipe", "top1", "fp32_top1", "test_images", "calib_images", "calib_seconds", "eval_seconds", "seed",
-             "processes", "state_digest"]
+             "processes", "state_digest", "activation_bits"]
 
 
 def test_recipes_lists_recipes_and_passes(capsys):
@@ -34,6 +34,7 @@ def test_eval_json_has_exactly_the_documented_keys(tmp_path, capsys):
     assert isinstance(res["top1"], float) and 0 <= res["top1"] <= 100 and abs(res["top1"] - res["fp32_top1"]) < 3
     assert res["seed"] == 0 and res["calib_seconds"] > 0 and res["eval_seconds"] > 0
     assert res["processes"] == 1 and len(res["state_digest"]) == 64
+    assert res["activation_bits"]["nominal"] == res["activation_bits"]["with_metadata"] == 8.0  # static: no metadata
 
 
 def test_quantize_then_eval_artifact(tmp_path, capsys):

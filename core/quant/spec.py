@@ -145,6 +145,25 @@ class QuantSpec:
         """Whether the ranges are computed from each input at run time (``Dynamic``): nothing to calibrate."""
         return isinstance(self.granularity, Dynamic)
 
+    def metadata_bits_per_element(self, shape: tuple[int, ...], *, scale_bits: int = 16,
+                                  zero_point_bits: int = 8) -> float:
+        """Bits per quantized element that travel with the codes of one input of ``shape`` besides
+        the codes themselves: for a ``Dynamic`` spec the scale (``scale_bits``, fp16 by default) and,
+        asymmetric, the zero point (``zero_point_bits``) of each image, token or token group, spread
+        over the elements that share them; 0 for static specs, whose parameters are stored once per
+        model whatever the input."""
+        g = self.granularity
+        if not isinstance(g, Dynamic) or not shape:
+            return 0.0
+        per_set = scale_bits + (0 if self.symmetric else zero_point_bits)
+        if g.level == "tensor":
+            shared = 1
+            for d in shape[1:]:
+                shared *= d
+        else:
+            shared = g.group_size or shape[-1]
+        return per_set / max(1, shared)
+
     def with_(self, **changes) -> "QuantSpec":
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)

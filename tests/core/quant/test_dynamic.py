@@ -207,3 +207,51 @@ def test_param_shapes():
     for g in (Dynamic("token"), Dynamic("token", 4), Dynamic("tensor")):
         s, z = dynamic_qparams(_x(2, 5, 16), QuantSpec(bits=8, granularity=g))
         assert s.shape == z.shape == g.param_shape((2, 5, 16), weight=False)
+
+
+def test_metadata_bits_per_element_counts_the_scales_dynamic_ranges_carry():
+    """Honest size: a dynamic spec's per-image/token/group scale (fp16) and zero point (8 bits)
+    spread over the elements sharing them; nothing for static specs; symmetric specs carry no zero
+    point."""
+    from fxquant.core.quant import Dynamic, MinMax, PerTensor, QuantSpec
+
+    shape = (2, 65, 128)
+    token = QuantSpec(bits=4, granularity=Dynamic("token"), estimator=MinMax())
+    assert token.metadata_bits_per_element(shape) == 24 / 128
+    assert token.with_(granularity=Dynamic("token", 32)).metadata_bits_per_element(shape) == 24 / 32
+    assert token.with_(granularity=Dynamic("tensor")).metadata_bits_per_element(shape) == 24 / (65 * 128)
+    assert token.with_(symmetric=True).metadata_bits_per_element(shape) == 16 / 128
+    assert token.metadata_bits_per_element(shape, scale_bits=32, zero_point_bits=32) == 64 / 128
+    assert QuantSpec(bits=4, granularity=PerTensor()).metadata_bits_per_element(shape) == 0.0
+
+
+def test_activation_bits_of_a_model_weights_every_quantizer_by_its_elements():
+    """``activation_bits``: nominal and with-metadata mean bits over every enabled activation
+    quantizer, weighted by element count; equal for static recipes, above nominal by each
+    quantizer's metadata share for dynamic ones (checked against a hook count)."""
+    import fxquant
+    from fxquant.core.evaluate import activation_bits
+    from fxquant.core.quant import FakeQuantize
+    from fxquant.core.testing import toy_calib, toy_vit
+
+    calib = toy_calib()
+    static = fxquant.compile(toy_vit(), recipe="w4a4", calib=calib, progress=False)
+    bits = activation_bits(static, calib[0])
+    assert bits["nominal"] == bits["with_metadata"] == 4.0
+    dyn = fxquant.compile(toy_vit(), recipe="w4a4", a_dynamic="token", calib=calib, progress=False)
+    seen = []
+
+    def record(mod, args, _out):
+        seen.append((args[0].numel(), mod.spec.metadata_bits_per_element(tuple(args[0].shape))))
+
+    hooks = [m.register_forward_hook(record) for m in dyn.modules() if isinstance(m, FakeQuantize) and not m.weight]
+    with torch.no_grad():
+        dyn(calib[0])
+    for h in hooks:
+        h.remove()
+    n = sum(k for k, _ in seen)
+    expected = 4.0 + sum(k * b for k, b in seen) / n
+    got = activation_bits(dyn, calib[0])
+    assert got["elements"] == n and got["nominal"] == 4.0
+    assert got["with_metadata"] == pytest.approx(expected, abs=1e-4) and got["with_metadata"] > 4.0
+    assert activation_bits(toy_vit(), calib[0]) == {}
