@@ -47,7 +47,9 @@ def int8_dot_exact() -> bool:
 INT8_SATURATION_NOTE = ("this CPU has no VNNI/AMX: onnxruntime's and OpenVINO's int8 GEMMs sum byte pairs into saturating "
                         "int16 (vpmaddubsw), so the exported model's logits can differ from fxquant's by more than a "
                         "rounding step here (recipes w8a8-sym, w8a8-ov and repq-w8a8-sym keep 7-bit stem weights against it: "
-                        "--set overflow_fix=stem|all); on a VNNI/AMX CPU they agree (see fxquant.export.cpu)")
+                        "--set overflow_fix=stem|all); on a VNNI/AMX CPU they agree (see fxquant.export.cpu). "
+                        "Without VNNI/AMX int8 is also slower than FP32 (CIFAR ViT in OpenVINO on an AVX2-only EPYC, "
+                        "batch 32: int8 77-92 ms, FP32 45 ms; docs/results.md): time both before deploying int8 there")
 
 
 __all__ = ["cpu_flags", "int8_dot_exact", "EXACT_INT8_FLAGS", "INT8_SATURATION_NOTE"]
