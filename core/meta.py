@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from torch import fx
 
-from .errors import ConfigError
 from .quant import QuantSpec
 
 PREFIX = "fxquant."
@@ -47,9 +46,8 @@ def input_specs(node: fx.Node) -> dict[int, QuantSpec]:
 
 
 def set_weight_spec(node: fx.Node, spec: QuantSpec | None) -> None:
-    if spec is not None and spec.dynamic:  # refused where it is decided, not at insertion
-        raise ConfigError(f"node '{node.name}': weight spec {spec.short()} computes its ranges at run time, which "
-                          f"applies to activations only; weights are static (PerAxis(0) or PerGroup)")
+    if spec is not None:  # refused where it is decided, not at insertion
+        spec.check_weight(f"node '{node.name}' (weight)")
     if spec is None:
         node.meta.pop(WEIGHT_SPEC, None)
     else:

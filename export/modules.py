@@ -78,6 +78,7 @@ from fxquant.core.quant import (
     code_offset,
     dynamic_ranges,
     expand_params,
+    round_clamp_centered,
     to_signed_codes,
 )
 from fxquant.core.quant.logcodes import (
@@ -164,8 +165,7 @@ class ExportActQuant(nn.Module):
                 self.register_buffer("hi", (spec.qmax - zp) * scale)
                 # the float form (float_per_axis): x/s rounded and clamped to [qmin - z, qmax - z], times s
                 self.register_buffer("scale_b", scale.float().clone())
-                self.register_buffer("code_lo", spec.qmin - zp)
-                self.register_buffer("code_hi", spec.qmax - zp)
+                self.register_buffer("zp_b", zp.float().clone())
         elif spec.scheme == "bitlog2":
             self.register_buffer("thresholds", bitlog2_compare_levels(spec.bitlog2_variant))  # code = #levels <= n
             self.register_buffer("table", bitlog2_level_table(spec.bitlog2_variant).float() / self.scale)
@@ -181,8 +181,8 @@ class ExportActQuant(nn.Module):
         spec = self.spec
         if spec.scheme == "uniform":
             if self.axis is not None and self.float_per_axis:
-                # fxquant's own rule (quant.affine.round_clamp_centered_) as Div, Round, Max, Min, Mul
-                return torch.clamp(torch.round(x / self.scale_b), self.code_lo, self.code_hi) * self.scale_b
+                # fxquant's own rule as Div, Round, Max, Min, Mul
+                return round_clamp_centered(x / self.scale_b, self.zp_b, spec) * self.scale_b
             if self.narrow:
                 x = torch.clamp(x, self.lo, self.hi)
             if self.axis is not None:
@@ -201,7 +201,7 @@ class ExportDynamicActQuant(nn.Module):
     """Export form of a dynamic activation quantizer (``Dynamic`` spec, see module docstring): the
     per-input ranges (``quant.dynamic_ranges``), parameters (``quant.choose_qparams``, the rule of
     every uniform quantizer) and ``round(x/s)`` clamped to ``[qmin - z, qmax - z]`` times ``s``
-    (``affine.round_clamp_centered_``'s arithmetic, out of place for the exporter), so fake
+    (``quant.round_clamp_centered``, the core's rule out of place), so fake
     quantization and the exported graph compute the same function."""
 
     def __init__(self, spec: QuantSpec, label: str = ""):
@@ -222,7 +222,7 @@ class ExportDynamicActQuant(nn.Module):
         if grouped:  # [.., C] -> [.., C/g, g]: each group's parameters broadcast over its channels, no repeat
             x = x.unflatten(-1, (-1, g.group_size))
             scale, zp = scale.unsqueeze(-1), zp.unsqueeze(-1)
-        out = torch.clamp(torch.round(x / scale), spec.qmin - zp, spec.qmax - zp) * scale
+        out = round_clamp_centered(x / scale, zp, spec) * scale
         return out.flatten(-2) if grouped else out
 
 

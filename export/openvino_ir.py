@@ -251,10 +251,6 @@ def _attention_int8(runtime, total: int) -> tuple[int, int]:
     return int8, total
 
 
-def _runtime_model(model_path: str | Path, threads: int | None = None):
-    return compile_for_cpu(model_path, threads=threads).get_runtime_model()
-
-
 def _layer_type(op) -> str:
     info = op.get_rt_info()
     return _text(info["layerType"]) if "layerType" in info else op.get_type_name()
@@ -296,11 +292,10 @@ def _text(value) -> str:
     return value.astype(str) if hasattr(value, "astype") else str(value)
 
 
-def run_openvino(model_path: str | Path, inputs: Sequence[torch.Tensor], *, threads: int | None = None) -> torch.Tensor:
-    """The model's first output on ``inputs`` (CPU plugin), as a float tensor."""
-    ov = _openvino()
-    config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
-    compiled = ov.Core().compile_model(str(model_path), "CPU", config)
+def run_openvino(model_path: str | Path, inputs: Sequence[torch.Tensor], *, threads: int | None = None,
+                 config: CompileConfig = CompileConfig()) -> torch.Tensor:
+    """The model's first output on ``inputs`` (CPU plugin, compiled in ``config``), as a float tensor."""
+    compiled = compile_for_cpu(model_path, config, threads=threads)
     out = compiled([t.numpy() for t in inputs])[compiled.output(0)]
     return torch.from_numpy(out.copy())
 

@@ -191,7 +191,10 @@ def bench_model(spec: str, threads: int, tmp: Path, with_top1: bool, recipes: li
         if with_top1 and data is not None:
             acc = top1(path, data.test_batches(), threads) if runtime == "ort" else \
                 ov_top1(path, data.test_batches(), threads, shape, prec)
-        layers = {b: int8_layers(path, shape, prec, b) for b in batches_sizes} if runtime == "ov" else {}
+        layers = {}
+        if runtime == "ov":  # a dynamic compile does not depend on the batch: one record serves both
+            one = int8_layers(path, shape, prec, batches_sizes[0]) if shape == "dynamic" else None
+            layers = {b: one or int8_layers(path, shape, prec, b) for b in batches_sizes}
         info_rows[(name, shape, prec)] = (acc, layers)
 
     # the models compiled for top-1 (batch 500) are not timed: release them and their thread pools.

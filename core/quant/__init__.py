@@ -18,7 +18,7 @@ else rounds. One concern per module:
 """
 
 from .adaround import adaround_fake_quantize, adaround_init, adaround_regularizer, rectified_sigmoid
-from .affine import choose_qparams, round_ste
+from .affine import choose_qparams, round_clamp_centered, round_ste
 from .codes import code_offset, pack_int4, to_signed_codes, unpack_int4
 from .dispatch import dequantize, fake_quantize, grid_values, quantize
 from .estimators import OMSE, Estimator, JointGrid, MinMax, PctMSE, Percentile, SigmaClip, estimator_from_name
@@ -47,7 +47,7 @@ __all__ = [
     "Granularity", "PerTensor", "PerAxis", "PerGroup", "InstanceGroups", "Dynamic", "DYNAMIC_LEVELS",
     "QuantSpec", "Estimator", "MinMax", "Percentile", "PctMSE", "OMSE", "JointGrid", "SigmaClip",
     "choose_qparams", "estimator_from_name", "quantize", "dequantize", "fake_quantize", "expand_params", "grid_values",
-    "log_step", "round_ste",
+    "log_step", "round_ste", "round_clamp_centered",
     "instance_groups", "resolve_params", "slice_ranges", "group_ranges", "dynamic_ranges", "dynamic_qparams",
     "code_offset", "to_signed_codes", "pack_int4", "unpack_int4",
     "rectified_sigmoid", "adaround_init", "adaround_fake_quantize", "adaround_regularizer",

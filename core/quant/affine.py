@@ -57,6 +57,12 @@ def choose_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple
     return scale, zero_point
 
 
+def round_clamp_centered(y: torch.Tensor, z: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``round_clamp_centered_`` out of place, in ops ``torch.onnx.export`` writes as ``Round`` and
+    ``Clip`` (the float export forms of per-axis and dynamic quantizers: then ``·s``)."""
+    return torch.clamp(torch.round(y), spec.qmin - z, spec.qmax - z)
+
+
 def round_clamp_centered_(y: torch.Tensor, z: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """In place: ``y = x/s`` rounded and clamped to ``[qmin - z, qmax - z]``, which is
     ``quantize(x) - z`` exactly for an integer zero point ``z`` (broadcast against ``y``): every term

@@ -73,9 +73,8 @@ class FakeQuantize(nn.Module):
 
     def __init__(self, spec: QuantSpec, *, weight: bool = False, label: str = ""):
         super().__init__()
-        if weight and spec.dynamic:
-            raise ConfigError(f"quantizer '{label}': {spec.short()} computes its ranges from each input at run time, "
-                              f"which applies to activations only; weights are static (PerAxis(0) or PerGroup)")
+        if weight:
+            spec.check_weight(f"quantizer '{label}'")
         self.spec = spec
         self.weight = weight
         self.label = label

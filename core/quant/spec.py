@@ -145,6 +145,13 @@ class QuantSpec:
         """Whether the ranges are computed from each input at run time (``Dynamic``): nothing to calibrate."""
         return isinstance(self.granularity, Dynamic)
 
+    def check_weight(self, where: str) -> None:
+        """Refuse a spec that weights cannot take, naming ``where`` (a node or quantizer): a
+        ``Dynamic`` one computes its ranges from each input at run time."""
+        if self.dynamic:
+            raise ConfigError(f"{where}: {self.short()} computes its ranges from each input at run time, which applies "
+                              f"to activations only; weights are static (PerAxis(0) or PerGroup)")
+
     def metadata_bits_per_element(self, shape: tuple[int, ...], *, scale_bits: int = 16,
                                   zero_point_bits: int = 8) -> float:
         """Bits per quantized element that travel with the codes of one input of ``shape`` besides
